@@ -1,0 +1,1 @@
+"""Alembic migrations for the quartchat schema (installed as ``quartchat.migrations``)."""

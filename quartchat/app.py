@@ -1,0 +1,299 @@
+"""The Quart application: HTTP routes and the ``/chat`` WebSocket.
+
+Routes only translate: a frame is decoded into a command (``protocol``) and
+handed to the room through the hub; replies reach the socket through its
+:class:`Connection`. No route touches the store or the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import Any
+
+from quart import Quart, Response, redirect, request, websocket
+
+from . import metrics
+from .config import Settings
+from .connection import Connection, TokenBucket
+from .errors import CLOSE_POLICY, ChatError
+from .hub import Hub
+from .protocol import (
+    PROTOCOL_VERSION,
+    HistoryCmd,
+    JoinCmd,
+    LeaveCmd,
+    Limits,
+    PingCmd,
+    PostCmd,
+    encode,
+    parse_frame,
+    valid_room_id,
+    valid_sender_id,
+)
+from .room import History, Join, Leave, Publish
+
+__all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
+
+# A connection that earns this many error frames within the window is closed
+# with 1008: it is not a client making mistakes but one ignoring the answers.
+_ABUSE_ERRORS = 200
+_ABUSE_WINDOW_S = 10.0
+_PONG = encode({"type": "pong"})
+
+
+def _json(body: dict[str, Any] | str, status: int = 200) -> Response:
+    text = body if isinstance(body, str) else encode(body)
+    return Response(text, status=status, content_type="application/json")
+
+
+def _refuse(status: int, code: str, message: str) -> Response:
+    metrics.HANDSHAKES_REFUSED.labels(status=str(status)).inc()
+    return _json({"error": code, "message": message}, status)
+
+
+def _origin_allowed(settings: Settings, origin: str | None) -> bool:
+    if origin is None or "*" in settings.allowed_origins:
+        return True
+    return origin in settings.allowed_origins
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    hub: Hub | None = None,
+    migrate_on_start: bool = True,
+) -> Quart:
+    """Build the app; the hub starts in ``before_serving`` and stops in ``after_serving``."""
+    settings = settings if settings is not None else Settings.from_env()
+    hub = hub if hub is not None else Hub(settings)
+    app = Quart(__name__)
+    app.config["QUARTCHAT_SETTINGS"] = settings
+    app.extensions["quartchat"] = hub
+    limits = Limits(max_content=settings.max_content, history_max=settings.history_max)
+    welcome_limits = {
+        "max_content": settings.max_content,
+        "max_rooms": settings.max_rooms,
+        "rate_per_s": settings.rate_per_s,
+    }
+
+    @app.before_serving
+    async def _start() -> None:
+        if migrate_on_start:
+            from .migrate import upgrade_async
+
+            await upgrade_async(settings)
+        await hub.start()
+        log.info("quartchat serving as %s (store %s, broker %s)", settings.server_id,
+                 settings.database_url.split("://", 1)[0], settings.broker_url.split("://", 1)[0])
+
+    @app.after_serving
+    async def _stop() -> None:
+        await hub.drain()
+        await hub.stop()
+
+    # ---- HTTP -----------------------------------------------------------
+
+    @app.get("/")
+    async def index() -> Any:
+        best = request.accept_mimetypes.best_match(["application/json", "text/html"])
+        if best == "text/html":
+            return redirect("/client")
+        return _json({
+            "status": "draining" if hub.draining else "ok",
+            "service": "quartchat",
+            "server_id": settings.server_id,
+            "protocol": PROTOCOL_VERSION,
+            "connections": len(hub.connections),
+            "rooms": len(hub.actors),
+        })
+
+    @app.get("/client")
+    async def client_page() -> Response:
+        html = resources.files("quartchat").joinpath("static/client.html").read_text("utf-8")
+        return Response(html, content_type="text/html; charset=utf-8")
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return _json({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        problems = await hub.ready()
+        if problems:
+            return _json({"status": "unavailable", "problems": problems}, 503)
+        return _json({"status": "ready"})
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, content_type=content_type)
+
+    @app.get("/api/rooms")
+    async def api_rooms() -> Response:
+        rooms = await hub.rooms()
+        return _json({"rooms": [{"room_id": r, "members": n} for r, n in rooms]})
+
+    @app.get("/api/rooms/<room_id>/members")
+    async def api_members(room_id: str) -> Response:
+        if not valid_room_id(room_id):
+            return _json({"error": "invalid_field", "message": "bad room id"}, 400)
+        return _json({"room_id": room_id, "members": await hub.members(room_id)})
+
+    @app.get("/api/rooms/<room_id>/messages")
+    async def api_messages(room_id: str) -> Response:
+        if not valid_room_id(room_id):
+            return _json({"error": "invalid_field", "message": "bad room id"}, 400)
+        try:
+            before_seq = _int_arg("before_seq", 1, None)
+            limit = _int_arg("limit", 1, settings.history_max)
+        except ValueError as exc:
+            return _json({"error": "invalid_field", "message": str(exc)}, 400)
+        return _json(await hub.messages_page(room_id, before_seq, 50 if limit is None else limit))
+
+    @app.errorhandler(ChatError)
+    async def chat_error(error: ChatError) -> Response:
+        status = 503 if error.code == "unavailable" else 400
+        return _json({"error": error.code, "message": error.message}, status)
+
+    @app.errorhandler(404)
+    async def not_found(_: Any) -> Response:
+        return _json({"error": "not_found", "message": "no such route"}, 404)
+
+    @app.errorhandler(405)
+    async def not_allowed(_: Any) -> Response:
+        return _json({"error": "method_not_allowed", "message": "method not allowed"}, 405)
+
+    # ---- WebSocket ------------------------------------------------------
+
+    @app.websocket("/chat")
+    async def chat() -> Any:
+        if hub.draining:
+            return _refuse(503, "draining", "server is shutting down; connect to another server")
+        if not _origin_allowed(settings, websocket.headers.get("Origin")):
+            return _refuse(403, "forbidden", "origin not allowed")
+        sender_id = websocket.args.get("sender_id")
+        if sender_id is None:
+            return _refuse(400, "invalid_field", "sender_id query parameter is required")
+        if not valid_sender_id(sender_id):
+            return _refuse(400, "invalid_field", "sender_id must match ^[A-Za-z0-9_.@:-]{1,64}$")
+
+        await websocket.accept()
+        ws: Any = websocket._get_current_object()  # the tasks below outlive the context
+        conn = Connection(uuid.uuid4().hex, sender_id, queue_size=settings.outbound_queue)
+        hub.connected(conn)
+        conn.send_frame({
+            "type": "welcome",
+            "sender_id": sender_id,
+            "connection_id": conn.conn_id,
+            "server_id": settings.server_id,
+            "protocol": PROTOCOL_VERSION,
+            "limits": welcome_limits,
+        })
+        writer = asyncio.create_task(conn.run_writer(ws), name=f"writer:{conn.conn_id}")
+        reader = asyncio.create_task(_read_loop(ws.receive, conn), name=f"reader:{conn.conn_id}")
+        try:
+            await asyncio.wait([reader, writer], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # Runs on a client disconnect too (the handler is cancelled then).
+            hub.disconnected(conn)
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            if not writer.done() and not conn.open:
+                # Closing on our side (1001, 4008, 1008): let the writer finish the close.
+                try:
+                    async with asyncio.timeout(5):
+                        await asyncio.shield(writer)
+                except (TimeoutError, Exception):
+                    pass
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+        return None
+
+    async def _read_loop(receive: Callable[[], Awaitable[str | bytes]], conn: Connection) -> None:
+        bucket = TokenBucket(settings.rate_per_s, settings.rate_burst)
+        errors: list[float] = []
+        loop = asyncio.get_running_loop()
+        while conn.open:
+            data = await receive()
+            if not conn.open:
+                return
+            try:
+                if not bucket.take():
+                    metrics.RATE_LIMITED.inc()
+                    raise ChatError("rate_limited", "too many frames; slow down")
+                command = parse_frame(data, limits)
+                _dispatch(conn, command)
+            except ChatError as error:
+                conn.send_error(error)
+                now = loop.time()
+                errors.append(now)
+                while errors and errors[0] < now - _ABUSE_WINDOW_S:
+                    errors.pop(0)
+                if len(errors) >= _ABUSE_ERRORS:
+                    log.warning("closing abusive connection", extra={"conn_id": conn.conn_id,
+                                                                     "sender_id": conn.sender_id})
+                    conn.close(CLOSE_POLICY, "too many errors")
+                    return
+
+    def _dispatch(conn: Connection, command: Any) -> None:
+        if isinstance(command, PingCmd):
+            metrics.FRAMES_RECEIVED.labels(action="ping").inc()
+            conn.send(_PONG)
+        elif isinstance(command, PostCmd):
+            metrics.FRAMES_RECEIVED.labels(action="message").inc()
+            if command.room_id not in conn.rooms:
+                raise ChatError("not_joined", "join the room before posting", action="message",
+                                room_id=command.room_id, client_msg_id=command.client_msg_id)
+            try:
+                hub.submit(command.room_id, Publish(conn, command.content, command.client_msg_id))
+            except ChatError as error:
+                error.action, error.room_id = "message", command.room_id
+                error.client_msg_id = command.client_msg_id
+                raise
+        elif isinstance(command, JoinCmd):
+            metrics.FRAMES_RECEIVED.labels(action="join").inc()
+            if command.room_id not in conn.rooms and len(conn.rooms) >= settings.max_rooms:
+                raise ChatError("too_many_rooms", f"at most {settings.max_rooms} rooms per connection",
+                                action="join", room_id=command.room_id)
+            try:
+                hub.submit(command.room_id, Join(conn, command.since_seq, command.history))
+            except ChatError as error:
+                error.action, error.room_id = "join", command.room_id
+                raise
+            conn.rooms.add(command.room_id)
+        elif isinstance(command, LeaveCmd):
+            metrics.FRAMES_RECEIVED.labels(action="leave").inc()
+            if command.room_id not in conn.rooms:
+                raise ChatError("not_joined", "not joined to this room", action="leave",
+                                room_id=command.room_id)
+            conn.rooms.discard(command.room_id)
+            hub.submit(command.room_id, Leave(conn))
+        elif isinstance(command, HistoryCmd):
+            metrics.FRAMES_RECEIVED.labels(action="history").inc()
+            try:
+                hub.submit(command.room_id, History(conn, command.before_seq, command.limit))
+            except ChatError as error:
+                error.action, error.room_id = "history", command.room_id
+                raise
+
+    return app
+
+
+def _int_arg(name: str, lo: int, hi: int | None) -> int | None:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer") from None
+    if value < lo or (hi is not None and value > hi):
+        bound = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be {bound}")
+    return value

@@ -1,0 +1,262 @@
+"""Settings: read once from the environment (and a ``.env`` file), frozen, failing fast.
+
+Every setting is a ``QUARTCHAT_*`` variable with a default that runs the
+embedded mode (SQLite in the working directory, the in-process broker). A bad
+value raises :class:`ConfigError` naming the variable and the value. Tests
+pass a mapping to :meth:`Settings.from_env` instead of patching ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+
+from .errors import ConfigError
+
+__all__ = ["Settings", "SETTINGS_DOC", "load_env_file"]
+
+T = TypeVar("T")
+
+_BIND_RE = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+_SERVER_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+def _int(lo: int, hi: int | None = None) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r}: expected an integer") from None
+        if value < lo or (hi is not None and value > hi):
+            bound = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+            raise ConfigError(f"{name}={raw!r}: must be {bound}")
+        return value
+
+    return parse
+
+
+def _float(lo: float, hi: float | None = None) -> Callable[[str, str], float]:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r}: expected a number") from None
+        if not (value >= lo) or (hi is not None and value > hi):
+            bound = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+            raise ConfigError(f"{name}={raw!r}: must be {bound}")
+        return value
+
+    return parse
+
+
+def _bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off", ""}:
+        return False
+    raise ConfigError(f"{name}={raw!r}: expected true or false")
+
+
+def _database_url(name: str, raw: str) -> str:
+    url = raw.strip()
+    if url.startswith("sqlite+aiosqlite://") or url.startswith("mysql+aiomysql://"):
+        return url
+    if url.startswith(("mysql://", "mysql+pymysql://", "sqlite://")):
+        raise ConfigError(
+            f"{name}={raw!r}: write the async driver explicitly, "
+            "sqlite+aiosqlite:///path or mysql+aiomysql://user:pass@host/db"
+        )
+    raise ConfigError(
+        f"{name}={raw!r}: unsupported database URL (use sqlite+aiosqlite:// or mysql+aiomysql://)"
+    )
+
+
+def _broker_url(name: str, raw: str) -> str:
+    url = raw.strip()
+    if url == "memory://" or url.startswith(("redis://", "rediss://", "unix://")):
+        return url
+    raise ConfigError(f"{name}={raw!r}: unsupported broker URL (use memory:// or redis://host:port/db)")
+
+
+def _bind(name: str, raw: str) -> str:
+    bind = raw.strip()
+    match = _BIND_RE.match(bind)
+    if not match or not 0 <= int(match.group(2)) <= 65535:
+        raise ConfigError(f"{name}={raw!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
+    return bind
+
+
+def _server_id(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not _SERVER_ID_RE.match(value):
+        raise ConfigError(f"{name}={raw!r}: 1-64 characters of A-Z a-z 0-9 _ . : -")
+    return value
+
+
+def _prefix(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not _PREFIX_RE.match(value):
+        raise ConfigError(f"{name}={raw!r}: 1-64 characters of A-Z a-z 0-9 _ . : -")
+    return value
+
+
+def _origins(name: str, raw: str) -> tuple[str, ...]:
+    items = tuple(item.strip() for item in raw.split(",") if item.strip())
+    if not items:
+        raise ConfigError(f"{name}={raw!r}: give * or a comma-separated list of origins")
+    return items
+
+
+def _log_level(name: str, raw: str) -> str:
+    value = raw.strip().upper()
+    if value not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+        raise ConfigError(f"{name}={raw!r}: one of debug, info, warning, error, critical")
+    return value
+
+
+def _default_server_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:40] or "server"
+    return f"{host}-{uuid.uuid4().hex[:8]}"
+
+
+# (field, variable, default as text, parser, help). The single source of truth
+# for the settings table in the README and `.env.example`.
+_SPEC: list[tuple[str, str, str, Callable[[str, str], Any], str]] = [
+    ("database_url", "QUARTCHAT_DATABASE_URL", "sqlite+aiosqlite:///./quartchat.db", _database_url,
+     "Message store: sqlite+aiosqlite:///FILE or mysql+aiomysql://USER:PASS@HOST:PORT/DB"),
+    ("broker_url", "QUARTCHAT_BROKER_URL", "memory://", _broker_url,
+     "Fan-out between processes: memory:// (one process) or redis://HOST:PORT/DB"),
+    ("bind", "QUARTCHAT_BIND", "127.0.0.1:8080", _bind,
+     "HOST:PORT to listen on (`quartchat serve --bind` overrides)"),
+    ("server_id", "QUARTCHAT_SERVER_ID", "", _server_id,
+     "This server's id in welcome frames and presence (default: hostname + random suffix)"),
+    ("workers", "QUARTCHAT_WORKERS", "1", _int(1, 64),
+     "hypercorn worker processes (more than 1 needs a redis:// broker)"),
+    ("redis_prefix", "QUARTCHAT_REDIS_PREFIX", "quartchat", _prefix,
+     "Prefix of every Redis key and channel, so deployments can share one Redis"),
+    ("max_content", "QUARTCHAT_MAX_CONTENT", "4096", _int(1, 1_048_576),
+     "Largest message content in UTF-8 bytes"),
+    ("max_rooms", "QUARTCHAT_MAX_ROOMS", "100", _int(1, 100_000),
+     "Rooms one connection may have joined at once"),
+    ("rate_per_s", "QUARTCHAT_RATE_PER_S", "20", _float(0),
+     "Frames per second per connection (token bucket refill; 0 = no limit)"),
+    ("rate_burst", "QUARTCHAT_RATE_BURST", "40", _int(1),
+     "Token bucket size: frames a connection may send at once"),
+    ("outbound_queue", "QUARTCHAT_OUTBOUND_QUEUE", "1000", _int(10, 1_000_000),
+     "Frames queued to one socket before it is closed with 4008 (slow consumer)"),
+    ("room_inbox", "QUARTCHAT_ROOM_INBOX", "10000", _int(10, 10_000_000),
+     "Commands queued to one room actor before new posts get `unavailable`"),
+    ("history_max", "QUARTCHAT_HISTORY_MAX", "100", _int(1, 100),
+     "Largest `history` page and `join.history` replay"),
+    ("replay_max", "QUARTCHAT_REPLAY_MAX", "10000", _int(1, 10_000_000),
+     "Most messages replayed by one `join` with `since_seq`"),
+    ("room_idle_s", "QUARTCHAT_ROOM_IDLE_S", "30", _float(0),
+     "Seconds a room actor with no local member lives before it is retired"),
+    ("batch_max", "QUARTCHAT_BATCH_MAX", "500", _int(1, 10_000),
+     "Most messages written to the store in one transaction"),
+    ("gap_timeout_s", "QUARTCHAT_GAP_TIMEOUT_S", "0.2", _float(0),
+     "Seconds a message ahead of the expected seq waits before the gap is read from the store"),
+    ("skip_timeout_s", "QUARTCHAT_SKIP_TIMEOUT_S", "5", _float(0),
+     "Seconds before a seq that never reached the store is skipped"),
+    ("drain_timeout_s", "QUARTCHAT_DRAIN_TIMEOUT_S", "10", _float(0),
+     "Seconds graceful shutdown waits for pending writes and socket flushes"),
+    ("allowed_origins", "QUARTCHAT_ALLOWED_ORIGINS", "*", _origins,
+     "Origins allowed to open a WebSocket (* = any; requests without Origin are allowed)"),
+    ("log_level", "QUARTCHAT_LOG_LEVEL", "info", _log_level, "Log level"),
+    ("log_json", "QUARTCHAT_LOG_JSON", "false", _bool, "Log one JSON object per line"),
+]
+
+SETTINGS_DOC: list[tuple[str, str, str]] = [(var, default, doc) for _, var, default, _, doc in _SPEC]
+
+
+def load_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Parse a ``.env`` file: ``KEY=VALUE`` lines, ``#`` comments, optional quotes."""
+    values: dict[str, str] = {}
+    file = Path(path)
+    if not file.is_file():
+        return values
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :].lstrip()
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{file}:{number}: expected KEY=VALUE, got {line!r}")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+@attrs.frozen
+class Settings:
+    """Every quartchat setting, validated."""
+
+    database_url: str = "sqlite+aiosqlite:///./quartchat.db"
+    broker_url: str = "memory://"
+    bind: str = "127.0.0.1:8080"
+    server_id: str = attrs.field(factory=_default_server_id)
+    workers: int = 1
+    redis_prefix: str = "quartchat"
+    max_content: int = 4096
+    max_rooms: int = 100
+    rate_per_s: float = 20.0
+    rate_burst: int = 40
+    outbound_queue: int = 1000
+    room_inbox: int = 10000
+    history_max: int = 100
+    replay_max: int = 10000
+    room_idle_s: float = 30.0
+    batch_max: int = 500
+    gap_timeout_s: float = 0.2
+    skip_timeout_s: float = 5.0
+    drain_timeout_s: float = 10.0
+    allowed_origins: tuple[str, ...] = ("*",)
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        env_file: str | os.PathLike[str] | None = ".env",
+    ) -> Settings:
+        """Build settings from ``environ`` (default ``os.environ``) over a ``.env`` file."""
+        merged: dict[str, str] = dict(load_env_file(env_file)) if env_file else {}
+        merged.update(os.environ if environ is None else environ)
+        kwargs: dict[str, Any] = {}
+        for field, var, _default, parse, _doc in _SPEC:
+            raw = merged.get(var)
+            if raw is None or (field == "server_id" and not raw.strip()):
+                continue
+            kwargs[field] = parse(var, raw)
+        settings = cls(**kwargs)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Reject combinations that cannot work, naming the variables."""
+        if self.workers > 1 and self.broker_url == "memory://":
+            raise ConfigError(
+                f"QUARTCHAT_WORKERS={self.workers} with QUARTCHAT_BROKER_URL=memory://: the "
+                "in-process broker cannot fan out across processes; use one worker or a "
+                "redis:// broker"
+            )
+
+    @property
+    def frame_limit(self) -> int:
+        """Largest WebSocket frame accepted: room for max_content fully JSON-escaped."""
+        return max(65536, self.max_content * 6 + 4096)

@@ -1,0 +1,146 @@
+"""One client socket: a bounded outbound queue and the one task that writes it.
+
+Room actors call :meth:`Connection.send` and never wait: a socket whose queue
+is full is closed with 4008 (slow consumer) and its queued frames dropped, so
+one slow reader can never stall a room. Replays, which may be long, use
+:meth:`Connection.wait_for_space` for flow control instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import Any, Protocol
+
+from . import metrics
+from .errors import CLOSE_GOING_AWAY, CLOSE_SLOW_CONSUMER, ChatError
+from .protocol import encode
+
+__all__ = ["Connection", "WebSocketLike", "TokenBucket"]
+
+log = logging.getLogger(__name__)
+
+
+class WebSocketLike(Protocol):
+    """What the writer needs of a socket (Quart's websocket, or a test fake)."""
+
+    async def send(self, data: str) -> None: ...
+
+    async def close(self, code: int, reason: str = "") -> None: ...
+
+
+class TokenBucket:
+    """``rate`` tokens a second up to ``burst``; rate 0 means unlimited."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.stamp = time.monotonic()
+
+    def take(self) -> bool:
+        """Spend one token; False when none is left."""
+        if self.rate <= 0:
+            return True
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class Connection:
+    """A client's socket as the rooms see it."""
+
+    def __init__(self, conn_id: str, sender_id: str, *, queue_size: int) -> None:
+        self.conn_id = conn_id
+        self.sender_id = sender_id
+        self.rooms: set[str] = set()  # joined rooms, kept by the route in frame order
+        self.queue_size = queue_size
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._frames: deque[str] = deque()
+        self._wakeup = asyncio.Event()
+        self._space = asyncio.Event()
+        self._space.set()
+        self._flush_on_close = False
+        self._closed = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.conn_id} sender={self.sender_id}>"
+
+    @property
+    def open(self) -> bool:
+        return self.close_code is None
+
+    def send(self, frame: str) -> bool:
+        """Queue an encoded frame; on overflow close with 4008. Never blocks."""
+        if self.close_code is not None:
+            return False
+        if len(self._frames) >= self.queue_size:
+            metrics.SLOW_CONSUMER_CLOSES.inc()
+            log.warning("slow consumer closed", extra={"conn_id": self.conn_id, "sender_id": self.sender_id})
+            self.close(CLOSE_SLOW_CONSUMER, "slow consumer: outbound queue overflowed")
+            return False
+        self._frames.append(frame)
+        if len(self._frames) >= self.queue_size // 2:
+            self._space.clear()
+        self._wakeup.set()
+        return True
+
+    def send_frame(self, frame: dict[str, Any]) -> bool:
+        """Encode and queue a frame."""
+        return self.send(encode(frame))
+
+    def send_error(self, error: ChatError) -> bool:
+        """Queue an ``error`` frame."""
+        metrics.ERRORS_SENT.labels(code=error.code).inc()
+        return self.send(encode(error.to_frame()))
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Ask the writer to close the socket; 1001 flushes queued frames first."""
+        if self.close_code is not None:
+            return
+        self.close_code = code
+        self.close_reason = reason
+        self._flush_on_close = code == CLOSE_GOING_AWAY
+        if not self._flush_on_close:
+            self._frames.clear()
+        self._space.set()  # release replays waiting for room: they will see the close
+        self._wakeup.set()
+
+    async def wait_for_space(self) -> bool:
+        """Wait until the queue is at most half full; False if the socket is closing."""
+        while self.close_code is None and not self._space.is_set():
+            await self._space.wait()
+        return self.close_code is None
+
+    async def wait_closed(self) -> None:
+        """Return once the writer has finished (socket closed or gone)."""
+        await self._closed.wait()
+
+    @property
+    def queued(self) -> int:
+        return len(self._frames)
+
+    async def run_writer(self, ws: WebSocketLike) -> None:
+        """Write queued frames in order until closed; then close the socket."""
+        frames = self._frames
+        try:
+            while True:
+                while not frames and self.close_code is None:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                if self.close_code is not None and not (self._flush_on_close and frames):
+                    break
+                frame = frames.popleft()
+                await ws.send(frame)
+                if not self._space.is_set() and len(frames) < self.queue_size // 2:
+                    self._space.set()
+            await ws.close(self.close_code, self.close_reason)
+        finally:
+            self._closed.set()

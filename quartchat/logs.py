@@ -1,0 +1,61 @@
+"""Logging set-up: plain text for people, one JSON object per line for machines.
+
+Log calls pass ids as ``extra={"conn_id": ..., "sender_id": ..., "room_id": ...}``;
+both formats print them. Message content and credentials are never logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import orjson
+
+__all__ = ["setup_logging", "JsonFormatter", "TextFormatter"]
+
+_FIELDS = ("conn_id", "sender_id", "room_id", "server_id")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, with the id fields when present."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, object] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for field in _FIELDS:
+            value = getattr(record, field, None)
+            if value is not None:
+                data[field] = value
+        if record.exc_info:
+            data["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(data).decode()
+
+
+class TextFormatter(logging.Formatter):
+    """``time level logger: message key=value ...``"""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        ids = " ".join(f"{f}={getattr(record, f)}" for f in _FIELDS if getattr(record, f, None))
+        return f"{text} {ids}" if ids else text
+
+
+def setup_logging(level: str = "INFO", json: bool = False) -> None:
+    """Configure the root logger once for this process."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if json else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for name in ("hypercorn.error", "hypercorn.access", "quart.app", "quart.serving"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True

@@ -1,0 +1,79 @@
+"""Schema migrations: alembic upgrade to head on the configured database.
+
+Alembic runs with a synchronous driver in a worker thread, so it works the
+same from the CLI, from app start-up and from async tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+import sqlalchemy as sa
+
+from .config import Settings
+
+__all__ = ["sync_url", "alembic_config", "upgrade", "upgrade_async", "current_revision", "head_revision"]
+
+log = logging.getLogger(__name__)
+
+
+def sync_url(url: str) -> str:
+    """The synchronous-driver form of a store URL, for alembic."""
+    if url.startswith("sqlite+aiosqlite://"):
+        return "sqlite://" + url[len("sqlite+aiosqlite://") :]
+    if url.startswith("mysql+aiomysql://"):
+        sync = "mysql+pymysql://" + url[len("mysql+aiomysql://") :]
+        return sync + ("&" if "?" in sync else "?") + "charset=utf8mb4"
+    raise ValueError(f"unsupported database URL {url!r}")
+
+
+def _script_location() -> str:
+    from . import migrations
+
+    assert migrations.__file__ is not None
+    return str(Path(migrations.__file__).parent)
+
+
+def alembic_config(url: str) -> Config:
+    """An alembic Config for ``url`` without any ini file."""
+    config = Config()
+    config.set_main_option("script_location", _script_location())
+    # ConfigParser interpolation: a literal % in a password must be doubled.
+    config.set_main_option("sqlalchemy.url", sync_url(url).replace("%", "%%"))
+    return config
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(alembic_config("sqlite+aiosqlite://")).get_current_head()
+
+
+def current_revision(url: str) -> str | None:
+    engine = sa.create_engine(sync_url(url), poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+    finally:
+        engine.dispose()
+
+
+def upgrade(url: str) -> None:
+    """Apply every pending migration (a no-op when the schema is at head)."""
+    if url.startswith("sqlite+aiosqlite:///"):
+        path = url[len("sqlite+aiosqlite:///") :].split("?", 1)[0]
+        if path and not path.startswith(":") and not path.startswith("file:"):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if current_revision(url) == head_revision():
+        return
+    log.info("migrating %s to %s", url.split("://", 1)[0], head_revision())
+    command.upgrade(alembic_config(url), "head")
+
+
+async def upgrade_async(settings: Settings) -> None:
+    """:func:`upgrade` from async code, in a thread."""
+    await asyncio.to_thread(upgrade, settings.database_url)
