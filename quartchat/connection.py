@@ -69,6 +69,9 @@ class Connection:
         self._space.set()
         self._flush_on_close = False
         self._closed = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._sending = False
+        self._interrupted = False
 
     def __repr__(self) -> str:
         return f"<Connection {self.conn_id} sender={self.sender_id}>"
@@ -112,6 +115,10 @@ class Connection:
             self._frames.clear()
         self._space.set()  # release replays waiting for room: they will see the close
         self._wakeup.set()
+        if self._sending and not self._flush_on_close and self._writer is not None:
+            # The writer is stuck sending to a reader that does not read: interrupt it.
+            self._interrupted = True
+            self._writer.cancel()
 
     async def wait_for_space(self) -> bool:
         """Wait until the queue is at most half full; False if the socket is closing."""
@@ -130,6 +137,7 @@ class Connection:
     async def run_writer(self, ws: WebSocketLike) -> None:
         """Write queued frames in order until closed; then close the socket."""
         frames = self._frames
+        self._writer = asyncio.current_task()
         try:
             while True:
                 while not frames and self.close_code is None:
@@ -138,9 +146,19 @@ class Connection:
                 if self.close_code is not None and not (self._flush_on_close and frames):
                     break
                 frame = frames.popleft()
-                await ws.send(frame)
+                self._sending = True
+                try:
+                    await ws.send(frame)
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if self._interrupted and task is not None and task.uncancel() == 0:
+                        break  # close() interrupted a stalled send: go on to close
+                    raise
+                finally:
+                    self._sending = False
                 if not self._space.is_set() and len(frames) < self.queue_size // 2:
                     self._space.set()
+            assert self.close_code is not None
             await ws.close(self.close_code, self.close_reason)
         finally:
             self._closed.set()

@@ -59,3 +59,6 @@ def setup_logging(level: str = "INFO", json: bool = False) -> None:
     for name in ("hypercorn.error", "hypercorn.access", "quart.app", "quart.serving"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    # alembic announces every plugin it loads at INFO.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    logging.getLogger("databases").setLevel(logging.WARNING)

@@ -46,7 +46,9 @@ def hypercorn_config(settings: Settings, path: str | None = None) -> HypercornCo
         and config.websocket_max_message_size < 16 * 1024 * 1024 else 0,
         settings.frame_limit,
     )
-    config.accesslog = None
+    # Route hypercorn's logs through our handlers (JSON or text), once.
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.accesslog = logging.getLogger("hypercorn.access") if config.accesslog else None
     return config
 
 

@@ -1,0 +1,376 @@
+"""Room actor tests: a real RoomActor driven through its inbox (via the hub),
+the memory broker and a real SQLite store; only the sockets are fakes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import pytest
+
+from quartchat.broker.memory import MemoryBroker
+from quartchat.config import Settings
+from quartchat.events import MessageEvent, SkipEvent, encode_events
+from quartchat.hub import Hub
+from quartchat.protocol import encode, message_frame
+from quartchat.room import History, Join, Leave, Publish
+from quartchat.store import StoredMessage, StoreError
+from quartchat.store.database import DatabaseStore
+
+from .conftest import wait_for
+from .fakes import Client
+
+ROOM = "room101"
+
+
+class RecordingStore(DatabaseStore):
+    """The real store, recording each insert's batch size; can hold inserts back."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.batches: list[int] = []
+        self.gate: asyncio.Event | None = None
+        self.entered = asyncio.Event()
+        self.down = False  # fault injection: writes fail as if the database were gone
+
+    async def insert(self, rows: Sequence[StoredMessage]) -> None:
+        self.entered.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.down:
+            raise StoreError("injected: database unreachable")
+        await super().insert(rows)
+        self.batches.append(len(rows))
+
+
+@pytest.fixture
+async def hub_factory(make_settings: Callable[..., Settings]) -> AsyncIterator[Callable[..., Any]]:
+    hubs: list[Hub] = []
+    clients: list[Client] = []
+
+    async def make(**overrides: Any) -> tuple[Hub, Callable[..., Client]]:
+        settings = make_settings(**overrides)
+        hub = Hub(settings, store=RecordingStore(settings.database_url), broker=MemoryBroker())
+        await hub.start()
+        hubs.append(hub)
+        counter = iter(range(10_000))
+
+        def client(sender: str, **kw: Any) -> Client:
+            c = Client(sender, f"c{next(counter)}", **kw)
+            clients.append(c)
+            hub.connected(c.conn)
+            return c
+
+        return hub, client
+
+    yield make
+    for c in clients:
+        await c.aclose()
+    for hub in hubs:
+        if hub.started:
+            await hub.stop()
+
+
+async def join(hub: Hub, c: Client, room: str = ROOM, **kw: Any) -> dict[str, Any]:
+    before = len(c.socket.of("joined"))
+    c.conn.rooms.add(room)
+    hub.submit(room, Join(c.conn, **kw))
+    frames = await c.socket.next_of("joined", before + 1)
+    return frames[-1]
+
+
+async def test_messages_are_stored_acked_and_delivered_in_seq_order(hub_factory: Any) -> None:
+    hub, client = await hub_factory()
+    alice, bob = client("alice"), client("bob")
+    await join(hub, alice)
+    await join(hub, bob)
+    for i in range(50):
+        hub.submit(ROOM, Publish(alice.conn, f"m{i}", f"id{i}"))
+    acks = await alice.socket.next_of("ack", 50)
+    got = await bob.socket.next_of("message", 50)
+    assert [m["seq"] for m in got] == list(range(1, 51))
+    assert [m["content"] for m in got] == [f"m{i}" for i in range(50)]
+    assert sorted(a["seq"] for a in acks) == list(range(1, 51))
+    assert {a["client_msg_id"] for a in acks} == {f"id{i}" for i in range(50)}
+    rows = await hub.store.after(ROOM, 0, None, 100)
+    assert [r.seq for r in rows] == list(range(1, 51))
+    # The sender sees its own messages too, same order.
+    mine = await alice.socket.next_of("message", 50)
+    assert [m["id"] for m in mine] == [m["id"] for m in got]
+
+
+async def test_ack_comes_only_after_commit(hub_factory: Any) -> None:
+    hub, client = await hub_factory()
+    store: RecordingStore = hub.store  # type: ignore[assignment]
+    store.gate = asyncio.Event()
+    alice = client("alice")
+    await join(hub, alice)
+    hub.submit(ROOM, Publish(alice.conn, "held", None))
+    await asyncio.wait_for(store.entered.wait(), 5)
+    await asyncio.sleep(0.05)
+    assert alice.socket.of("ack") == [] and alice.socket.of("message") == []
+    assert await store.max_seq(ROOM) == 0
+    store.gate.set()
+    ack = (await alice.socket.next_of("ack"))[0]
+    assert ack["client_msg_id"] is None and ack["seq"] == 1
+    assert await store.max_seq(ROOM) == 1
+
+
+async def test_posts_are_batched_while_a_write_is_in_flight(hub_factory: Any) -> None:
+    hub, client = await hub_factory(batch_max=100)
+    store: RecordingStore = hub.store  # type: ignore[assignment]
+    store.gate = asyncio.Event()
+    alice = client("alice")
+    await join(hub, alice)
+    hub.submit(ROOM, Publish(alice.conn, "first", None))
+    await asyncio.wait_for(store.entered.wait(), 5)
+    for i in range(250):
+        hub.submit(ROOM, Publish(alice.conn, f"m{i}", None))
+    await wait_for(lambda: hub.actors[ROOM]._inbox.empty())
+    store.gate.set()
+    await alice.socket.next_of("ack", 251)
+    assert store.batches == [1, 100, 100, 50]
+    seqs = [m["seq"] for m in await alice.socket.next_of("message", 251)]
+    assert seqs == list(range(1, 252))
+
+
+async def test_retry_with_same_client_msg_id_is_stored_once(hub_factory: Any) -> None:
+    hub, client = await hub_factory()
+    alice, bob = client("alice"), client("bob")
+    await join(hub, alice)
+    await join(hub, bob)
+    hub.submit(ROOM, Publish(alice.conn, "hello", "once"))
+    first = (await alice.socket.next_of("ack"))[0]
+    # Same id twice more: once alone, once twice inside one batch.
+    hub.submit(ROOM, Publish(alice.conn, "hello", "once"))
+    hub.submit(ROOM, Publish(alice.conn, "other", "two"))
+    hub.submit(ROOM, Publish(alice.conn, "other", "two"))
+    acks = await alice.socket.next_of("ack", 4)
+    assert acks[1]["seq"] == first["seq"] and acks[1]["id"] == first["id"]
+    assert acks[2]["seq"] == acks[3]["seq"] == 2
+    await bob.socket.next_of("message", 2)
+    await asyncio.sleep(0.1)
+    assert [m["content"] for m in bob.socket.of("message")] == ["hello", "other"]
+    assert await hub.store.max_seq(ROOM) == 2
+    # Another sender may reuse the same client_msg_id: it is a different message.
+    hub.submit(ROOM, Publish(bob.conn, "bob's", "once"))
+    ack = (await bob.socket.next_of("ack"))[0]
+    assert ack["seq"] == 3
+
+
+async def test_seq_continues_from_the_store_after_restart(hub_factory: Any) -> None:
+    hub, client = await hub_factory()
+    alice = client("alice")
+    await join(hub, alice)
+    for i in range(5):
+        hub.submit(ROOM, Publish(alice.conn, f"m{i}", None))
+    await alice.socket.next_of("ack", 5)
+    await hub.stop()
+
+    hub2, client2 = await hub_factory()  # fresh broker, same database file
+    carol = client2("carol")
+    joined = await join(hub2, carol)
+    assert joined["last_seq"] == 5
+    hub2.submit(ROOM, Publish(carol.conn, "after restart", None))
+    ack = (await carol.socket.next_of("ack"))[0]
+    assert ack["seq"] == 6
+
+
+async def test_idle_room_actor_retires_and_comes_back(hub_factory: Any) -> None:
+    hub, client = await hub_factory(room_idle_s=0.1)
+    alice = client("alice")
+    await join(hub, alice)
+    hub.submit(ROOM, Publish(alice.conn, "x", None))
+    await alice.socket.next_of("ack")
+    actor = hub.actors[ROOM]
+    await asyncio.sleep(0.3)
+    assert ROOM in hub.actors, "a room with a member never retires"
+    alice.conn.rooms.discard(ROOM)
+    hub.submit(ROOM, Leave(alice.conn))
+    await alice.socket.next_of("left")
+    await wait_for(lambda: ROOM not in hub.actors)
+    assert actor.task is not None
+    await asyncio.wait_for(actor.task, 5)
+    # The next use starts a new actor that continues the room.
+    joined = await join(hub, alice)
+    assert joined["last_seq"] == 1 and hub.actors[ROOM] is not actor
+
+
+async def test_slow_subscriber_is_closed_with_4008_and_others_keep_receiving(hub_factory: Any) -> None:
+    hub, client = await hub_factory(outbound_queue=20)
+    fast, slow = client("fast", queue_size=20), client("slow", queue_size=20, stalled=True)
+    await join(hub, fast)
+    # The stalled socket never reads its joined frame: join it by hand.
+    slow.conn.rooms.add(ROOM)
+    hub.submit(ROOM, Join(slow.conn))
+    for i in range(60):
+        hub.submit(ROOM, Publish(fast.conn, f"m{i}", None))
+        if i % 10 == 9:
+            await fast.socket.next_of("message", i + 1)
+    got = await fast.socket.next_of("message", 60)
+    assert [m["seq"] for m in got] == list(range(1, 61))
+    assert slow.conn.close_code == 4008
+    await asyncio.wait_for(slow.writer, 5)  # the stalled send was interrupted
+    assert slow.socket.closed_with == 4008
+
+
+def _event(row: StoredMessage) -> MessageEvent:
+    frame = encode(message_frame(room_id=row.room_id, seq=row.seq, id=row.id,
+                                 sender_id=row.sender_id, content=row.content,
+                                 sent_at_ms=row.sent_at_ms, client_msg_id=None))
+    return MessageEvent(row.seq, row.sent_at_ms, frame)
+
+
+def _row(seq: int) -> StoredMessage:
+    return StoredMessage(ROOM, seq, f"id{seq:030d}", "remote", f"c{seq}", None, 1_700_000_000_000)
+
+
+async def test_reorder_buffer_delivers_by_seq(hub_factory: Any) -> None:
+    hub, client = await hub_factory(gap_timeout_s=5)
+    bob = client("bob")
+    await join(hub, bob)
+    actor = hub.actors[ROOM]
+    # Another server's messages arrive out of order: 3, 1, 2.
+    for seq in (3, 1, 2):
+        actor.on_broker(encode_events([_event(_row(seq))]))
+    got = await bob.socket.next_of("message", 3)
+    assert [m["seq"] for m in got] == [1, 2, 3]
+    # A duplicate is dropped.
+    actor.on_broker(encode_events([_event(_row(2))]))
+    await actor.settle()
+    assert len(bob.socket.of("message")) == 3
+
+
+async def test_gap_is_filled_from_the_store(hub_factory: Any) -> None:
+    hub, client = await hub_factory(gap_timeout_s=0.05, skip_timeout_s=5)
+    bob = client("bob")
+    await join(hub, bob)
+    # Seqs 1..3 reached the store, but only 3's notification reached us.
+    await hub.store.insert([_row(1), _row(2), _row(3)])
+    hub.actors[ROOM].on_broker(encode_events([_event(_row(3))]))
+    got = await bob.socket.next_of("message", 3)
+    assert [m["seq"] for m in got] == [1, 2, 3]
+    assert [m["content"] for m in got] == ["c1", "c2", "c3"]
+
+
+async def test_seq_that_never_reached_the_store_is_skipped(hub_factory: Any) -> None:
+    hub, client = await hub_factory(gap_timeout_s=0.05, skip_timeout_s=0.3)
+    bob = client("bob")
+    await join(hub, bob)
+    # Seq 1 was taken by a server that died before committing; 2 is stored.
+    await hub.store.insert([_row(2)])
+    hub.actors[ROOM].on_broker(encode_events([_event(_row(2))]))
+    await asyncio.sleep(0.15)
+    assert bob.socket.of("message") == [], "held while seq 1 may still come"
+    got = await bob.socket.next_of("message", 1)
+    assert [m["seq"] for m in got] == [2]
+    # A skip notice releases a gap at once.
+    hub.actors[ROOM].on_broker(encode_events([SkipEvent(3), _event(_row(4))]))
+    got = await bob.socket.next_of("message", 2, timeout=0.2)
+    assert [m["seq"] for m in got] == [2, 4]
+
+
+async def test_broker_loss_notice_backfills_from_the_store(hub_factory: Any) -> None:
+    hub, client = await hub_factory()
+    bob = client("bob")
+    await join(hub, bob)
+    await hub.store.insert([_row(1), _row(2)])
+    hub.actors[ROOM].on_broker(None)  # "you may have missed payloads"
+    got = await bob.socket.next_of("message", 2)
+    assert [m["seq"] for m in got] == [1, 2]
+
+
+async def test_join_since_seq_replays_then_goes_live_without_gap_or_duplicate(hub_factory: Any) -> None:
+    hub, client = await hub_factory()
+    store: RecordingStore = hub.store  # type: ignore[assignment]
+    alice = client("alice")
+    await join(hub, alice)
+    for i in range(30):
+        hub.submit(ROOM, Publish(alice.conn, f"m{i}", None))
+    await alice.socket.next_of("ack", 30)
+    # Hold the next writes back so live traffic overlaps the replay.
+    bob = client("bob")
+    joined = await join(hub, bob, since_seq=10)
+    assert joined["last_seq"] == 30
+    for i in range(30, 40):
+        hub.submit(ROOM, Publish(alice.conn, f"m{i}", None))
+    got = await bob.socket.next_of("message", 30)
+    assert [m["seq"] for m in got] == list(range(11, 41))
+    first_message = next(i for i, f in enumerate(bob.socket.frames) if f["type"] == "message")
+    assert bob.socket.frames.index(joined) < first_message
+    del store
+
+
+async def test_join_with_history_replays_the_last_n(hub_factory: Any) -> None:
+    hub, client = await hub_factory()
+    alice = client("alice")
+    await join(hub, alice)
+    for i in range(10):
+        hub.submit(ROOM, Publish(alice.conn, f"m{i}", None))
+    await alice.socket.next_of("ack", 10)
+    bob = client("bob")
+    await join(hub, bob, history=3)
+    got = await bob.socket.next_of("message", 3)
+    assert [m["seq"] for m in got] == [8, 9, 10]
+    # since_seq beyond the newest replays nothing.
+    carol = client("carol")
+    await join(hub, carol, since_seq=99)
+    await asyncio.sleep(0.05)
+    assert carol.socket.of("message") == []
+
+
+async def test_history_pages_back(hub_factory: Any) -> None:
+    hub, client = await hub_factory()
+    alice = client("alice")
+    await join(hub, alice)
+    for i in range(7):
+        hub.submit(ROOM, Publish(alice.conn, f"m{i}", None))
+    await alice.socket.next_of("ack", 7)
+    hub.submit(ROOM, History(alice.conn, None, 3))
+    page = (await alice.socket.next_of("history"))[0]
+    assert [m["seq"] for m in page["messages"]] == [5, 6, 7] and page["has_more"] is True
+    hub.submit(ROOM, History(alice.conn, 5, 10))
+    page = (await alice.socket.next_of("history", 2))[1]
+    assert [m["seq"] for m in page["messages"]] == [1, 2, 3, 4] and page["has_more"] is False
+
+
+async def test_presence_counts_a_sender_once_across_connections(hub_factory: Any) -> None:
+    hub, client = await hub_factory()
+    bob = client("bob")
+    await join(hub, bob)
+    a1, a2 = client("alice"), client("alice")
+    joined = await join(hub, a1)
+    assert joined["members"] == ["alice", "bob"]
+    await join(hub, a2)
+    ev = await bob.socket.next_of("presence")
+    assert ev == [{"type": "presence", "room_id": ROOM, "event": "join", "sender_id": "alice"}]
+    assert a1.socket.of("presence") == [], "nobody hears about themselves"
+    hub.submit(ROOM, Leave(a1.conn))
+    await a1.socket.next_of("left")
+    await asyncio.sleep(0.05)
+    assert len(bob.socket.of("presence")) == 1, "alice is still here on another connection"
+    hub.disconnected(a2.conn)  # the last connection goes away without a leave
+    ev = await bob.socket.next_of("presence", 2)
+    assert ev[1]["event"] == "leave" and ev[1]["sender_id"] == "alice"
+    assert await hub.members(ROOM) == ["bob"]
+    assert await hub.rooms() == [(ROOM, 1)]
+
+
+async def test_store_down_answers_unavailable_and_delivers_nothing(hub_factory: Any) -> None:
+    hub, client = await hub_factory()
+    alice, bob = client("alice"), client("bob")
+    await join(hub, alice)
+    await join(hub, bob)
+    store: RecordingStore = hub.store  # type: ignore[assignment]
+    store.down = True  # the database goes away
+    hub.submit(ROOM, Publish(alice.conn, "lost?", "k1"))
+    err = (await alice.socket.next_of("error"))[0]
+    assert err["code"] == "unavailable" and err["client_msg_id"] == "k1"
+    await asyncio.sleep(0.05)
+    assert alice.socket.of("ack") == [] and bob.socket.of("message") == []
+    store.down = False  # it comes back: the retry works
+    hub.submit(ROOM, Publish(alice.conn, "retry", "k1"))
+    ack = (await alice.socket.next_of("ack"))[0]
+    got = await bob.socket.next_of("message")
+    assert got[0]["seq"] == ack["seq"] and got[0]["content"] == "retry"
