@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 _ABUSE_ERRORS = 200
 _ABUSE_WINDOW_S = 10.0
 _PONG = encode({"type": "pong"})
+# How long a server-side close waits for the writer, then for the client's close frame.
+_CLOSE_WAIT_S = 2.0
 
 
 def _json(body: dict[str, Any] | str, status: int = 200) -> Response:
@@ -202,15 +204,15 @@ def create_app(
         finally:
             # Runs on a client disconnect too (the handler is cancelled then).
             hub.disconnected(conn)
+            if not conn.open:
+                # Closing on our side (1001, 4008, 1008): let the writer send the close
+                # frame, and keep reading (discarding) until the client answers it. A
+                # socket closed with unread input is reset, and the reset can destroy
+                # our close frame before the client reads it (it would see 1006).
+                await asyncio.wait([writer], timeout=_CLOSE_WAIT_S)
+                await asyncio.wait([reader], timeout=_CLOSE_WAIT_S)
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
-            if not writer.done() and not conn.open:
-                # Closing on our side (1001, 4008, 1008): let the writer finish the close.
-                try:
-                    async with asyncio.timeout(5):
-                        await asyncio.shield(writer)
-                except (TimeoutError, Exception):
-                    pass
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
         return None
@@ -219,10 +221,10 @@ def create_app(
         bucket = TokenBucket(settings.rate_per_s, settings.rate_burst)
         errors: list[float] = []
         loop = asyncio.get_running_loop()
-        while conn.open:
+        while True:
             data = await receive()
             if not conn.open:
-                return
+                continue  # closing: discard until the client's close frame arrives
             try:
                 if not bucket.take():
                     metrics.RATE_LIMITED.inc()
@@ -231,6 +233,8 @@ def create_app(
                 _dispatch(conn, command)
             except ChatError as error:
                 conn.send_error(error)
+                if error.code in ("unavailable", "internal"):
+                    continue  # our trouble, not the client's: never counts as abuse
                 now = loop.time()
                 errors.append(now)
                 while errors and errors[0] < now - _ABUSE_WINDOW_S:
@@ -239,7 +243,6 @@ def create_app(
                     log.warning("closing abusive connection", extra={"conn_id": conn.conn_id,
                                                                      "sender_id": conn.sender_id})
                     conn.close(CLOSE_POLICY, "too many errors")
-                    return
 
     def _dispatch(conn: Connection, command: Any) -> None:
         if isinstance(command, PingCmd):
