@@ -47,10 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(settings.log_level, settings.log_json)
 
-    from .migrate import upgrade
+    from .migrate import upgrade_locked
 
     try:
-        upgrade(settings.database_url)
+        upgrade_locked(settings)
     except Exception as exc:
         log.error("migration failed on %s: %s", settings.database_url.split("@")[-1], exc)
         return 1

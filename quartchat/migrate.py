@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 from .config import Settings
 
-__all__ = ["sync_url", "alembic_config", "upgrade", "upgrade_async", "current_revision", "head_revision"]
+__all__ = ["sync_url", "alembic_config", "upgrade", "upgrade_locked", "upgrade_async", "current_revision", "head_revision"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,26 @@ def upgrade(url: str) -> None:
     command.upgrade(alembic_config(url), "head")
 
 
+def upgrade_locked(settings: Settings) -> None:
+    """:func:`upgrade`, under a Redis lock when a Redis broker is configured.
+
+    Several processes or hosts starting at once then run the migrations exactly
+    once; the others wait for the lock and find the schema already at head.
+    """
+    if not settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
+        upgrade(settings.database_url)
+        return
+    import redis
+
+    client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5)
+    try:
+        with client.lock(f"{settings.redis_prefix}:lock:migrate", timeout=600,
+                         blocking_timeout=600):
+            upgrade(settings.database_url)
+    finally:
+        client.close()
+
+
 async def upgrade_async(settings: Settings) -> None:
-    """:func:`upgrade` from async code, in a thread."""
-    await asyncio.to_thread(upgrade, settings.database_url)
+    """:func:`upgrade_locked` from async code, in a thread."""
+    await asyncio.to_thread(upgrade_locked, settings)

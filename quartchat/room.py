@@ -316,7 +316,8 @@ class RoomActor:
         # Members still here (shutdown) leave presence so other servers see them go.
         for sender in list(self._senders):
             try:
-                await self.broker.presence.remove(self.room_id, sender)
+                if await self.broker.presence.remove(self.room_id, sender):
+                    await self._announce(sender, "leave")
             except Exception:
                 log.warning("presence remove failed at shutdown", extra={"room_id": self.room_id})
         self._senders.clear()
