@@ -6,6 +6,7 @@ both formats print them. Message content and credentials are never logged.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
@@ -49,6 +50,17 @@ class TextFormatter(logging.Formatter):
         return f"{text} {ids}" if ids else text
 
 
+class _DropHypercornCancellations(logging.Filter):
+    """hypercorn leaves a closed WebSocket's ping task running for up to one ping
+    interval; at shutdown it cancels it and asyncio logs the cancellation as an
+    error. It is noise, not a failure: drop exactly those records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+            return "connection_made" not in record.getMessage()
+        return True
+
+
 def setup_logging(level: str = "INFO", json: bool = False) -> None:
     """Configure the root logger once for this process."""
     handler = logging.StreamHandler(sys.stderr)
@@ -59,6 +71,7 @@ def setup_logging(level: str = "INFO", json: bool = False) -> None:
     for name in ("hypercorn.error", "hypercorn.access", "quart.app", "quart.serving"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    logging.getLogger("asyncio").addFilter(_DropHypercornCancellations())
     # alembic announces every plugin it loads at INFO.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     logging.getLogger("databases").setLevel(logging.WARNING)

@@ -155,3 +155,140 @@ class ChatClient:
             await self.ws.close()
         if self._reader is not None:
             await asyncio.gather(self._reader, return_exceptions=True)
+
+
+class ReliableClient:
+    """A client that follows the README's recipe: retry unacked posts with the same
+    client_msg_id, and on any disconnect reconnect (to the next URL) and rejoin
+    with since_seq. Records what it sent, what was acked and what it received."""
+
+    def __init__(self, urls: list[str], sender: str, room: str) -> None:
+        self.urls = urls
+        self.url_index = 0
+        self.sender = sender
+        self.room = room
+        self.client: ChatClient | None = None
+        self.received: list[dict[str, Any]] = []  # message frames, in arrival order
+        self.acked: dict[str, dict[str, Any]] = {}  # client_msg_id -> ack
+        self.pending: dict[str, str] = {}  # client_msg_id -> content, not yet acked
+        self.sent = 0
+        self.reconnects = 0
+        self.close_codes: list[int | None] = []
+        self._seen_frames = 0
+
+    @property
+    def last_seq(self) -> int:
+        return self.received[-1]["seq"] if self.received else 0
+
+    async def connect(self, since_seq: int | None = None) -> None:
+        url = self.urls[self.url_index % len(self.urls)]
+        self.client = await ChatClient(url, self.sender).connect()
+        self._seen_frames = 0
+        if since_seq is None:
+            await self.client.join(self.room)
+        else:
+            await self.client.join(self.room, since_seq=since_seq)
+
+    def _absorb(self) -> None:
+        """Move new frames of the current connection into the records."""
+        assert self.client is not None
+        frames = self.client.frames
+        while self._seen_frames < len(frames):
+            f = frames[self._seen_frames]
+            self._seen_frames += 1
+            if f["type"] == "message" and f["room_id"] == self.room:
+                self.received.append(f)
+            elif f["type"] == "ack":
+                self.acked[f["client_msg_id"]] = f
+                self.pending.pop(f["client_msg_id"], None)
+
+    async def _reconnect(self) -> None:
+        assert self.client is not None
+        self.close_codes.append(self.client.close_code)
+        await self.client.close()
+        self.url_index += 1
+        self.reconnects += 1
+        while True:
+            try:
+                await self.connect(since_seq=self.last_seq)
+                return
+            except Exception:
+                self.url_index += 1
+                await asyncio.sleep(0.2)
+
+    async def run(self, count: int, *, rate: float, deadline: float) -> None:
+        """Post ``count`` messages at about ``rate``/s; keep going until all are acked."""
+        loop = asyncio.get_running_loop()
+        next_send = loop.time()
+        retry_at = loop.time() + 1.0
+        while loop.time() < deadline:
+            assert self.client is not None
+            self._absorb()
+            if self.client.closed:
+                await self._reconnect()
+                for cmid, content in list(self.pending.items()):
+                    await self._post(cmid, content)
+                retry_at = loop.time() + 1.0
+                continue
+            now = loop.time()
+            if self.sent < count and now >= next_send:
+                cmid = f"{self.sender}-{self.sent}"
+                content = f"{self.sender} #{self.sent}"
+                self.pending[cmid] = content
+                self.sent += 1
+                next_send = now + 1.0 / rate
+                await self._post(cmid, content)
+            elif self.sent >= count and not self.pending:
+                return
+            if now >= retry_at:
+                # Unacked for a second (an `unavailable` error, or a lost frame): resend.
+                for cmid, content in list(self.pending.items()):
+                    await self._post(cmid, content)
+                retry_at = now + 1.0
+            await asyncio.sleep(0.005)
+        raise AssertionError(f"{self.sender}: {len(self.pending)} posts never acked")
+
+    async def _post(self, cmid: str, content: str) -> None:
+        assert self.client is not None
+        try:
+            await self.client.send({"action": "message", "room_id": self.room,
+                                    "content": content, "client_msg_id": cmid})
+        except Exception:
+            pass  # closed: the run loop reconnects and resends
+
+    async def settle(self, expected_last_seq: int, timeout: float = 20.0) -> None:
+        """Wait until this member has received up to ``expected_last_seq``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.last_seq < expected_last_seq:
+            assert self.client is not None
+            self._absorb()
+            if self.client.closed:
+                await self._reconnect()
+            if loop.time() > deadline:
+                raise AssertionError(f"{self.sender}: at seq {self.last_seq}, expected {expected_last_seq}")
+            await asyncio.sleep(0.01)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+
+
+def check_room(members: list[ReliableClient], stored: dict[int, str]) -> dict[str, Any]:
+    """Guarantees 1-4 over what every member saw and what the store holds."""
+    acked = {cmid: ack for m in members for cmid, ack in m.acked.items()}
+    lost = [a for a in acked.values() if stored.get(a["seq"]) != a["id"]]
+    report: dict[str, Any] = {"sent": sum(m.sent for m in members), "acked": len(acked),
+                              "stored": len(stored), "lost": len(lost), "delivered": {},
+                              "out_of_order": 0, "duplicates": 0, "missing": 0}
+    all_seqs = sorted(stored)
+    for m in members:
+        seqs = [f["seq"] for f in m.received]
+        report["delivered"][m.sender] = len(seqs)
+        report["duplicates"] += len(seqs) - len(set(seqs))
+        report["out_of_order"] += sum(1 for a, b in zip(seqs, seqs[1:]) if b <= a)
+        report["missing"] += len(set(all_seqs) - set(seqs))
+        # Same message for the same seq everywhere.
+        for f in m.received:
+            assert stored.get(f["seq"]) == f["id"], f"{m.sender} got seq {f['seq']} not as stored"
+    return report
