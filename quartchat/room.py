@@ -416,6 +416,8 @@ class RoomActor:
     async def _handle(self, item: _Item) -> None:
         if isinstance(item, Deliver):
             self._on_deliver(item.payload)
+            if item.payload is None:
+                await self._reassert_presence()
             return
         self._last_active = time.monotonic()
         if isinstance(item, Publish):
@@ -507,6 +509,14 @@ class RoomActor:
         except BrokerError as exc:
             log.warning("presence publish failed: %s", exc, extra={"room_id": self.room_id})
             self.on_broker(payload)  # local members still hear it
+
+    async def _reassert_presence(self) -> None:
+        """After a broker reconnect (Redis may have restarted empty), list our members again."""
+        for sender in list(self._senders):
+            try:
+                await self.broker.presence.add(self.room_id, sender)
+            except BrokerError:
+                return
 
     # ---- delivery -------------------------------------------------------
 
