@@ -54,4 +54,14 @@ if command -v mariadb >/dev/null; then
   mariadb -uroot -e "CREATE USER IF NOT EXISTS 'root'@'127.0.0.1' IDENTIFIED BY '';
     GRANT ALL PRIVILEGES ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION;" 2>/dev/null || true
 fi
-echo "ensure-services: redis and mariadb are up"
+# --- nginx and Prometheus (binaries only: tests run their own instances) ---
+missing=()
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+command -v prometheus >/dev/null || missing+=(prometheus)
+if [ "${#missing[@]}" -gt 0 ]; then
+  # Debian may try to start the packaged services; policy-rc.d keeps them stopped.
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+  apt_install --no-install-recommends "${missing[@]}"
+  rm -f /usr/sbin/policy-rc.d
+fi
+echo "ensure-services: redis and mariadb are up; nginx and prometheus are installed"
