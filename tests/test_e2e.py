@@ -105,3 +105,17 @@ async def test_history_survives_a_restart(server, tmp_path: Path) -> None:  # ty
     await bob.wait_for(lambda: len(bob.of("ack")) == 1)
     assert bob.of("ack")[0]["seq"] == 6
     await bob.close()
+
+
+async def test_oversized_frame_is_refused_without_a_reset(server) -> None:  # type: ignore[no-untyped-def]
+    srv = server()
+    client = await ChatClient(srv.url, "big").connect()
+    await client.join("r")
+    # Over max_content but within the frame limit: a protocol error, socket open.
+    await client.send({"action": "message", "room_id": "r", "content": "x" * 5000})
+    await client.wait_for(lambda: bool(client.of("error")))
+    assert client.of("error")[0]["code"] == "too_large"
+    # Beyond the frame limit (64 KiB): close 1009, not a TCP reset.
+    await client.send({"action": "message", "room_id": "r", "content": "x" * 200_000})
+    await client.wait_for(lambda: client.closed, timeout=10)
+    assert client.close_code == 1009

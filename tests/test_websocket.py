@@ -269,3 +269,36 @@ async def test_drain_closes_sockets_with_1001_after_acking(app: Quart) -> None:
         async with connect(app, "late") as raw:
             await raw.receive()
     assert refused.value.response.status_code == 503
+
+
+async def test_repeated_abuse_is_closed_with_1008(app: Quart) -> None:
+    async with connect(app) as raw:
+        ws = WS(raw)
+        await ws.expect("welcome")
+        with pytest.raises(WebsocketDisconnectError) as info:
+            for _ in range(1000):
+                await ws.send("garbage")
+                await ws.recv()
+        assert info.value.args[0] == 1008
+
+
+async def test_clients_table_records_first_and_last_seen(app: Quart, db_url: str) -> None:
+    import sqlite3
+
+    hub = app.extensions["quartchat"]
+    async with connect(app, "visitor") as raw:
+        await WS(raw).expect("welcome")
+    await asyncio.sleep(0.05)
+    await hub.clients.flush()
+    path = db_url.split(":///", 1)[1]
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute("SELECT sender_id, first_seen, last_seen FROM clients").fetchall()
+    assert [r[0] for r in rows] == ["visitor"]
+    assert rows[0][1] <= rows[0][2]
+    async with connect(app, "visitor") as raw:
+        await WS(raw).expect("welcome")
+    await asyncio.sleep(0.05)
+    await hub.clients.flush()
+    with sqlite3.connect(path) as conn:
+        again = conn.execute("SELECT first_seen, last_seen FROM clients").fetchall()
+    assert again[0][0] == rows[0][1] and again[0][1] > rows[0][2]
