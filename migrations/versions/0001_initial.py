@@ -20,10 +20,28 @@ depends_on = None
 # utf8mb4 so any emoji round-trips.
 DATETIME_MS = sa.DateTime().with_variant(mysql.DATETIME(fsp=3), "mysql", "mariadb")
 PK = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-MYSQL = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"}
+
+
+def _collation() -> str:
+    """A binary utf8mb4 collation that does NOT pad: strings equal only byte for byte.
+
+    ``utf8mb4_bin`` is a PAD SPACE collation: it compares (and so unique-checks)
+    ``"x"`` and ``"x "`` as equal. A client_msg_id differing from an earlier one
+    only in trailing spaces would then be taken for that message's retry by
+    ``find_client_ids`` and fail every insert of its batch with a duplicate,
+    while SQLite keeps the two apart.
+    """
+    dialect = op.get_context().dialect
+    version = dialect.server_version_info or ()
+    if getattr(dialect, "is_mariadb", False):
+        return "utf8mb4_nopad_bin"  # MariaDB >= 10.2
+    if version >= (8, 0):
+        return "utf8mb4_0900_bin"  # MySQL 8: NO PAD
+    return "utf8mb4_bin"  # MySQL 5.7 (or offline SQL): no binary NO PAD utf8mb4 collation
 
 
 def upgrade() -> None:
+    MYSQL = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4", "mysql_collate": _collation()}
     op.create_table(
         "messages",
         sa.Column("pk", PK, primary_key=True, autoincrement=True),

@@ -4,6 +4,18 @@ Writes arrive as batches from room actors and go in as one multi-row INSERT
 in one transaction (``execute_many`` is one statement per row: ~10x slower).
 On SQLite every write is serialised through one lock, since SQLite has a
 single writer and lock contention would otherwise surface as busy waits.
+
+Connections are taken from the ``databases`` backend one per operation and
+never through ``Database.fetch_*``/``Database.transaction()``: those bind a
+connection to the calling asyncio task, and when a transaction fails on a dead
+connection (its ROLLBACK fails too) or is cancelled by the op timeout,
+``databases`` never releases it. The task then keeps a dead connection forever
+(every later call in it fails with "Not connected"), the aiomysql pool loses the
+slot for good (after ``maxsize`` such failures every acquire waits forever) and
+``disconnect()`` waits forever for it. Here any operation that fails or is
+cancelled closes its connection (the server rolls back an open transaction of a
+closed session) and gives the slot back; a new connection is made on the next
+acquire, so the store recovers by itself when the database comes back.
 """
 
 from __future__ import annotations
@@ -11,23 +23,27 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
 from databases import Database
+from databases.interfaces import ConnectionBackend
 from sqlalchemy.dialects import mysql as mysql_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from . import DuplicateError, StoredMessage, StoreError
 from .schema import clients, messages, rooms
 
-__all__ = ["DatabaseStore", "to_datetime", "to_ms"]
+__all__ = ["DatabaseStore", "OP_TIMEOUT", "CONNECT_TIMEOUT", "to_datetime", "to_ms"]
 
 log = logging.getLogger(__name__)
 
-_OP_TIMEOUT = 15.0  # seconds; a hung database must not hang an actor forever
+OP_TIMEOUT = 15.0  # seconds; a hung database must not hang an actor forever
+CONNECT_TIMEOUT = 5.0  # seconds, for one new MySQL connection (TCP + handshake)
+_OP_TIMEOUT = OP_TIMEOUT  # old name
+_SQLITE_CLOSE_WAIT = 2.0  # seconds a failed operation waits for its SQLite connection to close
 
 
 def to_datetime(ms: int) -> datetime:
@@ -70,47 +86,68 @@ _COLUMNS = (
 class DatabaseStore:
     """Message history in SQL through ``databases``."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(
+        self, url: str, *, op_timeout: float = OP_TIMEOUT, connect_timeout: float = CONNECT_TIMEOUT
+    ) -> None:
+        """``op_timeout`` bounds every call (acquire, queries, commit); a silent
+        network partition makes calls fail after that long (a reset or refused
+        connection makes them fail at once)."""
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
+        self.op_timeout = op_timeout
         if self.is_sqlite:
             self._db = Database(url, timeout=30)
         else:
             self._db = Database(
                 url,
                 charset="utf8mb4",
-                connect_timeout=5,
+                connect_timeout=connect_timeout,
                 minsize=1,
                 maxsize=10,
                 pool_recycle=3600,
             )
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
         self._known_rooms: set[str] = set()
+        # SQLite connections being closed after a failure (the close may queue
+        # behind a statement still running in aiosqlite's thread): awaited by close().
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def connect(self) -> None:
         try:
-            async with asyncio.timeout(_OP_TIMEOUT):
+            async with asyncio.timeout(self.op_timeout):
                 await self._db.connect()
-                if self.is_sqlite:
-                    # WAL lets readers run beside the writer; it persists in the file.
-                    await self._db.execute("PRAGMA journal_mode=WAL")
         except Exception as exc:
             raise StoreError(f"cannot connect to the database: {exc}") from exc
+        if self.is_sqlite:
+            # WAL lets readers run beside the writer; it persists in the file.
+            async with self._session("connect") as conn:
+                await conn.execute(sa.text("PRAGMA journal_mode=WAL"))
 
     async def close(self) -> None:
-        if self._db.is_connected:
-            await self._db.disconnect()
+        # Every operation gives its connection back within op_timeout, so the
+        # pool's wait for used connections is bounded; the timeout is a safety net.
+        try:
+            async with asyncio.timeout(self.op_timeout + 5):
+                if self._closing:
+                    await asyncio.gather(*self._closing, return_exceptions=True)
+                if self._db.is_connected:
+                    await self._db.disconnect()
+        except TimeoutError:
+            log.warning("closing the database timed out; dropping its connections")
+            pool = getattr(self._db._backend, "_pool", None)  # noqa: SLF001
+            if pool is not None and hasattr(pool, "terminate"):
+                pool.terminate()  # aiomysql: close the connections still in use
 
     @asynccontextmanager
     async def _op(self, what: str) -> AsyncIterator[None]:
         """Bound an operation in time and map driver errors to StoreError."""
         try:
-            async with asyncio.timeout(_OP_TIMEOUT):
+            async with asyncio.timeout(self.op_timeout):
                 yield
         except StoreError:
             raise
         except TimeoutError as exc:
-            raise StoreError(f"{what}: timed out") from exc
+            raise StoreError(f"{what}: timed out after {self.op_timeout:g} s") from exc
         except (OSError, RuntimeError, AssertionError) as exc:
             raise StoreError(f"{what}: {exc}") from exc
         except Exception as exc:
@@ -118,14 +155,69 @@ class DatabaseStore:
                 raise DuplicateError(f"{what}: {exc}") from exc
             raise StoreError(f"{what}: {type(exc).__name__}: {exc}") from exc
 
+    @asynccontextmanager
+    async def _session(
+        self, what: str, *, transaction: bool = False, write: bool = False
+    ) -> AsyncIterator[ConnectionBackend]:
+        """One bounded operation on a connection of its own, optionally in a transaction.
+
+        On success the transaction is committed and the connection goes back to
+        the pool. On any error or cancellation the connection is closed instead,
+        never reused: its state is unknown (half-read result, open transaction,
+        dead socket), and closing it makes the server roll back what it began.
+        """
+        async with self._op(what), AsyncExitStack() as stack:
+            if write:
+                await stack.enter_async_context(self._writing())
+            conn = self._db._backend.connection()  # noqa: SLF001 (see module docstring)
+            await conn.acquire()
+            ok = False
+            try:
+                if transaction:
+                    tx = conn.transaction()
+                    await tx.start(is_root=True, extra_options={})
+                yield conn
+                if transaction:
+                    await tx.commit()
+                ok = True
+            finally:
+                if ok:
+                    await conn.release()
+                else:
+                    await self._discard(conn)
+
+    async def _discard(self, conn: ConnectionBackend) -> None:
+        """Close a connection whose state is unknown and give its pool slot back."""
+        if self.is_sqlite:
+            # Closing (which rolls back) queues behind any statement still running
+            # in aiosqlite's thread, maybe a busy wait: wait for it a little (while
+            # still holding the write lock), then let it finish on its own; close()
+            # waits for it.
+            task = asyncio.create_task(self._release_quietly(conn))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+            await asyncio.wait({task}, timeout=_SQLITE_CLOSE_WAIT)
+            return
+        # aiomysql: close the socket now; the pool then forgets the connection.
+        raw = conn.raw_connection
+        raw.close()
+        await self._release_quietly(conn)
+
+    @staticmethod
+    async def _release_quietly(conn: ConnectionBackend) -> None:
+        try:
+            await conn.release()
+        except Exception:  # already broken: nothing more to do for it
+            log.debug("releasing a broken connection failed", exc_info=True)
+
     async def ping(self) -> None:
-        async with self._op("ping"):
-            await self._db.fetch_val("SELECT 1")
+        async with self._session("ping") as conn:
+            await conn.fetch_val(sa.text("SELECT 1"))
 
     async def max_seq(self, room_id: str) -> int:
         query = sa.select(sa.func.max(messages.c.seq)).where(messages.c.room_id == room_id)
-        async with self._op("max_seq"):
-            value = await self._db.fetch_val(query)
+        async with self._session("max_seq") as conn:
+            value = await conn.fetch_val(query)
         return int(value or 0)
 
     def _insert_ignore(self, table: sa.Table) -> Any:
@@ -149,15 +241,14 @@ class DatabaseStore:
             for r in rows
         ]
         new_rooms = {r.room_id for r in rows} - self._known_rooms
-        async with self._op("insert"), self._writing():
-            async with self._db.transaction():
-                for room_id in sorted(new_rooms):
-                    await self._db.execute(
-                        self._insert_ignore(rooms).values(
-                            room_id=room_id, created_at=to_datetime(rows[0].sent_at_ms)
-                        )
+        async with self._session("insert", transaction=True, write=True) as conn:
+            for room_id in sorted(new_rooms):
+                await conn.execute(
+                    self._insert_ignore(rooms).values(
+                        room_id=room_id, created_at=to_datetime(rows[0].sent_at_ms)
                     )
-                await self._db.execute(messages.insert().values(values))
+                )
+            await conn.execute(messages.insert().values(values))
         self._known_rooms.update(new_rooms)
 
     @asynccontextmanager
@@ -177,8 +268,8 @@ class DatabaseStore:
             messages.c.room_id == room_id,
             sa.tuple_(messages.c.sender_id, messages.c.client_msg_id).in_(list(keys)),
         )
-        async with self._op("find_client_ids"):
-            records = await self._db.fetch_all(query)
+        async with self._session("find_client_ids") as conn:
+            records = await conn.fetch_all(query)
         found = {}
         for record in records:
             row = _row(record)
@@ -193,8 +284,8 @@ class DatabaseStore:
         if upto_seq is not None:
             conditions.append(messages.c.seq <= upto_seq)
         query = sa.select(*_COLUMNS).where(*conditions).order_by(messages.c.seq).limit(limit)
-        async with self._op("after"):
-            records = await self._db.fetch_all(query)
+        async with self._session("after") as conn:
+            records = await conn.fetch_all(query)
         return [_row(r) for r in records]
 
     async def page(
@@ -207,8 +298,8 @@ class DatabaseStore:
         query = (
             sa.select(*_COLUMNS).where(*conditions).order_by(messages.c.seq.desc()).limit(limit + 1)
         )
-        async with self._op("page"):
-            records = await self._db.fetch_all(query)
+        async with self._session("page") as conn:
+            records = await conn.fetch_all(query)
         rows = [_row(r) for r in records]
         has_more = len(rows) > limit
         rows = rows[:limit]
@@ -230,5 +321,5 @@ class DatabaseStore:
         else:
             mins = mysql_dialect.insert(clients).values(values)
             query = mins.on_duplicate_key_update(last_seen=mins.inserted.last_seen)
-        async with self._op("touch_clients"), self._writing():
-            await self._db.execute(query)
+        async with self._session("touch_clients", write=True) as conn:
+            await conn.execute(query)

@@ -1,0 +1,643 @@
+"""One contract for every Store backend: SQLite (a temp file) and MariaDB/MySQL.
+
+Every test taking ``store`` runs once per backend. The MariaDB-only tests at
+the end put a :class:`tests.proxy.TcpProxy` between the store and the server
+and cut (reset) or stall (black-hole) the connection under it.
+
+Store calls are made from the test's own task, as a room's writer task makes
+them (``databases`` binds connections to the calling task, which is where a
+connection broken mid-transaction used to stay stuck), and every await is
+bounded with ``asyncio.timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pymysql
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from quartchat.migrate import sync_url, upgrade
+from quartchat.store import DuplicateError, StoredMessage, StoreError
+from quartchat.store.database import DatabaseStore
+from quartchat.store.schema import metadata
+from tests.mysql import mysql_server_url, mysql_url, with_host  # noqa: F401 (fixtures)
+from tests.proxy import TcpProxy, ThreadedProxy
+
+T = 5.0  # bound of any single await in these tests
+OP_TIMEOUT = 3.0  # the store's own bound, shorter than T so its StoreError shows first
+BASE_MS = 1_795_000_000_123  # 2026-11-18T..., with milliseconds
+
+R = TypeVar("R")
+
+
+async def within(awaitable: Any, seconds: float = T) -> Any:
+    """Await in the current task, at most ``seconds``."""
+    async with asyncio.timeout(seconds):
+        return await awaitable
+
+
+def msg(room: str, seq: int, *, sender: str = "alice", cmid: str | None = None,
+        content: str | None = None, ms: int | None = None) -> StoredMessage:
+    return StoredMessage(
+        room_id=room,
+        seq=seq,
+        id=uuid.uuid4().hex,
+        sender_id=sender,
+        content=f"message {seq} in {room}" if content is None else content,
+        client_msg_id=cmid,
+        sent_at_ms=BASE_MS + seq if ms is None else ms,
+    )
+
+
+def batch(room: str, lo: int, hi: int, **kw: Any) -> list[StoredMessage]:
+    """Messages lo..hi inclusive."""
+    return [msg(room, s, **kw) for s in range(lo, hi + 1)]
+
+
+def seqs(rows: list[StoredMessage]) -> list[int]:
+    return [r.seq for r in rows]
+
+
+# -- backends -----------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "mysql"])
+def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A migrated, empty database of each backend."""
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'contract.db'}"
+        upgrade(url)
+        return url
+    return str(request.getfixturevalue("mysql_url"))
+
+
+@pytest.fixture
+async def store(backend_url: str) -> AsyncIterator[DatabaseStore]:
+    s = DatabaseStore(backend_url, op_timeout=OP_TIMEOUT)
+    await within(s.connect())
+    try:
+        yield s
+    finally:
+        await within(s.close(), T + OP_TIMEOUT)
+
+
+def _engine(url: str) -> sa.Engine:
+    args: dict[str, Any] = (
+        {"timeout": 5} if url.startswith("sqlite")
+        else {"connect_timeout": 5, "read_timeout": 10, "write_timeout": 10}
+    )
+    return sa.create_engine(sync_url(url), poolclass=sa.pool.NullPool, connect_args=args)
+
+
+@pytest.fixture
+def sync_db(backend_url: str) -> Iterator[Callable[..., Any]]:
+    """Run ``fn(connection)`` on an independent synchronous connection, in a thread.
+
+    Use as ``await within(sync_db(fn))``: checks go around the store under test.
+    """
+    engine = _engine(backend_url)
+
+    def run(fn: Callable[[sa.Connection], R]) -> Any:
+        def call() -> R:
+            with engine.connect() as conn:
+                return fn(conn)
+
+        return asyncio.to_thread(call)
+
+    yield run
+    engine.dispose()
+
+
+def _rows(conn: sa.Connection, sql: str, **params: Any) -> list[tuple[Any, ...]]:
+    return [tuple(r) for r in conn.execute(sa.text(sql), params)]
+
+
+# -- the contract -------------------------------------------------------------------
+
+
+async def test_ping(store: DatabaseStore) -> None:
+    await within(store.ping())
+
+
+async def test_max_seq_of_unused_room_is_zero(store: DatabaseStore) -> None:
+    assert await within(store.max_seq("never-used")) == 0
+    await within(store.insert(batch("used", 1, 3)))
+    assert await within(store.max_seq("never-used")) == 0
+    assert await within(store.max_seq("used")) == 3
+
+
+async def test_insert_then_after(store: DatabaseStore) -> None:
+    rows = batch("r1", 1, 7, sender="bob")
+    await within(store.insert(rows))
+    await within(store.insert(batch("r2", 1, 2)))  # another room, same seqs
+
+    assert await within(store.max_seq("r1")) == 7
+    assert await within(store.after("r1", 0, None, 100)) == rows
+    assert await within(store.after("r1", 2, 5, 100)) == rows[2:5]
+    assert seqs(await within(store.after("r1", 0, None, 3))) == [1, 2, 3]
+    assert seqs(await within(store.after("r1", 5, None, 100))) == [6, 7]
+    assert await within(store.after("r1", 7, None, 100)) == []
+    assert await within(store.after("r1", 3, 3, 100)) == []
+    assert seqs(await within(store.after("r2", 0, None, 100))) == [1, 2]
+
+
+async def test_page(store: DatabaseStore) -> None:
+    rows = batch("r", 1, 7)
+    await within(store.insert(rows))
+
+    page, more = await within(store.page("r", None, 3))
+    assert (seqs(page), more) == ([5, 6, 7], True)  # newest page, oldest first
+    assert page == rows[4:7]
+    page, more = await within(store.page("r", 5, 3))
+    assert (seqs(page), more) == ([2, 3, 4], True)
+    page, more = await within(store.page("r", 2, 3))
+    assert (seqs(page), more) == ([1], False)
+    page, more = await within(store.page("r", 4, 3))
+    assert (seqs(page), more) == ([1, 2, 3], False)  # exactly the rest: no more
+    page, more = await within(store.page("r", None, 7))
+    assert (seqs(page), more) == ([1, 2, 3, 4, 5, 6, 7], False)
+    page, more = await within(store.page("r", None, 100))
+    assert (page, more) == (rows, False)
+    page, more = await within(store.page("r", 1, 10))
+    assert (page, more) == ([], False)
+    page, more = await within(store.page("empty", None, 10))
+    assert (page, more) == ([], False)
+
+
+async def test_find_client_ids(store: DatabaseStore) -> None:
+    rows = [
+        msg("r", 1, sender="alice", cmid="c1"),
+        msg("r", 2, sender="bob", cmid="c1"),
+        msg("r", 3, sender="alice", cmid=None),
+        msg("r", 4, sender="alice", cmid="c2"),
+    ]
+    await within(store.insert(rows))
+    await within(store.insert([msg("other", 1, sender="alice", cmid="c3")]))
+
+    found = await within(store.find_client_ids(
+        "r", [("alice", "c1"), ("bob", "c1"), ("alice", "c2"), ("alice", "c3"), ("bob", "nope")]
+    ))
+    assert found == {("alice", "c1"): rows[0], ("bob", "c1"): rows[1], ("alice", "c2"): rows[3]}
+    assert await within(store.find_client_ids("r", [])) == {}
+    assert await within(store.find_client_ids("other", [("alice", "c1")])) == {}
+
+
+async def test_insert_keeps_ascending_seq_order(store: DatabaseStore, sync_db: Any) -> None:
+    # Several batches, two rooms interleaved, as room writers produce them.
+    await within(store.insert(batch("a", 1, 3)))
+    await within(store.insert(batch("b", 1, 2)))
+    await within(store.insert(batch("a", 4, 9)))
+    await within(store.insert(batch("b", 3, 3)))
+    await within(store.insert(batch("a", 10, 10)))
+
+    assert seqs(await within(store.after("a", 0, None, 100))) == list(range(1, 11))
+    assert seqs(await within(store.after("b", 0, None, 100))) == [1, 2, 3]
+    # Rows went in in seq order (insertion order = pk order), inside each batch too.
+    by_pk = await within(sync_db(lambda c: _rows(
+        c, "SELECT seq FROM messages WHERE room_id = :r ORDER BY pk", r="a")))
+    assert [s for (s,) in by_pk] == list(range(1, 11))
+
+
+async def test_duplicate_seq_is_refused_all_or_none(store: DatabaseStore, sync_db: Any) -> None:
+    await within(store.insert(batch("r", 1, 3)))
+    with pytest.raises(DuplicateError):
+        await within(store.insert([msg("r", 4), msg("r", 5), msg("r", 3), msg("r", 6)]))
+    assert seqs(await within(store.after("r", 0, None, 100))) == [1, 2, 3]
+    assert await within(store.max_seq("r")) == 3
+
+    # A new room whose first batch fails: not even its rooms row is left behind.
+    with pytest.raises(DuplicateError):
+        await within(store.insert([msg("new", 1), msg("new", 2), msg("new", 2)]))
+    assert await within(store.max_seq("new")) == 0
+    assert await within(sync_db(lambda c: _rows(
+        c, "SELECT room_id FROM rooms WHERE room_id = 'new'"))) == []
+
+    # The store is still usable, on the same connection pool, from the same task.
+    await within(store.insert(batch("r", 4, 6)))
+    await within(store.insert(batch("new", 1, 2)))
+    assert seqs(await within(store.after("r", 0, None, 100))) == [1, 2, 3, 4, 5, 6]
+    assert await within(sync_db(lambda c: _rows(
+        c, "SELECT room_id FROM rooms WHERE room_id IN ('r', 'new') ORDER BY room_id"))) == [
+        ("new",), ("r",)]
+
+
+async def test_duplicate_client_msg_id_is_refused(store: DatabaseStore) -> None:
+    first = msg("r", 1, sender="alice", cmid="c1")
+    await within(store.insert([first]))
+    with pytest.raises(DuplicateError):
+        await within(store.insert([msg("r", 2, sender="carol"),
+                                   msg("r", 3, sender="alice", cmid="c1")]))
+    assert await within(store.after("r", 0, None, 100)) == [first]  # all or none
+
+    # Same id from another sender, or in another room, or no id at all: all fine.
+    more = [
+        msg("r", 2, sender="bob", cmid="c1"),
+        msg("r", 3, sender="alice", cmid=None),
+        msg("r", 4, sender="alice", cmid=None),
+    ]
+    await within(store.insert(more))
+    await within(store.insert([msg("r2", 1, sender="alice", cmid="c1")]))
+    assert await within(store.after("r", 0, None, 100)) == [first, *more]
+
+
+async def test_client_msg_ids_compare_byte_for_byte(store: DatabaseStore) -> None:
+    """Case, trailing spaces and accents make different ids, on every backend.
+
+    (MariaDB's utf8mb4_bin pads: "x" and "x " were one key there.)
+    """
+    ids = ["x", "x ", "x  ", "X", "é", "e", "e\u0301", "😀", "😀 "]
+    rows = [msg("r", n, sender="alice", cmid=cmid) for n, cmid in enumerate(ids, start=1)]
+    await within(store.insert(rows))
+    found = await within(store.find_client_ids("r", [("alice", c) for c in ids]))
+    assert found == {("alice", r.client_msg_id): r for r in rows}
+    only = await within(store.find_client_ids("r", [("alice", "x ")]))
+    assert list(only) == [("alice", "x ")]
+    assert await within(store.find_client_ids("r", [("alice", "x   ")])) == {}
+
+
+async def test_utf8mb4_round_trips(store: DatabaseStore) -> None:
+    contents = [
+        "😀🎉",
+        "中文字符，日本語のテキスト，한국어",
+        "𝄞 𠜎 🀄 𝕏 — 4-byte characters",
+        "mixed: héllo wörld ½ ∑ 😀 中",
+        "😀" * 1024,  # 4096 bytes of 4-byte characters
+        "x" * 4096,
+        "中" * 1365 + "x",  # 4096 bytes, 3-byte characters
+        "line\nbreak\ttab 'quote' \"dq\" \\ backslash % percent",
+    ]
+    assert all(len(c.encode()) <= 4096 for c in contents)
+    assert len(contents[4].encode()) == 4096 and len(contents[6].encode()) == 4096
+    rows = [msg("r", n, content=c, cmid=f"ü😀{n}") for n, c in enumerate(contents, start=1)]
+    await within(store.insert(rows))
+    back = await within(store.after("r", 0, None, 100))
+    assert back == rows
+    assert [r.content.encode() for r in back] == [c.encode() for c in contents]
+    found = await within(store.find_client_ids("r", [("alice", "ü😀5")]))
+    assert found[("alice", "ü😀5")].content == "😀" * 1024
+
+
+async def test_sent_at_ms_round_trips(store: DatabaseStore) -> None:
+    rng = random.Random(1234)
+    stamps = [
+        BASE_MS, BASE_MS + 1, BASE_MS + 999, 1_795_000_000_000, 1_795_000_000_001,
+        1_795_000_000_999, 86_400_000, 4_102_444_799_999,  # 2099-12-31T23:59:59.999
+        int(time.time() * 1000),
+    ] + [rng.randrange(86_400_000, 4_102_444_800_000) for _ in range(200)]
+    rows = [msg("r", n, ms=ms) for n, ms in enumerate(stamps, start=1)]
+    await within(store.insert(rows))
+    back = await within(store.after("r", 0, None, 1000))
+    assert [r.sent_at_ms for r in back] == stamps
+    page, _ = await within(store.page("r", None, 1000))
+    assert [r.sent_at_ms for r in page] == stamps
+
+
+async def test_touch_clients_keeps_first_seen_and_moves_last_seen(
+    store: DatabaseStore, sync_db: Any
+) -> None:
+    t1 = datetime(2026, 11, 27, 10, 0, 0, 123000)
+    t2 = t1 + timedelta(seconds=5, milliseconds=456)
+    t3 = t2 + timedelta(minutes=1, milliseconds=1)
+
+    def clients(c: sa.Connection) -> dict[str, tuple[int, int]]:
+        rows = _rows(c, "SELECT sender_id, first_seen, last_seen FROM clients")
+        return {sender: (_ms(first), _ms(last)) for sender, first, last in rows}
+
+    await within(store.touch_clients({"alice": t1, "bob": t1}))
+    assert await within(sync_db(clients)) == {"alice": (_ms(t1), _ms(t1)),
+                                               "bob": (_ms(t1), _ms(t1))}
+    await within(store.touch_clients({"alice": t2, "carol": t2}))
+    assert await within(sync_db(clients)) == {"alice": (_ms(t1), _ms(t2)),
+                                               "bob": (_ms(t1), _ms(t1)),
+                                               "carol": (_ms(t2), _ms(t2))}
+    await within(store.touch_clients({"alice": t3}))
+    assert (await within(sync_db(clients)))["alice"] == (_ms(t1), _ms(t3))
+    await within(store.touch_clients({}))  # nothing to do, no error
+
+
+def _ms(value: Any) -> int:
+    """A datetime from the sync drivers (naive UTC; SQLite may give a string) in ms."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    epoch = datetime(1970, 1, 1)
+    return round((value - epoch) / timedelta(milliseconds=1))
+
+
+def _type(text: str) -> str:
+    """A column type as the dialect writes it, minus what reflection adds or drops."""
+    text = re.sub(r"\s+(CHARACTER SET|COLLATE)\s+\w+", "", text.upper())
+    return re.sub(r"^(BIGINT|INTEGER|INT)\(\d+\)", r"\1", text).strip()
+
+
+async def test_migrations_create_the_schema_of_schema_py(backend_url: str) -> None:
+    engine = _engine(backend_url)
+
+    def inspect() -> dict[str, Any]:
+        insp = sa.inspect(engine)
+        dialect = engine.dialect
+        tables: dict[str, Any] = {}
+        for name in insp.get_table_names():
+            if name == "alembic_version":
+                continue
+            tables[name] = {
+                "columns": {
+                    c["name"]: (_type(c["type"].compile(dialect=dialect)), c["nullable"])
+                    for c in insp.get_columns(name)
+                },
+                "pk": insp.get_pk_constraint(name)["constrained_columns"],
+                "unique": sorted(
+                    (u["name"], tuple(u["column_names"])) for u in insp.get_unique_constraints(name)
+                ),
+                "options": insp.get_table_options(name) if dialect.name == "mysql" else {},
+            }
+        return tables
+
+    def expected() -> dict[str, Any]:
+        dialect = engine.dialect
+        tables: dict[str, Any] = {}
+        for table in metadata.sorted_tables:
+            tables[table.name] = {
+                "columns": {
+                    c.name: (_type(c.type.compile(dialect=dialect)), c.nullable)
+                    for c in table.columns
+                },
+                "pk": [c.name for c in table.primary_key.columns],
+                "unique": sorted(
+                    (u.name, tuple(c.name for c in u.columns))
+                    for u in table.constraints
+                    if isinstance(u, sa.UniqueConstraint)
+                ),
+            }
+        return tables
+
+    try:
+        actual = await within(asyncio.to_thread(inspect))
+    finally:
+        engine.dispose()
+    want = expected()
+    assert sorted(actual) == sorted(want) == ["clients", "messages", "rooms"]
+    for name, spec in want.items():
+        assert actual[name]["columns"] == spec["columns"], name
+        assert actual[name]["pk"] == spec["pk"], name
+        assert actual[name]["unique"] == spec["unique"], name
+    assert actual["messages"]["columns"]["created_at"][0] in ("DATETIME(3)", "DATETIME")
+    if backend_url.startswith("mysql"):
+        for name in want:
+            options = actual[name]["options"]
+            assert options.get("mysql_engine") == "InnoDB", (name, options)
+            assert options.get("mysql_default charset") == "utf8mb4", (name, options)
+            # Binary and NO PAD: ids compare byte for byte (see the 0001 migration).
+            assert options.get("mysql_collate") in ("utf8mb4_nopad_bin", "utf8mb4_0900_bin"), (
+                name, options)
+
+
+# -- MariaDB behind a proxy: cut and stalled connections ----------------------------
+
+
+@pytest.fixture
+async def proxy(mysql_url: str) -> AsyncIterator[TcpProxy]:  # noqa: F811 (fixture)
+    url = make_url(mysql_url)
+    p = TcpProxy(url.host or "127.0.0.1", url.port or 3306)
+    await within(p.start())
+    try:
+        yield p
+    finally:
+        await within(p.close())
+        assert p.connections == 0
+
+
+@pytest.fixture
+async def proxied(mysql_url: str, proxy: TcpProxy) -> AsyncIterator[DatabaseStore]:  # noqa: F811
+    """A MariaDB store whose every connection goes through ``proxy``."""
+    s = DatabaseStore(with_host(mysql_url, proxy.host, proxy.port), op_timeout=OP_TIMEOUT)
+    await within(s.connect())
+    try:
+        yield s
+    finally:
+        # Bounded: a connection leaked by a failed operation would make this hang.
+        await within(s.close(), T)
+
+
+@pytest.fixture
+def mysql_sync(mysql_url: str) -> Iterator[Callable[..., Any]]:  # noqa: F811
+    """Like ``sync_db``, straight to MariaDB (not through the proxy)."""
+    engine = _engine(mysql_url)
+
+    def run(fn: Callable[[sa.Connection], R]) -> Any:
+        def call() -> R:
+            with engine.connect() as conn:
+                return fn(conn)
+
+        return asyncio.to_thread(call)
+
+    yield run
+    engine.dispose()
+
+
+async def _fails_fast(awaitable: Any, limit: float = 1.0) -> StoreError:
+    """The call raises StoreError, well before the store's op timeout."""
+    started = time.monotonic()
+    with pytest.raises(StoreError) as info:
+        await within(awaitable)
+    elapsed = time.monotonic() - started
+    assert elapsed < limit, f"took {elapsed:.2f} s: {info.value}"
+    return info.value
+
+
+def _stored(room: str) -> Callable[[sa.Connection], list[int]]:
+    return lambda c: [s for (s,) in _rows(
+        c, "SELECT seq FROM messages WHERE room_id = :r ORDER BY seq", r=room)]
+
+
+async def test_cut_fails_fast_then_the_same_store_recovers(
+    proxied: DatabaseStore, proxy: TcpProxy, mysql_url: str, mysql_sync: Any  # noqa: F811
+) -> None:
+    await within(proxied.insert(batch("r", 1, 3)))
+    assert await within(proxied.max_seq("r")) == 3
+
+    await within(proxy.cut())
+    await _fails_fast(proxied.insert(batch("r", 4, 6)))
+    await _fails_fast(proxied.max_seq("r"))
+    await _fails_fast(proxied.ping())
+    await _fails_fast(proxied.page("r", None, 10))
+    assert await within(mysql_sync(_stored("r"))) == [1, 2, 3]  # nothing of the failed batch
+    # New connections are refused too.
+    fresh = DatabaseStore(with_host(mysql_url, proxy.host, proxy.port), op_timeout=OP_TIMEOUT)
+    await _fails_fast(fresh.connect())
+
+    await within(proxy.restore())
+    # The very first call after the restore works, from the same task and store.
+    assert await within(proxied.max_seq("r")) == 3
+    await within(proxied.insert(batch("r", 4, 6)))
+    assert seqs(await within(proxied.after("r", 0, None, 100))) == [1, 2, 3, 4, 5, 6]
+    await within(proxied.ping())
+    assert await within(mysql_sync(_stored("r"))) == [1, 2, 3, 4, 5, 6]
+
+
+async def test_cut_in_the_middle_of_a_transaction_leaves_nothing(
+    proxied: DatabaseStore, proxy: TcpProxy, mysql_url: str, mysql_sync: Any  # noqa: F811
+) -> None:
+    """The insert of a new room is cut after its rooms row is written, in its transaction."""
+    await within(proxied.insert(batch("warm", 1, 1)))
+    # Another session holds seq 5 of room "nr" (uncommitted): the store's
+    # INSERT INTO messages waits on that row lock, after its INSERT INTO rooms.
+    blocker = _engine(mysql_url).connect()
+    try:
+        await within(asyncio.to_thread(lambda: blocker.execute(sa.text(
+            "INSERT INTO messages (room_id, seq, id, sender_id, content, created_at) "
+            "VALUES ('nr', 5, 'blocker', 'x', 'x', '2026-01-01')"))))
+        writer = asyncio.create_task(proxied.insert(batch("nr", 4, 6)))
+        try:
+            async with asyncio.timeout(T):  # wait until the store's insert is blocked
+                while not await asyncio.to_thread(_lock_waits, mysql_url):
+                    await asyncio.sleep(0.02)
+            await within(proxy.cut())
+            started = time.monotonic()
+            with pytest.raises(StoreError):
+                await within(writer)
+            assert time.monotonic() - started < 1.0
+        finally:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+        await within(asyncio.to_thread(blocker.rollback))
+    finally:
+        await within(asyncio.to_thread(blocker.close))
+
+    assert await within(mysql_sync(_stored("nr"))) == []
+    assert await within(mysql_sync(lambda c: _rows(
+        c, "SELECT room_id FROM rooms WHERE room_id = 'nr'"))) == []
+
+    await within(proxy.restore())
+    await within(proxied.insert(batch("nr", 4, 6)))
+    assert await within(mysql_sync(_stored("nr"))) == [4, 5, 6]
+    assert await within(mysql_sync(lambda c: _rows(
+        c, "SELECT room_id FROM rooms WHERE room_id = 'nr'"))) == [("nr",)]
+
+
+def _lock_waits(mysql_url: str) -> bool:  # noqa: F811
+    engine = _engine(mysql_url)
+    try:
+        with engine.connect() as c:
+            return bool(_rows(
+                c, "SELECT 1 FROM information_schema.innodb_trx WHERE trx_state = 'LOCK WAIT'"))
+    finally:
+        engine.dispose()
+
+
+async def test_repeated_cuts_mid_operation_leak_no_connection(
+    proxied: DatabaseStore, proxy: TcpProxy, mysql_sync: Any  # noqa: F811
+) -> None:
+    """More broken operations than the pool has connections (maxsize 10)."""
+    await within(proxied.insert(batch("r", 1, 1)))
+    for n in range(2, 14):
+        await within(proxied.ping())  # a pooled connection, warm
+        await within(proxy.stall())  # the next request is held in flight...
+        # ...once from a short-lived task, once from this (long-lived) task.
+        call = proxied.insert(batch("r", n, n))
+        pending = asyncio.create_task(call) if n % 2 else None
+        cutter = asyncio.create_task(_cut_later(proxy, 0.05))
+        try:
+            with pytest.raises(StoreError):
+                await within(pending if pending is not None else call)
+        finally:
+            await within(cutter)
+        await within(proxy.restore())
+    # Still one working pool, and every failed batch left nothing.
+    assert await within(proxied.max_seq("r")) == 1
+    await within(proxied.insert(batch("r", 2, 3)))
+    assert await within(mysql_sync(_stored("r"))) == [1, 2, 3]
+
+
+async def _cut_later(proxy: TcpProxy, delay: float) -> None:
+    await asyncio.sleep(delay)
+    await proxy.cut()
+
+
+async def test_stalled_database_times_out_within_op_timeout(
+    mysql_url: str, proxy: TcpProxy, mysql_sync: Any  # noqa: F811
+) -> None:
+    """A silent partition (no reset) is only noticed by the store's own op timeout."""
+    s = DatabaseStore(with_host(mysql_url, proxy.host, proxy.port), op_timeout=1.0)
+    await within(s.connect())
+    try:
+        await within(s.insert(batch("r", 1, 2)))
+        await within(proxy.stall())
+        for call in (lambda: s.insert(batch("r", 3, 4)), lambda: s.max_seq("r")):
+            started = time.monotonic()
+            with pytest.raises(StoreError, match="timed out"):
+                await within(call())
+            assert 0.9 < time.monotonic() - started < 2.0
+        await within(proxy.restore())
+        assert await within(s.max_seq("r")) == 2
+        await within(s.insert(batch("r", 3, 4)))
+        assert await within(mysql_sync(_stored("r"))) == [1, 2, 3, 4]
+    finally:
+        await within(s.close())
+
+
+async def test_proxy_close_leaves_no_task(mysql_url: str) -> None:  # noqa: F811
+    url = make_url(mysql_url)
+    before = asyncio.all_tasks()
+    p = await within(TcpProxy(url.host or "127.0.0.1", url.port or 3306).start())
+    s = DatabaseStore(with_host(mysql_url, p.host, p.port), op_timeout=OP_TIMEOUT)
+    await within(s.connect())
+    try:
+        await within(s.ping())
+        assert p.connections == 1
+        await within(p.stall())
+        stalled = asyncio.create_task(s.ping())
+        await asyncio.sleep(0.05)
+        await within(p.close())
+        with pytest.raises(StoreError):
+            await within(stalled)
+    finally:
+        await within(s.close())
+    assert p.connections == 0
+    assert asyncio.all_tasks() - before == set()
+    with pytest.raises(OSError):
+        await within(asyncio.open_connection(p.host, p.port))
+
+
+def test_threaded_proxy_cut_restore_close(mysql_url: str) -> None:  # noqa: F811
+    """The thread-hosted proxy, for tests whose database clients are other processes."""
+    url = make_url(mysql_url)
+    proxy = ThreadedProxy(url.host or "127.0.0.1", url.port or 3306).start()
+
+    def connect() -> Any:
+        return pymysql.connect(host=proxy.host, port=proxy.port, user=url.username or "root",
+                               password=url.password or "", connect_timeout=2, read_timeout=2)
+
+    try:
+        conn = connect()
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+            assert cur.fetchall() == ((1,),)
+        proxy.cut()
+        with pytest.raises(pymysql.err.OperationalError):
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1")
+        with pytest.raises(pymysql.err.OperationalError):
+            connect()
+        proxy.restore()
+        conn = connect()
+        with conn.cursor() as cur:
+            cur.execute("SELECT 2")
+            assert cur.fetchall() == ((2,),)
+        conn.close()
+        assert any(t.name == proxy.thread_name for t in threading.enumerate())
+    finally:
+        proxy.close()
+    assert not any(t.name == proxy.thread_name for t in threading.enumerate())
+    assert proxy.proxy is not None and proxy.proxy.connections == 0
