@@ -163,6 +163,8 @@ _SPEC: list[tuple[str, str, str, Callable[[str, str], Any], str]] = [
      "Seconds a room actor with no local member lives before it is retired"),
     ("batch_max", "QUARTCHAT_BATCH_MAX", "500", _int(1, 10_000),
      "Most messages written to the store in one transaction"),
+    ("db_timeout_s", "QUARTCHAT_DB_TIMEOUT_S", "5", _float(0.1, 600),
+     "Seconds one database operation may take before it fails (a silent network partition)"),
     ("gap_timeout_s", "QUARTCHAT_GAP_TIMEOUT_S", "0.2", _float(0),
      "Seconds a message ahead of the expected seq waits before the gap is read from the store"),
     ("skip_timeout_s", "QUARTCHAT_SKIP_TIMEOUT_S", "5", _float(0),
@@ -220,6 +222,7 @@ class Settings:
     replay_max: int = 10000
     room_idle_s: float = 30.0
     batch_max: int = 500
+    db_timeout_s: float = 5.0
     gap_timeout_s: float = 0.2
     skip_timeout_s: float = 5.0
     drain_timeout_s: float = 10.0

@@ -67,10 +67,10 @@ class Store(Protocol):
         """Record sender ids as seen at the given times (first_seen kept, last_seen moved)."""
 
 
-def create_store(url: str) -> Store:
-    """The store for ``url``, by scheme."""
+def create_store(url: str, *, op_timeout: float = 5.0) -> Store:
+    """The store for ``url``, by scheme; every operation is bounded by ``op_timeout`` s."""
     if url.startswith(("sqlite+aiosqlite://", "mysql+aiomysql://")):
         from .database import DatabaseStore
 
-        return DatabaseStore(url)
+        return DatabaseStore(url, op_timeout=op_timeout)
     raise ValueError(f"unsupported database URL {url!r}")
