@@ -252,6 +252,20 @@ async def test_duplicate_client_msg_id_is_refused(store: DatabaseStore) -> None:
     assert await within(store.after("r", 0, None, 100)) == [first, *more]
 
 
+async def test_concurrent_inserts_are_grouped_and_a_clash_fails_only_its_caller(
+    store: DatabaseStore,
+) -> None:
+    await within(store.insert(batch("clash", 1, 1)))
+    calls = [store.insert(batch(f"g{i}", 1, 3)) for i in range(20)]
+    calls.insert(10, store.insert(batch("clash", 1, 2)))  # seq 1 is taken
+    results = await within(asyncio.gather(*calls, return_exceptions=True))
+    assert isinstance(results[10], DuplicateError)
+    assert all(r is None for i, r in enumerate(results) if i != 10), results
+    for i in range(20):
+        assert seqs(await within(store.after(f"g{i}", 0, None, 10))) == [1, 2, 3]
+    assert seqs(await within(store.after("clash", 0, None, 10))) == [1]
+
+
 async def test_client_msg_ids_compare_byte_for_byte(store: DatabaseStore) -> None:
     """Case, trailing spaces and accents make different ids, on every backend.
 

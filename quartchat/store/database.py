@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime
@@ -43,7 +44,17 @@ log = logging.getLogger(__name__)
 OP_TIMEOUT = 15.0  # seconds; a hung database must not hang an actor forever
 CONNECT_TIMEOUT = 5.0  # seconds, for one new MySQL connection (TCP + handshake)
 _OP_TIMEOUT = OP_TIMEOUT  # old name
+_GROUP_ROWS = 2000  # most rows one grouped INSERT carries
 _SQLITE_CLOSE_WAIT = 2.0  # seconds a failed operation waits for its SQLite connection to close
+
+
+def _answer(waiter: asyncio.Future[None], exc: BaseException | None) -> None:
+    if waiter.done():
+        return  # the caller gave up (cancelled)
+    if exc is None:
+        waiter.set_result(None)
+    else:
+        waiter.set_exception(exc)
 
 
 def to_datetime(ms: int) -> datetime:
@@ -107,6 +118,8 @@ class DatabaseStore:
                 pool_recycle=3600,
             )
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
+        self._groups: deque[tuple[list[StoredMessage], asyncio.Future[None]]] = deque()
+        self._group_writer: asyncio.Task[None] | None = None
         self._known_rooms: set[str] = set()
         # SQLite connections being closed after a failure (the close may queue
         # behind a statement still running in aiosqlite's thread): awaited by close().
@@ -124,6 +137,14 @@ class DatabaseStore:
                 await conn.execute(sa.text("PRAGMA journal_mode=WAL"))
 
     async def close(self) -> None:
+        if self._group_writer is not None and not self._group_writer.done():
+            # Let queued writes finish (bounded), then stop the writer.
+            try:
+                async with asyncio.timeout(self.op_timeout):
+                    await asyncio.shield(self._group_writer)
+            except TimeoutError:
+                self._group_writer.cancel()
+            await asyncio.gather(self._group_writer, return_exceptions=True)
         # Every operation gives its connection back within op_timeout, so the
         # pool's wait for used connections is bounded; the timeout is a safety net.
         try:
@@ -226,8 +247,52 @@ class DatabaseStore:
         return mysql_dialect.insert(table).prefix_with("IGNORE")
 
     async def insert(self, rows: Sequence[StoredMessage]) -> None:
+        """Store rows (one room, ascending seq) in one transaction, all or none.
+
+        Concurrent calls (many rooms writing at once) are grouped: one writer
+        task takes everything queued, writes it as one multi-row INSERT in one
+        transaction (one commit, one fsync), and answers every caller. A group
+        that fails on a unique key is retried caller by caller, so only the
+        caller whose rows clash gets the DuplicateError.
+        """
         if not rows:
             return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._groups.append((list(rows), waiter))
+        if self._group_writer is None or self._group_writer.done():
+            self._group_writer = asyncio.create_task(self._write_groups(), name="store-writer")
+        await waiter
+
+    async def _write_groups(self) -> None:
+        while self._groups:
+            group: list[tuple[list[StoredMessage], asyncio.Future[None]]] = []
+            size = 0
+            while self._groups and (not group or size + len(self._groups[0][0]) <= _GROUP_ROWS):
+                rows, waiter = self._groups.popleft()
+                group.append((rows, waiter))
+                size += len(rows)
+            live = [(rows, waiter) for rows, waiter in group if not waiter.done()]
+            try:
+                await self._insert_now([r for rows, _ in live for r in rows])
+            except DuplicateError as exc:
+                if len(live) == 1:
+                    _answer(live[0][1], exc)
+                    continue
+                for rows, waiter in live:
+                    try:
+                        await self._insert_now(rows)
+                    except StoreError as one_exc:
+                        _answer(waiter, one_exc)
+                    else:
+                        _answer(waiter, None)
+            except StoreError as exc:
+                for _, waiter in live:
+                    _answer(waiter, exc)
+            else:
+                for _, waiter in live:
+                    _answer(waiter, None)
+
+    async def _insert_now(self, rows: Sequence[StoredMessage]) -> None:
         values = [
             {
                 "room_id": r.room_id,
@@ -240,12 +305,13 @@ class DatabaseStore:
             }
             for r in rows
         ]
-        new_rooms = {r.room_id for r in rows} - self._known_rooms
+        new_rooms = sorted({r.room_id for r in rows} - self._known_rooms)
         async with self._session("insert", transaction=True, write=True) as conn:
-            for room_id in sorted(new_rooms):
+            if new_rooms:
+                created = to_datetime(rows[0].sent_at_ms)
                 await conn.execute(
                     self._insert_ignore(rooms).values(
-                        room_id=room_id, created_at=to_datetime(rows[0].sent_at_ms)
+                        [{"room_id": room_id, "created_at": created} for room_id in new_rooms]
                     )
                 )
             await conn.execute(messages.insert().values(values))
