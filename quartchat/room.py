@@ -30,7 +30,7 @@ import attrs
 from . import metrics
 from .broker import Broker, BrokerError
 from .connection import Connection
-from .errors import ChatError
+from .errors import CLOSE_SLOW_CONSUMER, ChatError
 from .events import MessageEvent, PresenceEvent, SkipEvent, decode_events, encode_events
 from .protocol import encode, message_frame
 from .store import DuplicateError, Store, StoredMessage, StoreError
@@ -552,6 +552,11 @@ class RoomActor:
         if seq not in self._held:
             metrics.REORDER_HOLDS.inc()
             self._held[seq] = item
+            if len(self._held) > self.config.inbox_max:
+                # The gap is not filling and the buffer must stay bounded: read it now.
+                self._fill_tried = True
+                if not self._filling:
+                    self._start_fill(hi=min(self._held) - 1, final=True)
         elif item is not None:
             self._held[seq] = item
         if self._gap_since is None:
@@ -581,7 +586,12 @@ class RoomActor:
         count = 0
         for conn, sub in self._subs.items():
             if sub.replaying:
-                sub.backlog.append((seq, frame))
+                # Live frames wait behind the replay, bounded like the socket's queue.
+                if len(sub.backlog) >= conn.queue_size:
+                    metrics.SLOW_CONSUMER_CLOSES.inc()
+                    conn.close(CLOSE_SLOW_CONSUMER, "slow consumer: replay fell behind")
+                else:
+                    sub.backlog.append((seq, frame))
             elif conn.send(frame):
                 count += 1
         if count:
