@@ -87,7 +87,9 @@ class Hub:
         broker: Broker | None = None,
     ) -> None:
         self.settings = settings
-        self.store = store if store is not None else create_store(settings.database_url)
+        self.store = store if store is not None else create_store(
+            settings.database_url, op_timeout=settings.db_timeout_s
+        )
         self.broker = broker if broker is not None else create_broker(settings)
         self.room_config = RoomConfig(
             batch_max=settings.batch_max,
@@ -112,6 +114,7 @@ class Hub:
         except BaseException:
             await self.store.close()
             raise
+        metrics.BROKER_UP.set(1)
         self.clients.start()
         self.started = True
 

@@ -1,8 +1,27 @@
 """Every quartchat metric, defined in one place.
 
 Namespace ``quartchat``; no per-room or per-user labels (unbounded
-cardinality). When ``PROMETHEUS_MULTIPROC_DIR`` is set, prometheus-client's
-multiprocess mode aggregates every worker of the host in :func:`render`.
+cardinality). Label values come from small closed sets: actions, error codes,
+close codes, HTTP statuses, store operations.
+
+Several worker processes on one host (``quartchat serve --workers N``) use
+prometheus-client's multiprocess mode: each process writes its values to
+``*_<pid>.db`` files in ``PROMETHEUS_MULTIPROC_DIR`` and :func:`render`, on
+whichever worker the scrape reaches, sums them for the whole host. The mode is
+chosen once, when prometheus-client is first imported, from that environment
+variable: the launcher sets it (and empties the directory) before it starts
+any worker, and never imports this module itself (its metrics would leave
+files of their own). A single process without the variable keeps the plain
+in-process registry.
+
+Gauges say how workers combine (``multiprocess_mode``): ``livesum`` for
+counts (connections, rooms, queued frames), ``livemax``/``livemin`` for
+worst-case readings; ``live*`` modes drop a dead worker's value when the
+launcher calls ``mark_process_dead``.
+
+Queue depths cost no more than a counter on the message path: the room inbox
+is observed once per command the actor takes, and the sockets' outbound
+queues are sampled every second (:func:`quartchat.server.sample_queues`).
 """
 
 from __future__ import annotations
@@ -17,9 +36,21 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client import values as _values
+
+from .errors import (
+    CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL,
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
+    CLOSE_SLOW_CONSUMER,
+    CLOSE_TOO_BIG,
+    ERROR_CODES,
+)
 
 __all__ = [
     "REGISTRY",
+    "MULTIPROCESS",
     "CONTENT_TYPE_LATEST",
     "render",
     "CONNECTIONS_OPEN",
@@ -36,8 +67,10 @@ __all__ = [
     "STORE_WRITE_LATENCY",
     "STORE_BATCH_SIZE",
     "STORE_ERRORS",
+    "BROKER_UP",
     "BROKER_RECONNECTS",
     "BROKER_RESUBSCRIBES",
+    "BROKER_DROPPED",
     "REORDER_HOLDS",
     "GAP_FILLS",
     "SKIPPED_SEQS",
@@ -45,14 +78,23 @@ __all__ = [
     "SLOW_CONSUMER_CLOSES",
     "ACTIVE_ROOMS",
     "INBOX_DEPTH",
-    "BROKER_DROPPED",
+    "OUTBOUND_QUEUED",
+    "OUTBOUND_QUEUE_MAX",
     "DRAIN_SECONDS",
 ]
 
 NS = "quartchat"
 REGISTRY = CollectorRegistry(auto_describe=True)
+# True when values live in PROMETHEUS_MULTIPROC_DIR (decided by prometheus-client
+# at its import, which is what counts, not the environment now).
+MULTIPROCESS: bool = bool(getattr(_values.ValueClass, "_multiprocess", False))
+if MULTIPROCESS:
+    # Each metric defined below opens its file there at once: the directory must exist.
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# ---- connections -------------------------------------------------------------
 
 CONNECTIONS_OPEN = Gauge(
     "connections_open", "Open WebSocket connections", namespace=NS, registry=REGISTRY,
@@ -62,15 +104,19 @@ CONNECTIONS_OPENED = Counter(
     "connections_opened", "WebSocket connections accepted", namespace=NS, registry=REGISTRY
 )
 CONNECTIONS_CLOSED = Counter(
-    "connections_closed", "WebSocket connections closed, by close code", ["code"],
-    namespace=NS, registry=REGISTRY,
+    "connections_closed", "WebSocket connections closed, by close code (1000 when the client "
+    "closed or went away)", ["code"], namespace=NS, registry=REGISTRY,
 )
 HANDSHAKES_REFUSED = Counter(
     "handshakes_refused", "WebSocket handshakes refused, by HTTP status", ["status"],
     namespace=NS, registry=REGISTRY,
 )
+
+# ---- frames --------------------------------------------------------------------
+
 FRAMES_RECEIVED = Counter(
-    "frames_received", "Client frames received, by action", ["action"], namespace=NS, registry=REGISTRY
+    "frames_received", "Well-formed client frames received, by action", ["action"],
+    namespace=NS, registry=REGISTRY,
 )
 ERRORS_SENT = Counter(
     "errors_sent", "Error frames sent, by code", ["code"], namespace=NS, registry=REGISTRY
@@ -79,6 +125,9 @@ RATE_LIMITED = Counter(
     "rate_limited_frames", "Frames refused by the per-connection rate limit", namespace=NS,
     registry=REGISTRY,
 )
+
+# ---- messages ------------------------------------------------------------------
+
 MESSAGES_STORED = Counter(
     "messages_stored", "Messages committed to the store", namespace=NS, registry=REGISTRY
 )
@@ -89,9 +138,13 @@ MESSAGES_DELIVERED = Counter(
     "messages_delivered", "Message frames queued to local sockets", namespace=NS, registry=REGISTRY
 )
 DELIVERY_LATENCY = Histogram(
-    "delivery_latency_seconds", "From the stored timestamp to queueing on the local sockets",
-    namespace=NS, registry=REGISTRY, buckets=_LATENCY_BUCKETS,
+    "delivery_latency_seconds", "From taking the seq (just before the store write) to queueing "
+    "on this process's sockets, once per message", namespace=NS, registry=REGISTRY,
+    buckets=_LATENCY_BUCKETS,
 )
+
+# ---- store ---------------------------------------------------------------------
+
 STORE_WRITE_LATENCY = Histogram(
     "store_write_seconds", "Duration of one batched store write", namespace=NS, registry=REGISTRY,
     buckets=_LATENCY_BUCKETS,
@@ -101,7 +154,16 @@ STORE_BATCH_SIZE = Histogram(
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
 )
 STORE_ERRORS = Counter(
-    "store_errors", "Failed store operations", ["op"], namespace=NS, registry=REGISTRY
+    "store_errors", "Failed store operations, by operation", ["op"], namespace=NS,
+    registry=REGISTRY,
+)
+
+# ---- broker --------------------------------------------------------------------
+
+BROKER_UP = Gauge(
+    "broker_up", "1 while the broker's pub/sub connection is up (always 1 for memory://); "
+    "a host reports its worst worker", namespace=NS, registry=REGISTRY,
+    multiprocess_mode="livemin",
 )
 BROKER_RECONNECTS = Counter(
     "broker_reconnects", "Broker connections re-established", namespace=NS, registry=REGISTRY
@@ -111,9 +173,12 @@ BROKER_RESUBSCRIBES = Counter(
     registry=REGISTRY,
 )
 BROKER_DROPPED = Counter(
-    "broker_events_dropped", "Broker payloads dropped at a full room inbox (recovered from the store)",
-    namespace=NS, registry=REGISTRY,
+    "broker_events_dropped", "Broker payloads dropped at a full room inbox (recovered from the "
+    "store)", namespace=NS, registry=REGISTRY,
 )
+
+# ---- delivery order ------------------------------------------------------------
+
 REORDER_HOLDS = Counter(
     "reorder_holds", "Messages held because they arrived ahead of the expected seq", namespace=NS,
     registry=REGISTRY,
@@ -134,26 +199,55 @@ SLOW_CONSUMER_CLOSES = Counter(
     "slow_consumer_closes", "Sockets closed with 4008 because their queue overflowed",
     namespace=NS, registry=REGISTRY,
 )
+
+# ---- rooms and queues ----------------------------------------------------------
+
 ACTIVE_ROOMS = Gauge(
     "active_rooms", "Room actors running", namespace=NS, registry=REGISTRY,
     multiprocess_mode="livesum",
 )
 INBOX_DEPTH = Histogram(
-    "inbox_depth", "Room inbox depth seen by the actor at each command", namespace=NS,
+    "inbox_depth", "Room inbox depth seen by the actor at each command it takes", namespace=NS,
     registry=REGISTRY, buckets=(0, 1, 10, 100, 1000, 10000),
 )
+OUTBOUND_QUEUED = Gauge(
+    "outbound_queued_frames", "Frames waiting in sockets' outbound queues (sampled every second)",
+    namespace=NS, registry=REGISTRY, multiprocess_mode="livesum",
+)
+OUTBOUND_QUEUE_MAX = Gauge(
+    "outbound_queue_max", "Longest outbound queue of any one socket (sampled every second)",
+    namespace=NS, registry=REGISTRY, multiprocess_mode="livemax",
+)
+
+# ---- shutdown ------------------------------------------------------------------
+
 DRAIN_SECONDS = Histogram(
     "drain_seconds", "Duration of a graceful drain", namespace=NS, registry=REGISTRY,
     buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 
 
+# Every label value is known in advance: start each series at 0, so a rate() or
+# a dashboard panel has data before the first error of its kind.
+for _code in sorted(ERROR_CODES):
+    ERRORS_SENT.labels(code=_code)
+for _action in ("join", "leave", "message", "history", "ping"):
+    FRAMES_RECEIVED.labels(action=_action)
+for _close in (CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_INTERNAL,
+               CLOSE_SLOW_CONSUMER):
+    CONNECTIONS_CLOSED.labels(code=str(_close))
+for _status in (400, 403, 503):
+    HANDSHAKES_REFUSED.labels(status=str(_status))
+for _op in ("insert", "max_seq", "fill", "replay", "history", "clients"):
+    STORE_ERRORS.labels(op=_op)
+
+
 def render() -> tuple[bytes, str]:
-    """The exposition text for this host (all workers in multiprocess mode)."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    """The exposition text for this host (every worker's values in multiprocess mode)."""
+    if MULTIPROCESS:
         from prometheus_client import multiprocess
 
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

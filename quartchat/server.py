@@ -4,6 +4,12 @@ hypercorn's own SIGTERM handling cancels open websockets (clients see 1011)
 or, with a signal to the process group, lets workers die (1006). We install
 our own handlers and pass hypercorn a ``shutdown_trigger`` that first drains
 the hub: pending writes committed and acked, every socket closed with 1001.
+
+This module must not import prometheus-client at import time (the app and
+the hub are imported when a worker starts serving): the launcher imports it
+in the parent process, which sets up ``PROMETHEUS_MULTIPROC_DIR`` for its
+workers, and a single process empties that directory before its first metric
+exists (see :mod:`quartchat.metrics`).
 """
 
 from __future__ import annotations
@@ -12,20 +18,32 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hypercorn.asyncio.run import worker_serve
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.utils import wrap_app
 
-from .app import create_app
 from .config import Settings
-from .hub import Hub
 
-__all__ = ["hypercorn_config", "serve_worker", "run_worker"]
+if TYPE_CHECKING:
+    from .hub import Hub
+
+__all__ = [
+    "hypercorn_config",
+    "serve_worker",
+    "run_worker",
+    "reset_metrics_dir",
+    "sample_queues",
+    "QUEUE_SAMPLE_S",
+]
 
 log = logging.getLogger(__name__)
+
+# How often the queue-depth gauges are refreshed (one pass over this process's sockets).
+QUEUE_SAMPLE_S = 1.0
 
 
 def hypercorn_config(settings: Settings, path: str | None = None) -> HypercornConfig:
@@ -52,8 +70,40 @@ def hypercorn_config(settings: Settings, path: str | None = None) -> HypercornCo
     return config
 
 
+def reset_metrics_dir(path: str, *, keep_pid: int | None = None) -> None:
+    """Empty a ``PROMETHEUS_MULTIPROC_DIR`` (create it if missing) before a start.
+
+    Files of earlier runs (``*_<pid>.db``) would otherwise be summed into this
+    run's values forever. ``keep_pid``'s files are kept: the calling process's
+    own, when it already defined its metrics there.
+    """
+    os.makedirs(path, exist_ok=True)
+    for entry in Path(path).glob("*.db"):
+        if keep_pid is not None and entry.stem.rsplit("_", 1)[-1] == str(keep_pid):
+            continue
+        entry.unlink(missing_ok=True)
+
+
+def sample_queues(hub: Hub) -> None:
+    """Refresh the outbound-queue gauges from this process's open sockets."""
+    from . import metrics
+
+    depths = [conn.queued for conn in hub.connections]
+    metrics.OUTBOUND_QUEUED.set(sum(depths))
+    metrics.OUTBOUND_QUEUE_MAX.set(max(depths, default=0))
+
+
+async def _sample_loop(hub: Hub) -> None:
+    while True:
+        sample_queues(hub)
+        await asyncio.sleep(QUEUE_SAMPLE_S)
+
+
 async def serve_worker(settings: Settings, sockets: Any = None) -> None:
     """Serve one process until SIGTERM/SIGINT, then drain and exit."""
+    from .app import create_app
+    from .hub import Hub
+
     config = hypercorn_config(settings)
     hub = Hub(settings)
     app = create_app(settings, hub=hub, migrate_on_start=False)
@@ -67,14 +117,30 @@ async def serve_worker(settings: Settings, sockets: Any = None) -> None:
         log.info("signal received: draining")
         await hub.drain()
 
-    await worker_serve(
-        wrap_app(app, config.wsgi_max_body_size, "asgi"),
-        config,
-        sockets=sockets,
-        shutdown_trigger=shutdown_trigger,
-    )
+    sampler = asyncio.create_task(_sample_loop(hub), name="queue-sampler")
+    try:
+        await worker_serve(
+            wrap_app(app, config.wsgi_max_body_size, "asgi"),
+            config,
+            sockets=sockets,
+            shutdown_trigger=shutdown_trigger,
+        )
+    finally:
+        sampler.cancel()
+        await asyncio.gather(sampler, return_exceptions=True)
 
 
-def run_worker(settings: Settings, sockets: Any = None) -> None:
-    """Entry point of one server process."""
+def run_worker(settings: Settings, sockets: Any = None, *, fresh_metrics: bool = True) -> None:
+    """Entry point of one server process.
+
+    ``fresh_metrics``: a lone process empties ``PROMETHEUS_MULTIPROC_DIR`` (when
+    set) before its metrics exist; the launcher's workers pass False, their
+    parent has done it once for all of them.
+    """
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if fresh_metrics and path:
+        # If prometheus-client is already loaded here, this process may have
+        # written its own files: keep those.
+        loaded = "prometheus_client" in sys.modules
+        reset_metrics_dir(path, keep_pid=os.getpid() if loaded else None)
     asyncio.run(serve_worker(settings, sockets))

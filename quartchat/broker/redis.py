@@ -317,6 +317,7 @@ class RedisBroker:
                 if self.connected:
                     log.warning("redis pub/sub connection lost: %s", exc)
                     self.connected = False
+                    metrics.BROKER_UP.set(0)
                 await asyncio.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, _BACKOFF_MAX_S)
                 await self._reconnect()
@@ -348,6 +349,7 @@ class RedisBroker:
             log.debug("redis reconnect failed: %s", exc)
             return
         self.connected = True
+        metrics.BROKER_UP.set(1)
         metrics.BROKER_RECONNECTS.inc()
         metrics.BROKER_RESUBSCRIBES.inc(len(rooms))
         log.info("redis pub/sub reconnected; %d rooms resubscribed", len(rooms))
