@@ -78,6 +78,7 @@ def create_app(
     app.config["QUARTCHAT_SETTINGS"] = settings
     app.extensions["quartchat"] = hub
     limits = Limits(max_content=settings.max_content, history_max=settings.history_max)
+    frame_limit = settings.frame_limit
     welcome_limits = {
         "max_content": settings.max_content,
         "max_rooms": settings.max_rooms,
@@ -229,6 +230,8 @@ def create_app(
                 if not bucket.take():
                     metrics.RATE_LIMITED.inc()
                     raise ChatError("rate_limited", "too many frames; slow down")
+                if len(data) > frame_limit:
+                    raise ChatError("too_large", f"frame larger than {frame_limit} bytes")
                 command = parse_frame(data, limits)
                 _dispatch(conn, command)
             except ChatError as error:

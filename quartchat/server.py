@@ -58,11 +58,14 @@ def hypercorn_config(settings: Settings, path: str | None = None) -> HypercornCo
         config.websocket_ping_interval = 20
     config.bind = [settings.bind]
     config.workers = 1  # each process serves one; our launcher runs several
-    # The frame limit must exceed max_content plus the JSON around it (protocol).
+    # Two limits. Our own frame limit (settings.frame_limit, above max_content
+    # plus its JSON) is enforced by the app: a larger frame gets a `too_large`
+    # error and the socket stays open. hypercorn's limit is only the hard cap
+    # on what it buffers per message; past it hypercorn sends close 1009 but
+    # (hypercorn 0.18) may then stop reading the client's close answer, so the
+    # cap sits well above anything a client should send.
     config.websocket_max_message_size = max(
-        int(config.websocket_max_message_size or 0) if config.websocket_max_message_size
-        and config.websocket_max_message_size < 16 * 1024 * 1024 else 0,
-        settings.frame_limit,
+        int(config.websocket_max_message_size or 0), 16 * settings.frame_limit
     )
     # Route hypercorn's logs through our handlers (JSON or text), once.
     config.errorlog = logging.getLogger("hypercorn.error")
