@@ -123,6 +123,18 @@ def _log_level(name: str, raw: str) -> str:
     return value
 
 
+def _event_loop(name: str, raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in {"auto", "uvloop", "asyncio"}:
+        raise ConfigError(f"{name}={raw!r}: one of auto, uvloop, asyncio")
+    if value == "uvloop":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"{name}={raw!r}: uvloop is not installed") from None
+    return value
+
+
 def _default_server_id() -> str:
     host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:40] or "server"
     return f"{host}-{uuid.uuid4().hex[:8]}"
@@ -173,6 +185,8 @@ _SPEC: list[tuple[str, str, str, Callable[[str, str], Any], str]] = [
      "Seconds graceful shutdown waits for pending writes and socket flushes"),
     ("allowed_origins", "QUARTCHAT_ALLOWED_ORIGINS", "*", _origins,
      "Origins allowed to open a WebSocket (* = any; requests without Origin are allowed)"),
+    ("event_loop", "QUARTCHAT_EVENT_LOOP", "auto", _event_loop,
+     "Event loop of server processes: auto (uvloop when installed), uvloop or asyncio"),
     ("log_level", "QUARTCHAT_LOG_LEVEL", "info", _log_level, "Log level"),
     ("log_json", "QUARTCHAT_LOG_JSON", "false", _bool, "Log one JSON object per line"),
 ]
@@ -227,6 +241,7 @@ class Settings:
     skip_timeout_s: float = 5.0
     drain_timeout_s: float = 10.0
     allowed_origins: tuple[str, ...] = ("*",)
+    event_loop: str = "auto"
     log_level: str = "INFO"
     log_json: bool = False
 
