@@ -57,6 +57,23 @@ def _answer(waiter: asyncio.Future[None], exc: BaseException | None) -> None:
         waiter.set_exception(exc)
 
 
+_INSERT_COLUMNS = "room_id, seq, id, sender_id, content, client_msg_id, created_at"
+_INSERT_MYSQL = f"INSERT INTO messages ({_INSERT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+_INSERT_SQLITE = f"INSERT INTO messages ({_INSERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+
+
+def _mysql_params(r: StoredMessage) -> tuple[Any, ...]:
+    return (r.room_id, r.seq, r.id, r.sender_id, r.content, r.client_msg_id,
+            to_datetime(r.sent_at_ms))
+
+
+def _sqlite_params(r: StoredMessage) -> tuple[Any, ...]:
+    # The text form SQLAlchemy's SQLite DateTime writes and reads back.
+    dt = to_datetime(r.sent_at_ms)
+    return (r.room_id, r.seq, r.id, r.sender_id, r.content, r.client_msg_id,
+            f"{dt:%Y-%m-%d %H:%M:%S}.{dt.microsecond:06d}")
+
+
 def to_datetime(ms: int) -> datetime:
     """Epoch milliseconds as a naive UTC datetime (how the columns store it)."""
     return datetime.fromtimestamp(ms / 1000, UTC).replace(tzinfo=None)
@@ -293,18 +310,6 @@ class DatabaseStore:
                     _answer(waiter, None)
 
     async def _insert_now(self, rows: Sequence[StoredMessage]) -> None:
-        values = [
-            {
-                "room_id": r.room_id,
-                "seq": r.seq,
-                "id": r.id,
-                "sender_id": r.sender_id,
-                "content": r.content,
-                "client_msg_id": r.client_msg_id,
-                "created_at": to_datetime(r.sent_at_ms),
-            }
-            for r in rows
-        ]
         new_rooms = sorted({r.room_id for r in rows} - self._known_rooms)
         async with self._session("insert", transaction=True, write=True) as conn:
             if new_rooms:
@@ -314,7 +319,16 @@ class DatabaseStore:
                         [{"room_id": room_id, "created_at": created} for room_id in new_rooms]
                     )
                 )
-            await conn.execute(messages.insert().values(values))
+            # The hot path skips SQLAlchemy compilation (a multi-row Insert costs
+            # ~0.1 ms a row to compile) and hands the driver one parameterised
+            # statement: pymysql's executemany sends it as one multi-row INSERT,
+            # sqlite3 runs it in-process inside the same transaction.
+            raw = conn.raw_connection
+            if self.is_sqlite:
+                await raw.executemany(_INSERT_SQLITE, [_sqlite_params(r) for r in rows])
+            else:
+                async with raw.cursor() as cursor:
+                    await cursor.executemany(_INSERT_MYSQL, [_mysql_params(r) for r in rows])
         self._known_rooms.update(new_rooms)
 
     @asynccontextmanager
