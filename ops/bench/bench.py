@@ -234,6 +234,16 @@ class Servers:
             pass
 
 
+def _server_env(args: argparse.Namespace) -> dict[str, str]:
+    env = {}
+    for item in args.server_env or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--server-env takes KEY=VALUE, not {item!r}")
+        env[key] = value
+    return env
+
+
 @contextmanager
 def servers_for(args: argparse.Namespace, count: int = 2) -> Iterator[tuple[list[str], Servers | None]]:
     shared = getattr(args, "shared_servers", None)
@@ -245,7 +255,7 @@ def servers_for(args: argparse.Namespace, count: int = 2) -> Iterator[tuple[list
         return
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    servers = Servers(count, args.workers, workdir, {})
+    servers = Servers(count, args.workers, workdir, _server_env(args))
     try:
         servers.start()
         yield servers.urls, servers
@@ -376,7 +386,9 @@ async def _gen_main(assign: list[tuple[str, int, str]], rate: float, duration: f
     t_pub = time.monotonic()
     await asyncio.gather(*(publish(r, ws) for r, ws in publishers))
     pub_s = time.monotonic() - t_pub
-    await asyncio.sleep(2.0)  # let in-flight messages arrive
+    # Every generator process (with publishers or not) listens for the whole
+    # run, plus time for in-flight messages to arrive.
+    await asyncio.sleep(max(0.0, t_pub + duration - time.monotonic()) + 2.0)
     for _, _, ws in conns:
         await ws.close()
     await asyncio.gather(*readers, return_exceptions=True)
@@ -717,6 +729,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hold", type=float, default=2.0)
     parser.add_argument("--publishers", type=int, default=50)
     parser.add_argument("--messages", type=int, default=400)
+    parser.add_argument("--server-env", action="append", metavar="KEY=VALUE",
+                        help="extra environment for started servers (repeatable), "
+                             "e.g. QUARTCHAT_EVENT_LOOP=asyncio for a before/after")
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--workdir", default="/tmp/quartchat-bench")
     parser.add_argument("--update-readme", action="store_true",
@@ -729,7 +744,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(plan) > 1 and not args.urls:
         workdir = Path(args.workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        shared = Servers(2, args.workers, workdir, {}).start()
+        shared = Servers(2, args.workers, workdir, _server_env(args)).start()
     try:
         for name, overrides in plan:
             run_args = argparse.Namespace(**{**vars(args), **overrides, "shared_servers": shared})
