@@ -98,6 +98,14 @@ def run_workers(settings: Settings) -> int:
         for proc in procs:
             if proc.is_alive() and proc.pid is not None:
                 os.kill(proc.pid, signum)
+        # Our copies of the listening sockets must go now: once the workers have
+        # closed theirs, the port refuses new connections at once, instead of
+        # queueing them in a backlog nobody accepts from until we exit.
+        _close_sockets()
+
+    def _close_sockets() -> None:
+        for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
+            sock.close()
 
     def _start() -> BaseProcess:
         proc = ctx.Process(target=_worker_main, args=(settings, sockets), daemon=False)
@@ -125,8 +133,7 @@ def run_workers(settings: Settings) -> int:
             proc.join()
             _mark_dead(proc.pid)
     finally:
-        for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
-            sock.close()
+        _close_sockets()
         if owner_lock is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
             os.close(owner_lock)

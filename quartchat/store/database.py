@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import warnings
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -40,6 +41,10 @@ from .schema import clients, messages, rooms
 __all__ = ["DatabaseStore", "OP_TIMEOUT", "CONNECT_TIMEOUT", "to_datetime", "to_ms"]
 
 log = logging.getLogger(__name__)
+
+# aiomysql turns the server's note on every INSERT IGNORE that finds its room
+# row already there into a Python warning on stderr: expected, not a problem.
+warnings.filterwarnings("ignore", message=r".*Duplicate entry", module=r"aiomysql\.cursors")
 
 OP_TIMEOUT = 15.0  # seconds; a hung database must not hang an actor forever
 CONNECT_TIMEOUT = 5.0  # seconds, for one new MySQL connection (TCP + handshake)
