@@ -20,6 +20,7 @@ from . import metrics
 from .config import Settings
 from .connection import Connection, TokenBucket
 from .errors import CLOSE_POLICY, ChatError
+from .fastsend import fast_sender_for
 from .hub import Hub
 from .protocol import (
     PROTOCOL_VERSION,
@@ -198,7 +199,8 @@ def create_app(
             "protocol": PROTOCOL_VERSION,
             "limits": welcome_limits,
         })
-        writer = asyncio.create_task(conn.run_writer(ws), name=f"writer:{conn.conn_id}")
+        fast = fast_sender_for(ws) if settings.fast_writes else None
+        writer = asyncio.create_task(conn.run_writer(ws, fast), name=f"writer:{conn.conn_id}")
         reader = asyncio.create_task(_read_loop(ws.receive, conn), name=f"reader:{conn.conn_id}")
         try:
             await asyncio.wait([reader, writer], return_when=asyncio.FIRST_COMPLETED)

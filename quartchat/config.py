@@ -185,6 +185,8 @@ _SPEC: list[tuple[str, str, str, Callable[[str, str], Any], str]] = [
      "Seconds graceful shutdown waits for pending writes and socket flushes"),
     ("allowed_origins", "QUARTCHAT_ALLOWED_ORIGINS", "*", _origins,
      "Origins allowed to open a WebSocket (* = any; requests without Origin are allowed)"),
+    ("fast_writes", "QUARTCHAT_FAST_WRITES", "true", _bool,
+     "Write queued frames to hypercorn's WebSocket stream in one batch (false: one Quart send each)"),
     ("event_loop", "QUARTCHAT_EVENT_LOOP", "auto", _event_loop,
      "Event loop of server processes: auto (uvloop when installed), uvloop or asyncio"),
     ("log_level", "QUARTCHAT_LOG_LEVEL", "info", _log_level, "Log level"),
@@ -241,6 +243,7 @@ class Settings:
     skip_timeout_s: float = 5.0
     drain_timeout_s: float = 10.0
     allowed_origins: tuple[str, ...] = ("*",)
+    fast_writes: bool = True
     event_loop: str = "auto"
     log_level: str = "INFO"
     log_json: bool = False

@@ -16,11 +16,14 @@ from typing import Any, Protocol
 
 from . import metrics
 from .errors import CLOSE_GOING_AWAY, CLOSE_SLOW_CONSUMER, ChatError
+from .fastsend import FastSender
 from .protocol import encode
 
 __all__ = ["Connection", "WebSocketLike", "TokenBucket"]
 
 log = logging.getLogger(__name__)
+
+_BATCH = 256  # most frames written in one go by the fast path
 
 
 class WebSocketLike(Protocol):
@@ -134,8 +137,12 @@ class Connection:
     def queued(self) -> int:
         return len(self._frames)
 
-    async def run_writer(self, ws: WebSocketLike) -> None:
-        """Write queued frames in order until closed; then close the socket."""
+    async def run_writer(self, ws: WebSocketLike, fast: FastSender | None = None) -> None:
+        """Write queued frames in order until closed; then close the socket.
+
+        With ``fast``, every frame queued at the moment goes out in one socket
+        write (up to _BATCH frames); otherwise one ``ws.send`` per frame.
+        """
         frames = self._frames
         self._writer = asyncio.current_task()
         try:
@@ -145,10 +152,16 @@ class Connection:
                     await self._wakeup.wait()
                 if self.close_code is not None and not (self._flush_on_close and frames):
                     break
-                frame = frames.popleft()
                 self._sending = True
                 try:
-                    await ws.send(frame)
+                    if fast is not None:
+                        batch = [frames.popleft() for _ in range(min(len(frames), _BATCH))]
+                        if not await fast.send_many(batch):
+                            frames.extendleft(reversed(batch))
+                            fast = None  # the stream is closing: the plain path says how
+                            continue
+                    else:
+                        await ws.send(frames.popleft())
                 except asyncio.CancelledError:
                     task = asyncio.current_task()
                     if self._interrupted and task is not None and task.uncancel() == 0:

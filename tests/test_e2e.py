@@ -122,3 +122,24 @@ async def test_oversized_frame_is_refused_without_a_reset(server) -> None:  # ty
     await client.send({"action": "ping"})
     await client.wait_for(lambda: bool(client.of("pong")))
     await client.close()
+
+
+@pytest.mark.parametrize("fast", ["true", "false"])
+async def test_fast_and_plain_write_paths_deliver_the_same(tmp_path: Path, fast: str) -> None:
+    srv = ServerProcess(tmp_path, {"QUARTCHAT_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/f.db",
+                                   "QUARTCHAT_RATE_PER_S": "0", "QUARTCHAT_FAST_WRITES": fast}).start()
+    try:
+        a = await ChatClient(srv.url, "a").connect()
+        b = await ChatClient(srv.url, "b").connect()
+        await a.join("r")
+        await b.join("r")
+        for i in range(300):  # a burst, so frames queue up and go out in batches
+            await a.send({"action": "message", "room_id": "r", "content": f"m{i} ✓"})
+        await b.wait_for(lambda: len(b.of("message")) == 300)
+        assert [m["content"] for m in b.of("message")] == [f"m{i} ✓" for i in range(300)]
+        assert [m["seq"] for m in b.of("message")] == list(range(1, 301))
+        srv.signal(signal.SIGTERM)
+        await b.wait_for(lambda: b.closed, timeout=20)
+        assert b.close_code == 1001
+    finally:
+        srv.stop()
