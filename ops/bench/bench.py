@@ -526,7 +526,9 @@ async def _idle_connections(url: str, count: int, hold: float, pids: list[int]) 
         async with sem:
             try:
                 ws = await _connect(url, f"idle{i}")
-                await _join(ws, f"idle-{i % 100}")
+                # Rooms of 10: every socket joined, without a presence storm
+                # (each join announces itself to everyone already in the room).
+                await _join(ws, f"idle-{i // 10}")
                 conns.append(ws)
             except Exception:
                 failures += 1
