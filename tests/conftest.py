@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import os
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
 
+from quartchat.broker.memory import MemoryBroker
 from quartchat.config import Settings
+from quartchat.hub import Hub
 from quartchat.migrate import upgrade
 from quartchat.store.database import DatabaseStore
+
+from .fakes import Client
 
 # Every test gets a hard time limit (pytest-timeout); awaits inside tests carry their own.
 TIMEOUT = 5.0
@@ -55,3 +58,37 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> N
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+async def make_hub(make_settings: Callable[..., Settings]) -> AsyncIterator[Callable[..., Any]]:
+    """Start real hubs (memory broker unless given, a DatabaseStore subclass of the
+    test's choosing) and fake-socket clients on them; everything stops afterwards."""
+    hubs: list[Hub] = []
+    clients: list[Client] = []
+
+    async def make(*, store_cls: type[DatabaseStore] = DatabaseStore, broker: Any = None,
+                   **overrides: Any) -> tuple[Hub, Callable[..., Client]]:
+        settings = make_settings(**overrides)
+        hub = Hub(settings, store=store_cls(settings.database_url),
+                  broker=broker if broker is not None else MemoryBroker())
+        await hub.start()
+        hubs.append(hub)
+        counter = iter(range(10_000))
+
+        def client(sender: str, **kw: Any) -> Client:
+            c = Client(sender, f"c{next(counter)}", **kw)
+            clients.append(c)
+            hub.connected(c.conn)
+            return c
+
+        return hub, client
+
+    yield make
+    for c in clients:
+        await c.aclose()
+    for hub in hubs:
+        for c in clients:
+            hub.disconnected(c.conn)
+        if hub.started:
+            await hub.stop()

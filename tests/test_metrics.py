@@ -10,6 +10,7 @@ of ``PROMETHEUS_MULTIPROC_DIR``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import re
@@ -28,7 +29,6 @@ from quart.testing.connections import WebsocketDisconnectError, WebsocketRespons
 
 from quartchat import metrics
 from quartchat.app import create_app
-from quartchat.broker.memory import MemoryBroker
 from quartchat.config import Settings
 from quartchat.events import MessageEvent, encode_events
 from quartchat.hub import Hub
@@ -93,34 +93,8 @@ class GatedStore(DatabaseStore):
 
 
 @pytest.fixture
-async def hub_factory(make_settings: Callable[..., Settings]) -> AsyncIterator[Callable[..., Any]]:
-    hubs: list[Hub] = []
-    clients: list[Client] = []
-
-    async def make(broker: Any = None, **overrides: Any) -> tuple[Hub, Callable[..., Client]]:
-        settings = make_settings(**overrides)
-        hub = Hub(settings, store=GatedStore(settings.database_url),
-                  broker=broker if broker is not None else MemoryBroker())
-        await hub.start()
-        hubs.append(hub)
-        counter = iter(range(10_000))
-
-        def client(sender: str, **kw: Any) -> Client:
-            c = Client(sender, f"c{next(counter)}", **kw)
-            clients.append(c)
-            hub.connected(c.conn)
-            return c
-
-        return hub, client
-
-    yield make
-    for c in clients:
-        await c.aclose()
-    for hub in hubs:
-        for c in clients:
-            hub.disconnected(c.conn)
-        if hub.started:
-            await hub.stop()
+def hub_factory(make_hub: Callable[..., Any]) -> Callable[..., Any]:
+    return functools.partial(make_hub, store_cls=GatedStore)
 
 
 async def join(hub: Hub, c: Client, room: str = ROOM, **kw: Any) -> None:

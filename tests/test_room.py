@@ -4,13 +4,12 @@ the memory broker and a real SQLite store; only the sockets are fakes."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
 
-from quartchat.broker.memory import MemoryBroker
-from quartchat.config import Settings
 from quartchat.events import MessageEvent, SkipEvent, encode_events
 from quartchat.hub import Hub
 from quartchat.protocol import encode, message_frame
@@ -45,31 +44,8 @@ class RecordingStore(DatabaseStore):
 
 
 @pytest.fixture
-async def hub_factory(make_settings: Callable[..., Settings]) -> AsyncIterator[Callable[..., Any]]:
-    hubs: list[Hub] = []
-    clients: list[Client] = []
-
-    async def make(**overrides: Any) -> tuple[Hub, Callable[..., Client]]:
-        settings = make_settings(**overrides)
-        hub = Hub(settings, store=RecordingStore(settings.database_url), broker=MemoryBroker())
-        await hub.start()
-        hubs.append(hub)
-        counter = iter(range(10_000))
-
-        def client(sender: str, **kw: Any) -> Client:
-            c = Client(sender, f"c{next(counter)}", **kw)
-            clients.append(c)
-            hub.connected(c.conn)
-            return c
-
-        return hub, client
-
-    yield make
-    for c in clients:
-        await c.aclose()
-    for hub in hubs:
-        if hub.started:
-            await hub.stop()
+def hub_factory(make_hub: Callable[..., Any]) -> Callable[..., Any]:
+    return functools.partial(make_hub, store_cls=RecordingStore)
 
 
 async def join(hub: Hub, c: Client, room: str = ROOM, **kw: Any) -> dict[str, Any]:
