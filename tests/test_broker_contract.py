@@ -187,3 +187,23 @@ async def test_dead_process_members_are_reaped_with_leave_events() -> None:
         await a.close()
         await b.close()
         drop_prefix(prefix)
+
+
+async def test_first_posts_to_a_new_room_from_many_processes_leave_no_gap(make_broker: Any) -> None:
+    """Regression: a process that found the counter missing used to take seq 1,
+    then re-seed above seqs the others had meanwhile stored, abandoning seq 1
+    (every server then waited for it until the skip timeout)."""
+    brokers = [await make_broker() for _ in range(3)]
+    committed: set[int] = set()
+
+    async def floor() -> int:
+        await asyncio.sleep(0.05)  # a slow store read, while others go on
+        return max(committed, default=0)
+
+    async def take(broker: Any) -> int:
+        seq = await broker.next_seqs("brand-new", 1, floor)
+        committed.add(seq)
+        return seq
+
+    seqs = await asyncio.gather(*(take(b) for b in brokers for _ in range(4)))
+    assert sorted(seqs) == list(range(1, 13))

@@ -50,6 +50,18 @@ _BACKOFF_MAX_S = 5.0
 _SUBSCRIBE_WAIT_S = 3.0
 _LOCK_TIMEOUT_S = 30.0
 
+# Take ARGV[1] seqs if the counter exists; -1 if it does not (a new room, or
+# Redis lost it): the caller then seeds it from the store first. Checking and
+# taking in one script means no seq is ever taken from a counter about to be
+# re-seeded (such a seq would never be stored, and every server would wait
+# for it until the skip timeout).
+_NEXT_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return redis.call('INCRBY', KEYS[1], ARGV[1])
+end
+return -1
+"""
+
 # Raise the counter to at least ARGV[1], then take ARGV[2] seqs.
 _RESEED_LUA = """
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -200,6 +212,7 @@ class RedisBroker:
         self._pubsub = self._sub_client.pubsub()
         self.presence = RedisPresence(self._r, prefix, self.node)
         self._reseed_script = self._r.register_script(_RESEED_LUA)
+        self._next_script = self._r.register_script(_NEXT_LUA)
         self._handlers: dict[str, list[Handler]] = defaultdict(list)
         self._confirm: dict[bytes, asyncio.Future[None]] = {}
         self._sub_lock = asyncio.Lock()
@@ -373,16 +386,14 @@ class RedisBroker:
     async def next_seqs(self, room_id: str, count: int, floor: SeqFloor) -> int:
         key = f"{self.prefix}:seq:{room_id}"
         try:
-            last = int(await self._r.incrby(key, count))
+            last = int(await self._next_script(keys=[key], args=[count]))
         except (RedisError, OSError) as exc:
             raise _wrap(exc) from exc
-        if last == count:
-            # The counter did not exist: a new room, or Redis lost it. Never go
-            # backwards: raise it to the store's max first (abandoning 1..count).
-            stored = await floor()
-            if stored > 0:
-                return await self._raise_to(room_id, stored, count)
-        return last
+        if last >= 0:
+            return last
+        # No counter: a new room, or Redis lost it. Never go backwards: seed it
+        # from the store's max (concurrent seeders agree: the script only raises).
+        return await self._raise_to(room_id, await floor(), count)
 
     async def reseed(self, room_id: str, floor: SeqFloor) -> None:
         stored = await floor()
@@ -393,7 +404,9 @@ class RedisBroker:
         try:
             async with self._r.lock(f"{self.prefix}:lock:seq:{room_id}", timeout=_LOCK_TIMEOUT_S,
                                     blocking_timeout=10):
-                log.warning("re-seeding room sequence to >= %d", stored, extra={"room_id": room_id})
+                if stored > 0:
+                    log.warning("seeding room sequence to >= %d", stored,
+                                extra={"room_id": room_id})
                 return int(await self._reseed_script(keys=[key], args=[stored, count]))
         except (RedisError, OSError) as exc:
             raise _wrap(exc) from exc
