@@ -120,6 +120,8 @@ class _Filled:
     rows: Sequence[StoredMessage]
     complete: bool  # the read covered everything up to its bound
     final: bool  # the last try before skipping what is still missing
+    failed: bool = False  # the store could not be read
+    backfill: bool = False  # an open-ended catch-up, not a gap
 
 
 @attrs.frozen(eq=False)
@@ -199,6 +201,7 @@ class RoomActor:
         self._fill_tried = False
         self._fill_final_done = False
         self._need_backfill = False
+        self._backfill_at: float | None = None
         self._pending: list[Publish] = []
         self._work = asyncio.Event()
         self._writing = False
@@ -350,6 +353,8 @@ class RoomActor:
         delays: list[float] = []
         if self.last_seq is None:
             delays.append(self._next_sync - now)
+        if self._backfill_at is not None:
+            delays.append(self._backfill_at - now)
         if self._held and self._gap_since is not None and not self._filling:
             if self._fill_final_done:
                 delays.append(0.0)
@@ -366,6 +371,9 @@ class RoomActor:
 
     async def _on_timer(self) -> None:
         now = time.monotonic()
+        if self._backfill_at is not None and now >= self._backfill_at:
+            self._backfill_at = None
+            self._need_backfill = True
         if self.last_seq is None and now >= self._next_sync:
             await self._sync()
         if self._held and self._gap_since is not None and not self._filling:
@@ -624,14 +632,23 @@ class RoomActor:
         except StoreError as exc:
             log.warning("gap fill failed: %s", exc, extra={"room_id": self.room_id})
             metrics.STORE_ERRORS.labels(op="fill").inc()
-            rows = []
-            complete = False
-        else:
-            complete = len(rows) < limit or (hi is not None and hi - lo <= limit)
-        self._inbox.put_nowait(_Filled(rows, complete, final))
+            self._inbox.put_nowait(_Filled([], False, final, failed=True, backfill=hi is None))
+            return
+        complete = len(rows) < limit or (hi is not None and hi - lo <= limit)
+        self._inbox.put_nowait(_Filled(rows, complete, final, backfill=hi is None))
 
     def _on_filled(self, msg: _Filled) -> None:
         self._filling = False
+        if msg.failed:
+            # Never skip on a failed read: what is missing may be in the store.
+            now = time.monotonic()
+            if msg.backfill:
+                self._backfill_at = now + _SYNC_RETRY_S
+            elif self._gap_since is not None:
+                # Try the final read again in a second.
+                self._fill_tried = True
+                self._gap_since = now - self.config.skip_timeout_s + _SYNC_RETRY_S
+            return
         if msg.rows:
             metrics.GAP_FILLS.inc(len(msg.rows))
         for row in msg.rows:
@@ -757,11 +774,12 @@ class RoomActor:
     async def _write(self, batch: list[Publish]) -> None:
         """Store a batch in seq order, then publish it and ack each sender."""
         answered: dict[int, StoredMessage] = {}  # index in batch -> stored row (retries)
+        originals: dict[int, StoredMessage] = {}  # seq -> stored row found for a retry
         rows: list[StoredMessage] = []
         owners: list[list[int]] = []  # indexes in batch answered by each row
         for attempt in range(_WRITE_ATTEMPTS):
             try:
-                rows, owners = await self._prepare(batch, answered)
+                rows, owners = await self._prepare(batch, answered, originals)
                 if rows:
                     started = time.perf_counter()
                     await self.store.insert(rows)
@@ -784,9 +802,12 @@ class RoomActor:
                 metrics.STORE_ERRORS.labels(op="insert").inc()
                 log.warning("cannot store %d messages: %s", len(batch), exc,
                             extra={"room_id": self.room_id})
-                await self._release(rows)
+                # No skip notice for the seqs: an insert that failed on a broken
+                # connection may still have committed. Receivers read the gap
+                # from the store (the truth) and skip only what is not there.
                 self._refuse([c for i, c in enumerate(batch) if i not in answered],
-                             "unavailable", "storage unavailable; nothing was stored, retry later")
+                             "unavailable", "storage unavailable; retry later with the same "
+                             "client_msg_id")
                 self._ack_answered(batch, answered)
                 return
         else:
@@ -795,8 +816,12 @@ class RoomActor:
             self._ack_answered(batch, answered)
             return
 
-        if rows:
-            events = [MessageEvent(r.seq, r.sent_at_ms, _encode_row(r)) for r in rows]
+        # A retry's original is published again: members who have it drop it by
+        # seq, and members who never got it (its first insert failed after
+        # committing, so nobody published it) get it now.
+        out = sorted([*rows, *originals.values()], key=lambda r: r.seq)
+        if out:
+            events = [MessageEvent(r.seq, r.sent_at_ms, _encode_row(r)) for r in out]
             payload = encode_events(events)
             try:
                 await self.broker.publish(self.room_id, payload)
@@ -816,7 +841,8 @@ class RoomActor:
             batch[index].conn.send_frame(_ack(row))
 
     async def _prepare(
-        self, batch: Sequence[Publish], answered: dict[int, StoredMessage]
+        self, batch: Sequence[Publish], answered: dict[int, StoredMessage],
+        originals: dict[int, StoredMessage],
     ) -> tuple[list[StoredMessage], list[list[int]]]:
         """Resolve retries against the store, then take seqs for the new messages."""
         keys = {
@@ -837,6 +863,7 @@ class RoomActor:
             key = (cmd.conn.sender_id, cmd.client_msg_id)
             if key in found:
                 answered[i] = found[key]
+                originals[found[key].seq] = found[key]
             elif key in first_of:
                 duplicates_in_batch.append((i, first_of[key]))
             else:

@@ -32,6 +32,7 @@ class RecordingStore(DatabaseStore):
         self.gate: asyncio.Event | None = None
         self.entered = asyncio.Event()
         self.down = False  # fault injection: writes fail as if the database were gone
+        self.lose_reply = False  # fault injection: the write commits, then the reply is lost
 
     async def insert(self, rows: Sequence[StoredMessage]) -> None:
         self.entered.set()
@@ -41,6 +42,9 @@ class RecordingStore(DatabaseStore):
             raise StoreError("injected: database unreachable")
         await super().insert(rows)
         self.batches.append(len(rows))
+        if self.lose_reply:
+            self.lose_reply = False
+            raise StoreError("injected: connection reset after COMMIT was sent")
 
 
 @pytest.fixture
@@ -334,7 +338,7 @@ async def test_presence_counts_a_sender_once_across_connections(hub_factory: Any
 
 
 async def test_store_down_answers_unavailable_and_delivers_nothing(hub_factory: Any) -> None:
-    hub, client = await hub_factory()
+    hub, client = await hub_factory(gap_timeout_s=0.05, skip_timeout_s=0.5)
     alice, bob = client("alice"), client("bob")
     await join(hub, alice)
     await join(hub, bob)
@@ -350,3 +354,25 @@ async def test_store_down_answers_unavailable_and_delivers_nothing(hub_factory: 
     ack = (await alice.socket.next_of("ack"))[0]
     got = await bob.socket.next_of("message")
     assert got[0]["seq"] == ack["seq"] and got[0]["content"] == "retry"
+
+
+async def test_a_commit_whose_reply_was_lost_is_still_delivered_once(hub_factory: Any) -> None:
+    hub, client = await hub_factory(gap_timeout_s=0.05, skip_timeout_s=0.5)
+    store: RecordingStore = hub.store  # type: ignore[assignment]
+    alice, bob = client("alice"), client("bob")
+    await join(hub, alice)
+    await join(hub, bob)
+    store.lose_reply = True  # stored, but the writer is told it failed
+    hub.submit(ROOM, Publish(alice.conn, "ambiguous", "k1"))
+    err = (await alice.socket.next_of("error"))[0]
+    assert err["code"] == "unavailable"
+    await asyncio.sleep(0.7)  # past the skip timeout: nothing may be skipped
+    # The client retries with the same client_msg_id: acked with the original.
+    hub.submit(ROOM, Publish(alice.conn, "ambiguous", "k1"))
+    ack = (await alice.socket.next_of("ack"))[0]
+    assert ack["seq"] == 1
+    hub.submit(ROOM, Publish(alice.conn, "next", "k2"))
+    got = await bob.socket.next_of("message", 2)
+    assert [(m["seq"], m["content"]) for m in got] == [(1, "ambiguous"), (2, "next")]
+    await asyncio.sleep(0.1)
+    assert len(bob.socket.of("message")) == 2, "delivered once"
