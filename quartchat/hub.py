@@ -98,6 +98,7 @@ class Hub:
             idle_s=settings.room_idle_s,
             gap_timeout_s=settings.gap_timeout_s,
             skip_timeout_s=settings.skip_timeout_s,
+            inflight_s=settings.db_timeout_s + 1.0,
         )
         self.actors: dict[str, RoomActor] = {}
         self._retiring: set[asyncio.Task[None]] = set()

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 _FILL_PAGE = 500
 _REPLAY_PAGE = 200
 _SYNC_RETRY_S = 1.0
+_SYNC_WINDOW = 64  # newest stored seqs checked for in-flight holes when a room starts
 _WRITE_ATTEMPTS = 3
 
 
@@ -63,6 +64,7 @@ class RoomConfig:
     idle_s: float = 30.0
     gap_timeout_s: float = 0.2
     skip_timeout_s: float = 5.0
+    inflight_s: float = 6.0  # longest a taken seq can still be committed (store op timeout + 1 s)
 
 
 # Commands, from routes (through the hub).
@@ -406,20 +408,46 @@ class RoomActor:
         return self._on_retire(self)
 
     async def _sync(self) -> None:
-        """Learn the room's newest stored seq: where live delivery starts."""
+        """Learn where live delivery starts: the newest stored seq, unless a
+        lower seq may still be in flight.
+
+        Servers commit a room's seqs in parallel, so seq 10 can be stored while
+        seq 9 (taken by another process a moment earlier) is not yet. Starting
+        at 10 would drop 9 when it arrives. So a hole among the newest stored
+        seqs that is younger than a write can take starts delivery below it:
+        the rows above it are held and go out in order once the hole is
+        filled (or, if it never reaches the store, skipped).
+        """
         try:
             last = await self.store.max_seq(self.room_id)
+            recent = await self.store.after(
+                self.room_id, max(0, last - _SYNC_WINDOW), last, _SYNC_WINDOW
+            )
         except StoreError as exc:
             log.warning("room cannot read its last seq: %s", exc, extra={"room_id": self.room_id})
             metrics.STORE_ERRORS.labels(op="max_seq").inc()
             self._next_sync = time.monotonic() + _SYNC_RETRY_S
             return
-        if self.last_seq is None:
-            self.last_seq = last
-            # Anything held while unsynced at or below `last` is already stored.
-            for seq in [s for s in self._held if s <= last]:
-                del self._held[seq]
-            self._drain_held()
+        if self.last_seq is not None:
+            return
+        base = last
+        young = _now_ms() - int(self.config.inflight_s * 1000)
+        expected = max(0, last - _SYNC_WINDOW) + 1
+        for row in recent:
+            if row.seq > expected and row.sent_at_ms >= young:
+                base = expected - 1  # seqs expected..row.seq-1 may be in flight
+                break
+            expected = row.seq + 1
+        self.last_seq = base
+        # Anything held while unsynced at or below `base` is already stored.
+        for seq in [s for s in self._held if s <= base]:
+            del self._held[seq]
+        for row in recent:
+            if row.seq > base and row.seq not in self._held:
+                self._held[row.seq] = (row.sent_at_ms, _encode_row(row))
+        if self._held and self._gap_since is None and min(self._held) > base + 1:
+            self._gap_since = time.monotonic()
+        self._drain_held()
 
     async def _handle(self, item: _Item) -> None:
         if isinstance(item, Deliver):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -376,3 +377,35 @@ async def test_a_commit_whose_reply_was_lost_is_still_delivered_once(hub_factory
     assert [(m["seq"], m["content"]) for m in got] == [(1, "ambiguous"), (2, "next")]
     await asyncio.sleep(0.1)
     assert len(bob.socket.of("message")) == 2, "delivered once"
+
+
+async def test_a_room_starting_while_a_lower_seq_is_in_flight_waits_for_it(hub_factory: Any) -> None:
+    hub, client = await hub_factory(gap_timeout_s=5, skip_timeout_s=10)
+    now = int(time.time() * 1000)
+    # Another server stored 1, 2, 3 and 5; seq 4 (taken just before 5) is still in flight.
+    await hub.store.insert([_young(1, now), _young(2, now), _young(3, now), _young(5, now)])
+    bob = client("bob")
+    joined = await join(hub, bob)
+    assert joined["last_seq"] == 3, "live delivery starts below the hole"
+    await hub.store.insert([_young(4, now)])
+    hub.actors[ROOM].on_broker(encode_events([_event(_young(4, now))]))
+    got = await bob.socket.next_of("message", 2)
+    assert [m["seq"] for m in got] == [4, 5]
+
+
+async def test_an_old_hole_does_not_hold_a_starting_room(hub_factory: Any) -> None:
+    hub, client = await hub_factory(gap_timeout_s=5, skip_timeout_s=10)
+    old = int(time.time() * 1000) - 60_000  # a seq abandoned a minute ago
+    await hub.store.insert([_young(1, old), _young(3, old)])
+    bob = client("bob")
+    joined = await join(hub, bob)
+    assert joined["last_seq"] == 3
+    alice = client("alice")
+    await join(hub, alice)
+    hub.submit(ROOM, Publish(alice.conn, "live", None))
+    got = await bob.socket.next_of("message", 1, timeout=2)
+    assert got[0]["seq"] == 4
+
+
+def _young(seq: int, ms: int) -> StoredMessage:
+    return StoredMessage(ROOM, seq, f"id{seq:030d}", "remote", f"c{seq}", None, ms)
