@@ -16,8 +16,7 @@ from .broker import Broker, BrokerError, create_broker
 from .config import Settings
 from .connection import Connection
 from .errors import CLOSE_GOING_AWAY, ChatError
-from .protocol import encode, message_frame
-from .room import History, Join, Leave, Publish, RoomActor, RoomConfig
+from .room import History, Join, Leave, Publish, RoomActor, RoomConfig, page_json
 from .store import Store, StoreError, create_store
 
 __all__ = ["Hub", "ClientTracker"]
@@ -194,16 +193,7 @@ class Hub:
         except StoreError as exc:
             metrics.STORE_ERRORS.labels(op="history").inc()
             raise ChatError("unavailable", "storage unavailable; retry later") from exc
-        body = ",".join(
-            encode(
-                message_frame(room_id=r.room_id, seq=r.seq, id=r.id, sender_id=r.sender_id,
-                              content=r.content, sent_at_ms=r.sent_at_ms,
-                              client_msg_id=r.client_msg_id)
-            )
-            for r in rows
-        )
-        return (f'{{"room_id":{encode(room_id)},"messages":[{body}],'
-                f'"has_more":{"true" if has_more else "false"}}}')
+        return page_json(room_id, rows, has_more)
 
     async def ready(self) -> dict[str, str]:
         """Check the store and the broker; the dict names what failed."""

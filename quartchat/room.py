@@ -43,6 +43,7 @@ __all__ = [
     "History",
     "Deliver",
     "RoomActor",
+    "page_json",
 ]
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,19 @@ def _encode_row(row: StoredMessage) -> str:
             client_msg_id=row.client_msg_id,
         )
     )
+
+
+def page_json(room_id: str, rows: Sequence[StoredMessage], has_more: bool, *,
+              frame_type: str | None = None) -> str:
+    """A history page as JSON text, each stored row encoded like its ``message`` frame.
+
+    Shared by the ``history`` frame and ``GET /api/rooms/<id>/messages``; the
+    text is assembled so each row is encoded once.
+    """
+    head = f'"type":{encode(frame_type)},' if frame_type else ""
+    body = ",".join(_encode_row(row) for row in rows)
+    return (f'{{{head}"room_id":{encode(room_id)},"messages":[{body}],'
+            f'"has_more":{"true" if has_more else "false"}}}')
 
 
 def _ack(row: StoredMessage) -> dict[str, Any]:
@@ -738,12 +752,7 @@ class RoomActor:
             cmd.conn.send_error(ChatError("unavailable", "storage unavailable; retry later",
                                           action="history", room_id=self.room_id))
             return
-        # The page is assembled as text so each stored frame is encoded once.
-        body = ",".join(_encode_row(row) for row in rows)
-        cmd.conn.send(
-            f'{{"type":"history","room_id":{encode(self.room_id)},"messages":[{body}],'
-            f'"has_more":{"true" if has_more else "false"}}}'
-        )
+        cmd.conn.send(page_json(self.room_id, rows, has_more, frame_type="history"))
 
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)

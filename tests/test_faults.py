@@ -28,6 +28,16 @@ async def run_members(members: list[ReliableClient], count: int, rate: float,
     await asyncio.gather(*runs)
 
 
+async def settle_and_check(cluster: Cluster, members: list[ReliableClient], label: str) -> None:
+    """Every member catches up to the newest stored seq; then guarantees 1-4 must hold."""
+    stored = cluster.stored(ROOM)
+    for m in members:
+        await m.settle(max(stored))
+    report = check_room(members, stored)
+    print(f"{label}:", summary(report))
+    assert_clean(report)
+
+
 def assert_clean(report: dict[str, object]) -> None:
     assert report["lost"] == 0
     assert report["duplicates"] == 0
@@ -45,12 +55,7 @@ async def test_redis_restarted_empty_mid_stream(tmp_path: Path) -> None:
         for m in members:
             await m.connect()
         await run_members(members, 60, 30, 1.0, redis_server.restart)
-        stored = cluster.stored(ROOM)
-        for m in members:
-            await m.settle(max(stored))
-        report = check_room(members, stored)
-        print("redis restart:", summary(report))
-        assert_clean(report)
+        await settle_and_check(cluster, members, "redis restart")
         # Recovered: ready again, presence re-listed, new posts flow across servers.
         assert a.http_get("/readyz")["status"] == "ready"
         assert sorted(b.http_get(f"/api/rooms/{ROOM}/members")["members"]) == ["r0", "r1", "r2", "r3"]
@@ -84,12 +89,7 @@ async def test_database_cut_mid_stream_and_restored(tmp_path: Path) -> None:
             proxy.restore()
 
         await run_members(members, 60, 30, 1.0, outage)
-        stored = cluster.stored(ROOM)
-        for m in members:
-            await m.settle(max(stored))
-        report = check_room(members, stored)
-        print("database cut:", summary(report))
-        assert_clean(report)
+        await settle_and_check(cluster, members, "database cut")
         assert a.http_get("/readyz")["status"] == "ready"
         assert b.http_get("/readyz")["status"] == "ready"
         for m in members:
@@ -123,12 +123,7 @@ async def test_server_killed_with_sigkill(tmp_path: Path) -> None:
             killed_at = time.monotonic()
 
         await run_members(members, 60, 30, 1.0, kill)
-        stored = cluster.stored(ROOM)
-        for m in members:
-            await m.settle(max(stored))
-        report = check_room(members, stored)
-        print("kill -9:", summary(report))
-        assert_clean(report)
+        await settle_and_check(cluster, members, "kill -9")
         assert sum(m.reconnects for m in members) >= 2, "a's members reconnected to b"
 
         def lurkers_gone() -> bool:

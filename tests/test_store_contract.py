@@ -107,7 +107,12 @@ def sync_db(backend_url: str) -> Iterator[Callable[..., Any]]:
 
     Use as ``await within(sync_db(fn))``: checks go around the store under test.
     """
-    engine = _engine(backend_url)
+    yield from _sync_runner(backend_url)
+
+
+def _sync_runner(url: str) -> Iterator[Callable[..., Any]]:
+    """Yield ``run(fn)``: ``fn(connection)`` on a sync engine, in a thread, awaitable."""
+    engine = _engine(url)
 
     def run(fn: Callable[[sa.Connection], R]) -> Any:
         def call() -> R:
@@ -447,17 +452,7 @@ async def proxied(mysql_url: str, proxy: TcpProxy) -> AsyncIterator[DatabaseStor
 @pytest.fixture
 def mysql_sync(mysql_url: str) -> Iterator[Callable[..., Any]]:  # noqa: F811
     """Like ``sync_db``, straight to MariaDB (not through the proxy)."""
-    engine = _engine(mysql_url)
-
-    def run(fn: Callable[[sa.Connection], R]) -> Any:
-        def call() -> R:
-            with engine.connect() as conn:
-                return fn(conn)
-
-        return asyncio.to_thread(call)
-
-    yield run
-    engine.dispose()
+    yield from _sync_runner(mysql_url)
 
 
 async def _fails_fast(awaitable: Any, limit: float = 1.0) -> StoreError:
