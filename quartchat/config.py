@@ -169,8 +169,6 @@ _SPEC: list[tuple[str, str, str, Callable[[str, str], Any], str]] = [
      "Commands queued to one room actor before new posts get `unavailable`"),
     ("history_max", "QUARTCHAT_HISTORY_MAX", "100", _int(1, 100),
      "Largest `history` page and `join.history` replay"),
-    ("replay_max", "QUARTCHAT_REPLAY_MAX", "10000", _int(1, 10_000_000),
-     "Most messages replayed by one `join` with `since_seq`"),
     ("room_idle_s", "QUARTCHAT_ROOM_IDLE_S", "30", _float(0),
      "Seconds a room actor with no local member lives before it is retired"),
     ("batch_max", "QUARTCHAT_BATCH_MAX", "500", _int(1, 10_000),
@@ -179,8 +177,9 @@ _SPEC: list[tuple[str, str, str, Callable[[str, str], Any], str]] = [
      "Seconds one database operation may take before it fails (a silent network partition)"),
     ("gap_timeout_s", "QUARTCHAT_GAP_TIMEOUT_S", "0.2", _float(0),
      "Seconds a message ahead of the expected seq waits before the gap is read from the store"),
-    ("skip_timeout_s", "QUARTCHAT_SKIP_TIMEOUT_S", "5", _float(0),
-     "Seconds before a seq that never reached the store is skipped"),
+    ("position_check_s", "QUARTCHAT_POSITION_CHECK_S", "2", _float(0.05, 3600),
+     "Seconds between checks of every active room against the store's newest seq "
+     "(heals a lost last message)"),
     ("drain_timeout_s", "QUARTCHAT_DRAIN_TIMEOUT_S", "10", _float(0),
      "Seconds graceful shutdown waits for pending writes and socket flushes"),
     ("allowed_origins", "QUARTCHAT_ALLOWED_ORIGINS", "*", _origins,
@@ -235,12 +234,11 @@ class Settings:
     outbound_queue: int = 1000
     room_inbox: int = 10000
     history_max: int = 100
-    replay_max: int = 10000
     room_idle_s: float = 30.0
     batch_max: int = 500
     db_timeout_s: float = 5.0
     gap_timeout_s: float = 0.2
-    skip_timeout_s: float = 5.0
+    position_check_s: float = 2.0
     drain_timeout_s: float = 10.0
     allowed_origins: tuple[str, ...] = ("*",)
     fast_writes: bool = True

@@ -1,7 +1,9 @@
 """The hub: this process's registry of room actors and open connections.
 
 It owns the store and the broker, starts a room's actor on first use, lets an
-idle actor retire, and runs the graceful drain. Routes talk only to the hub.
+idle actor retire (and forgets one that died), runs the position check that
+heals a lost tail, serves history pages, and runs the graceful drain. Routes
+talk only to the hub.
 """
 
 from __future__ import annotations
@@ -17,14 +19,16 @@ from .config import Settings
 from .connection import Connection
 from .errors import CLOSE_GOING_AWAY, ChatError
 from .room import History, Join, Leave, Publish, RoomActor, RoomConfig, page_json
-from .store import Store, StoreError, create_store
+from .store import Store, StoredMessage, StoreError, create_store
 
-__all__ = ["Hub", "ClientTracker"]
+__all__ = ["ClientTracker", "Hub"]
 
 log = logging.getLogger(__name__)
 
 _CLIENTS_FLUSH_S = 1.0
 _CLIENTS_MAX_PENDING = 100_000
+_POSITION_BATCH = 500  # rooms per counter query of the position check
+_HISTORY_READS = 64  # history pages read at once by this process (more wait)
 
 
 class ClientTracker:
@@ -93,14 +97,14 @@ class Hub:
         self.room_config = RoomConfig(
             batch_max=settings.batch_max,
             inbox_max=settings.room_inbox,
-            replay_max=settings.replay_max,
             idle_s=settings.room_idle_s,
             gap_timeout_s=settings.gap_timeout_s,
-            skip_timeout_s=settings.skip_timeout_s,
-            inflight_s=settings.db_timeout_s + 1.0,
         )
         self.actors: dict[str, RoomActor] = {}
         self._retiring: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # history reads, owned here
+        self._history_slots = asyncio.Semaphore(_HISTORY_READS)
+        self._checker: asyncio.Task[None] | None = None
         self.connections: set[Connection] = set()
         self.clients = ClientTracker(self.store)
         self.draining = False
@@ -116,6 +120,7 @@ class Hub:
             raise
         metrics.BROKER_UP.set(1)
         self.clients.start()
+        self._checker = asyncio.create_task(self._position_check(), name="position-check")
         self.started = True
 
     # ---- rooms ----------------------------------------------------------
@@ -133,7 +138,26 @@ class Hub:
             )
             self.actors[room_id] = actor
             actor.start()
+            assert actor.task is not None
+            actor.task.add_done_callback(lambda _: self._ended(actor))
         return actor
+
+    def _ended(self, actor: RoomActor) -> None:
+        """An actor task ended. If it was not retired or stopped, it died: forget it,
+        so the next command starts a fresh one, and tell its members to join again."""
+        if self.actors.get(actor.room_id) is not actor:
+            return
+        del self.actors[actor.room_id]
+        task = actor.task
+        error = None if task is None or task.cancelled() else task.exception()
+        log.error("room actor ended unexpectedly", exc_info=error,
+                  extra={"room_id": actor.room_id})
+        for member in list(actor.members):
+            conn = member.conn
+            conn.rooms.discard(actor.room_id)
+            conn.send_error(ChatError("internal", "room failed; join again with since_seq",
+                                      action="join", room_id=actor.room_id))
+            conn.send_frame({"type": "left", "room_id": actor.room_id, "reason": "error"})
 
     def _retire(self, actor: RoomActor) -> bool:
         if self.actors.get(actor.room_id) is actor:
@@ -148,7 +172,66 @@ class Hub:
         """Hand a command to the room; raises ChatError when the room refuses it."""
         if self.draining and isinstance(command, Publish | Join | History):
             raise ChatError("unavailable", "server is shutting down; reconnect elsewhere")
+        if isinstance(command, History):
+            self._history(room_id, command)  # a read: no actor needed
+            return
+        if isinstance(command, Leave) and room_id not in self.actors:
+            if not command.quiet:
+                command.conn.send_error(ChatError("not_joined", "not joined to this room",
+                                                  action="leave", room_id=room_id))
+            return
         self.actor(room_id).offer(command)
+
+    async def post(self, room_id: str, sender_id: str, content: str,
+                   client_msg_id: str | None) -> tuple[StoredMessage, bool]:
+        """Post as ``sender_id`` (the server API): stored, then delivered like any
+        post. Returns the row and whether this call stored it (False: a retry)."""
+        if self.draining:
+            raise ChatError("unavailable", "server is shutting down; retry elsewhere")
+        reply: asyncio.Future[tuple[StoredMessage, bool]] = (
+            asyncio.get_running_loop().create_future())
+        self.actor(room_id).offer(Publish(None, content, client_msg_id, sender_id=sender_id,
+                                          reply=reply))
+        return await reply
+
+    def _history(self, room_id: str, cmd: History) -> None:
+        async def read() -> None:
+            async with self._history_slots:
+                if not cmd.conn.open:
+                    return
+                try:
+                    rows, has_more = await self.store.page(room_id, cmd.before_seq, cmd.limit)
+                except StoreError as exc:
+                    metrics.STORE_ERRORS.labels(op="history").inc()
+                    log.warning("history failed: %s", exc, extra={"room_id": room_id})
+                    cmd.conn.send_error(ChatError("unavailable", "storage unavailable; retry "
+                                                  "later", action="history", room_id=room_id))
+                    return
+            cmd.conn.send(page_json(room_id, rows, has_more, frame_type="history"))
+
+        task = asyncio.create_task(read(), name=f"history:{room_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _position_check(self) -> None:
+        """Every few seconds, compare each active room's delivered seq with the store's
+        counter, and let rooms that are behind read the rest (a lost last message,
+        a subscription that went deaf, a commit whose reply was lost)."""
+        while True:
+            await asyncio.sleep(self.settings.position_check_s)
+            rooms = [a.room_id for a in self.actors.values() if a.delivered is not None]
+            for start in range(0, len(rooms), _POSITION_BATCH):
+                chunk = rooms[start:start + _POSITION_BATCH]
+                try:
+                    counters = await self.store.last_seqs(chunk)
+                except StoreError as exc:
+                    metrics.STORE_ERRORS.labels(op="position").inc()
+                    log.warning("position check failed: %s", exc)
+                    break
+                for room_id, last in counters.items():
+                    actor = self.actors.get(room_id)
+                    if actor is not None:
+                        actor.hint(last)
 
     # ---- connections ----------------------------------------------------
 
@@ -224,10 +307,11 @@ class Hub:
         log.info("draining: %d connections, %d rooms", len(self.connections), len(self.actors))
         try:
             async with asyncio.timeout(timeout):
-                # Posts already accepted are written, acked and delivered first.
+                # Posts already accepted (in an inbox or being written) are
+                # written, acked and delivered first; new ones are refused now.
                 actors = list(self.actors.values())
-                await asyncio.gather(*(a.wait_idle() for a in actors))
-                await asyncio.gather(*(a.settle() for a in actors))
+                await asyncio.gather(*(a.quiesce() for a in actors))
+                await asyncio.gather(*list(self._tasks), return_exceptions=True)
         except TimeoutError:
             log.warning("drain: pending writes did not finish in %.1fs", timeout)
         for conn in list(self.connections):
@@ -242,6 +326,12 @@ class Hub:
     async def stop(self) -> None:
         """Stop every actor (writing what is pending), then the broker and the store."""
         self.draining = True
+        if self._checker is not None:
+            self._checker.cancel()
+            await asyncio.gather(self._checker, return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*list(self._tasks), return_exceptions=True)
         actors = list(self.actors.values())
         self.actors.clear()
         results = await asyncio.gather(

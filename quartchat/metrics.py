@@ -188,7 +188,7 @@ GAP_FILLS = Counter(
     registry=REGISTRY,
 )
 SKIPPED_SEQS = Counter(
-    "skipped_seqs", "Seqs given up on because they never reached the store", namespace=NS,
+    "skipped_seqs", "Seqs passed over because a complete store read found no row for them", namespace=NS,
     registry=REGISTRY,
 )
 REPLAYED_MESSAGES = Counter(

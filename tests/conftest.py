@@ -34,6 +34,23 @@ def db_url(tmp_path: Path) -> str:
 
 
 @pytest.fixture
+def sync_sql(db_url: str) -> Callable[[str], Any]:
+    """Run one SQL statement on the test's database, around the store (as an operator would)."""
+    import sqlite3
+
+    path = db_url[len("sqlite+aiosqlite:///"):]
+
+    async def run(sql: str) -> None:
+        def call() -> None:
+            with sqlite3.connect(path, timeout=10) as conn:
+                conn.execute(sql)
+
+        await asyncio.to_thread(call)
+
+    return run
+
+
+@pytest.fixture
 def make_settings(db_url: str) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
         base = Settings.from_env({"QUARTCHAT_DATABASE_URL": db_url, "QUARTCHAT_SERVER_ID": "test-1"},

@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import uuid
 import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -35,7 +36,7 @@ from quartchat.hub import Hub
 from quartchat.protocol import encode, message_frame
 from quartchat.room import Join, Leave, Publish
 from quartchat.server import reset_metrics_dir, sample_queues
-from quartchat.store import StoredMessage, StoreError
+from quartchat.store import NewMessage, StoreError
 from quartchat.store.database import DatabaseStore
 
 from .conftest import wait_for
@@ -83,13 +84,13 @@ class GatedStore(DatabaseStore):
         self.entered = asyncio.Event()
         self.down = False
 
-    async def insert(self, rows: Any) -> None:
+    async def append(self, room_id: str, posts: Any) -> Any:
         self.entered.set()
         if self.gate is not None:
             await self.gate.wait()
         if self.down:
             raise StoreError("injected: database unreachable")
-        await super().insert(rows)
+        return await super().append(room_id, posts)
 
 
 @pytest.fixture
@@ -132,16 +133,25 @@ def connect(app: Quart, sender: str = "alice") -> Any:
     return app.test_client().websocket(f"/chat?sender_id={sender}")
 
 
-def _row(seq: int) -> StoredMessage:
-    return StoredMessage(ROOM, seq, f"id{seq:030d}", "remote", f"c{seq}", None, 1_700_000_000_000)
-
-
-def _event(seq: int) -> bytes:
-    row = _row(seq)
-    frame = encode(message_frame(room_id=row.room_id, seq=row.seq, id=row.id,
-                                 sender_id=row.sender_id, content=row.content,
-                                 sent_at_ms=row.sent_at_ms, client_msg_id=None))
-    return encode_events([MessageEvent(row.seq, row.sent_at_ms, frame)])
+async def _remote(hub: Hub, count: int) -> list[bytes]:
+    """``count`` messages another server stored; returns their broker payloads,
+    which the test delivers (or not) itself."""
+    other = DatabaseStore(hub.store.url)  # type: ignore[attr-defined]
+    await other.connect()
+    try:
+        answers = await other.append(ROOM, [
+            NewMessage(uuid.uuid4().hex, "remote", f"c{i}", None, 1_700_000_000_000)
+            for i in range(count)])
+    finally:
+        await other.close()
+    payloads = []
+    for answer in answers:
+        row = answer.row
+        frame = encode(message_frame(room_id=row.room_id, seq=row.seq, id=row.id,
+                                     sender_id=row.sender_id, content=row.content,
+                                     sent_at_ms=row.sent_at_ms, client_msg_id=None))
+        payloads.append(encode_events([MessageEvent(row.seq, row.sent_at_ms, frame)]))
+    return payloads
 
 
 # ---- connections ----------------------------------------------------------------------
@@ -297,26 +307,29 @@ async def test_broker_up_reconnects_and_resubscribes(hub_factory: Any, tmp_path:
 # ---- reorder buffer, gap fills, skipped seqs ------------------------------------------
 
 
-async def test_reorder_holds_gap_fills_and_skipped_seqs(hub_factory: Any) -> None:
-    hub, client = await hub_factory(gap_timeout_s=0.05, skip_timeout_s=0.3)
+async def test_reorder_holds_gap_fills_and_skipped_seqs(
+        hub_factory: Any, sync_sql: Any) -> None:
+    hub, client = await hub_factory(gap_timeout_s=0.05, position_check_s=60)
     bob = client("bob")
     await join(hub, bob)
     actor = hub.actors[ROOM]
     d = Deltas(q("reorder_holds_total"), q("gap_fills_total"), q("skipped_seqs_total"))
     # Out of order from the broker: 3 is held until 1 and 2 arrive.
+    first = await _remote(hub, 3)
     for seq in (3, 1, 2):
-        actor.on_broker(_event(seq))
+        actor.on_broker(first[seq - 1])
     await bob.socket.next_of("message", 3)
     assert (d(q("reorder_holds_total")), d(q("gap_fills_total"))) == (1, 0)
     # 4..6 are stored but only 6 is announced: 4 and 5 are read from the store.
-    await hub.store.insert([_row(4), _row(5), _row(6)])
-    actor.on_broker(_event(6))
+    second = await _remote(hub, 3)
+    actor.on_broker(second[2])
     await bob.socket.next_of("message", 6)
     assert (d(q("reorder_holds_total")), d(q("gap_fills_total"))) == (2, 2)
     assert d(q("skipped_seqs_total")) == 0
-    # 7 never reached the store: skipped once the skip timeout passes.
-    await hub.store.insert([_row(8)])
-    actor.on_broker(_event(8))
+    # 7 was deleted from the store by an operator: a complete read passes over it.
+    third = await _remote(hub, 2)
+    await sync_sql(f"DELETE FROM messages WHERE room_id = '{ROOM}' AND seq = 7")
+    actor.on_broker(third[1])
     got = await bob.socket.next_of("message", 7)
     assert [m["seq"] for m in got] == [1, 2, 3, 4, 5, 6, 8]
     assert d(q("skipped_seqs_total")) == 1

@@ -23,13 +23,14 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+import attrs
 import pymysql
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from quartchat.migrate import sync_url, upgrade
-from quartchat.store import DuplicateError, StoredMessage, StoreError
+from quartchat.store import DuplicateError, NewMessage, StoredMessage, StoreError
 from quartchat.store.database import DatabaseStore
 from quartchat.store.schema import metadata
 from tests.mysql import mysql_server_url, mysql_url, with_host  # noqa: F401 (fixtures)
@@ -68,6 +69,17 @@ def batch(room: str, lo: int, hi: int, **kw: Any) -> list[StoredMessage]:
 
 def seqs(rows: list[StoredMessage]) -> list[int]:
     return [r.seq for r in rows]
+
+
+def new(row: StoredMessage) -> NewMessage:
+    return NewMessage(row.id, row.sender_id, row.content, row.client_msg_id, row.sent_at_ms)
+
+
+async def put(store: DatabaseStore, rows: list[StoredMessage]) -> None:
+    """Append rows of one room, checking that the store gives them exactly their seqs."""
+    answers = await store.append(rows[0].room_id, [new(r) for r in rows])
+    assert [a.row for a in answers] == rows
+    assert all(a.created for a in answers)
 
 
 # -- backends -----------------------------------------------------------------------
@@ -138,15 +150,15 @@ async def test_ping(store: DatabaseStore) -> None:
 
 async def test_max_seq_of_unused_room_is_zero(store: DatabaseStore) -> None:
     assert await within(store.max_seq("never-used")) == 0
-    await within(store.insert(batch("used", 1, 3)))
+    await within(put(store, batch("used", 1, 3)))
     assert await within(store.max_seq("never-used")) == 0
     assert await within(store.max_seq("used")) == 3
 
 
 async def test_insert_then_after(store: DatabaseStore) -> None:
     rows = batch("r1", 1, 7, sender="bob")
-    await within(store.insert(rows))
-    await within(store.insert(batch("r2", 1, 2)))  # another room, same seqs
+    await within(put(store, rows))
+    await within(put(store, batch("r2", 1, 2)))  # another room, same seqs
 
     assert await within(store.max_seq("r1")) == 7
     assert await within(store.after("r1", 0, None, 100)) == rows
@@ -160,7 +172,7 @@ async def test_insert_then_after(store: DatabaseStore) -> None:
 
 async def test_page(store: DatabaseStore) -> None:
     rows = batch("r", 1, 7)
-    await within(store.insert(rows))
+    await within(put(store, rows))
 
     page, more = await within(store.page("r", None, 3))
     assert (seqs(page), more) == ([5, 6, 7], True)  # newest page, oldest first
@@ -181,94 +193,100 @@ async def test_page(store: DatabaseStore) -> None:
     assert (page, more) == ([], False)
 
 
-async def test_find_client_ids(store: DatabaseStore) -> None:
+async def test_append_answers_a_retry_with_the_original(store: DatabaseStore) -> None:
     rows = [
         msg("r", 1, sender="alice", cmid="c1"),
-        msg("r", 2, sender="bob", cmid="c1"),
+        msg("r", 2, sender="bob", cmid="c1"),  # same id, another sender: another message
         msg("r", 3, sender="alice", cmid=None),
         msg("r", 4, sender="alice", cmid="c2"),
     ]
-    await within(store.insert(rows))
-    await within(store.insert([msg("other", 1, sender="alice", cmid="c3")]))
+    await within(put(store, rows))
+    await within(put(store, [msg("other", 1, sender="alice", cmid="c1")]))  # another room
+    again = await within(store.append("r", [
+        new(msg("r", 0, sender="alice", cmid="c1", content="changed")),  # a retry
+        new(msg("r", 0, sender="carol", cmid="c9")),  # new: seq 5
+        new(msg("r", 0, sender="carol", cmid="c9")),  # its retry in the same batch
+        new(msg("r", 0, sender="alice", cmid=None)),  # no id: always new, seq 6
+        new(msg("r", 0, sender="bob", cmid="c1")),  # a retry
+    ]))
+    assert [(a.row.seq, a.created) for a in again] == [
+        (1, False), (5, True), (5, False), (6, True), (2, False)]
+    assert again[0].row == rows[0] and again[4].row == rows[1]
+    assert again[1].row == again[2].row
+    assert seqs(await within(store.after("r", 0, None, 100))) == [1, 2, 3, 4, 5, 6]
+    assert await within(store.max_seq("r")) == 6
 
-    found = await within(store.find_client_ids(
-        "r", [("alice", "c1"), ("bob", "c1"), ("alice", "c2"), ("alice", "c3"), ("bob", "nope")]
-    ))
-    assert found == {("alice", "c1"): rows[0], ("bob", "c1"): rows[1], ("alice", "c2"): rows[3]}
-    assert await within(store.find_client_ids("r", [])) == {}
-    assert await within(store.find_client_ids("other", [("alice", "c1")])) == {}
 
-
-async def test_insert_keeps_ascending_seq_order(store: DatabaseStore, sync_db: Any) -> None:
+async def test_append_keeps_ascending_seq_order(store: DatabaseStore, sync_db: Any) -> None:
     # Several batches, two rooms interleaved, as room writers produce them.
-    await within(store.insert(batch("a", 1, 3)))
-    await within(store.insert(batch("b", 1, 2)))
-    await within(store.insert(batch("a", 4, 9)))
-    await within(store.insert(batch("b", 3, 3)))
-    await within(store.insert(batch("a", 10, 10)))
+    await within(put(store, batch("a", 1, 3)))
+    await within(put(store, batch("b", 1, 2)))
+    await within(put(store, batch("a", 4, 9)))
+    await within(put(store, batch("b", 3, 3)))
+    await within(put(store, batch("a", 10, 10)))
 
     assert seqs(await within(store.after("a", 0, None, 100))) == list(range(1, 11))
     assert seqs(await within(store.after("b", 0, None, 100))) == [1, 2, 3]
+    assert await within(store.last_seqs(["a", "b", "never"])) == {"a": 10, "b": 3}
     # Rows went in in seq order (insertion order = pk order), inside each batch too.
     by_pk = await within(sync_db(lambda c: _rows(
         c, "SELECT seq FROM messages WHERE room_id = :r ORDER BY pk", r="a")))
     assert [s for (s,) in by_pk] == list(range(1, 11))
 
 
-async def test_duplicate_seq_is_refused_all_or_none(store: DatabaseStore, sync_db: Any) -> None:
-    await within(store.insert(batch("r", 1, 3)))
+async def test_a_failed_append_stores_nothing_and_moves_no_counter(
+        store: DatabaseStore, sync_db: Any) -> None:
+    await within(put(store, batch("r", 1, 3)))
+    taken = await within(store.after("r", 0, 1, 1))
+    # The third post reuses a stored message id: the whole batch is refused.
+    bad = [msg("r", 4), msg("r", 5), attrs.evolve(msg("r", 6), id=taken[0].id)]
     with pytest.raises(DuplicateError):
-        await within(store.insert([msg("r", 4), msg("r", 5), msg("r", 3), msg("r", 6)]))
+        await within(store.append("r", [new(r) for r in bad]))
     assert seqs(await within(store.after("r", 0, None, 100))) == [1, 2, 3]
     assert await within(store.max_seq("r")) == 3
-
-    # A new room whose first batch fails: not even its rooms row is left behind.
-    with pytest.raises(DuplicateError):
-        await within(store.insert([msg("new", 1), msg("new", 2), msg("new", 2)]))
-    assert await within(store.max_seq("new")) == 0
-    assert await within(sync_db(lambda c: _rows(
-        c, "SELECT room_id FROM rooms WHERE room_id = 'new'"))) == []
-
     # The store is still usable, on the same connection pool, from the same task.
-    await within(store.insert(batch("r", 4, 6)))
-    await within(store.insert(batch("new", 1, 2)))
-    assert seqs(await within(store.after("r", 0, None, 100))) == [1, 2, 3, 4, 5, 6]
+    await within(put(store, batch("r", 4, 6)))
     assert await within(sync_db(lambda c: _rows(
-        c, "SELECT room_id FROM rooms WHERE room_id IN ('r', 'new') ORDER BY room_id"))) == [
-        ("new",), ("r",)]
+        c, "SELECT room_id, last_seq FROM rooms WHERE room_id = 'r'"))) == [("r", 6)]
 
 
-async def test_duplicate_client_msg_id_is_refused(store: DatabaseStore) -> None:
-    first = msg("r", 1, sender="alice", cmid="c1")
-    await within(store.insert([first]))
-    with pytest.raises(DuplicateError):
-        await within(store.insert([msg("r", 2, sender="carol"),
-                                   msg("r", 3, sender="alice", cmid="c1")]))
-    assert await within(store.after("r", 0, None, 100)) == [first]  # all or none
-
-    # Same id from another sender, or in another room, or no id at all: all fine.
-    more = [
-        msg("r", 2, sender="bob", cmid="c1"),
-        msg("r", 3, sender="alice", cmid=None),
-        msg("r", 4, sender="alice", cmid=None),
-    ]
-    await within(store.insert(more))
-    await within(store.insert([msg("r2", 1, sender="alice", cmid="c1")]))
-    assert await within(store.after("r", 0, None, 100)) == [first, *more]
-
-
-async def test_concurrent_inserts_are_grouped_and_a_clash_fails_only_its_caller(
+async def test_concurrent_appends_are_grouped_and_a_clash_fails_only_its_caller(
     store: DatabaseStore,
 ) -> None:
-    await within(store.insert(batch("clash", 1, 1)))
-    calls = [store.insert(batch(f"g{i}", 1, 3)) for i in range(20)]
-    calls.insert(10, store.insert(batch("clash", 1, 2)))  # seq 1 is taken
+    await within(put(store, batch("clash", 1, 1)))
+    taken = (await within(store.after("clash", 0, 1, 1)))[0]
+    calls = [store.append(f"g{i}", [new(r) for r in batch(f"g{i}", 1, 3)]) for i in range(20)]
+    calls.insert(10, store.append("clash", [new(attrs.evolve(msg("clash", 2), id=taken.id))]))
     results = await within(asyncio.gather(*calls, return_exceptions=True))
     assert isinstance(results[10], DuplicateError)
-    assert all(r is None for i, r in enumerate(results) if i != 10), results
+    assert all(isinstance(r, list) for i, r in enumerate(results) if i != 10), results
     for i in range(20):
         assert seqs(await within(store.after(f"g{i}", 0, None, 10))) == [1, 2, 3]
     assert seqs(await within(store.after("clash", 0, None, 10))) == [1]
+
+
+async def test_two_writers_on_one_room_never_collide(backend_url: str) -> None:
+    """Two servers (two stores) appending to one room at once: every post gets its
+    own seq, the seqs have no holes, and each store's seqs rise in its own order."""
+    stores = [DatabaseStore(backend_url, op_timeout=OP_TIMEOUT) for _ in range(2)]
+    for s in stores:
+        await within(s.connect())
+    try:
+        async def writer(s: DatabaseStore, name: str) -> list[int]:
+            got = []
+            for n in range(30):
+                answers = await s.append("shared", [new(msg("shared", 0, sender=name,
+                                                              cmid=f"{name}{n}"))] * (n % 3 + 1))
+                got += [a.row.seq for a in answers if a.created]
+            return got
+
+        a, b = await within(asyncio.gather(writer(stores[0], "a"), writer(stores[1], "b")), 30)
+        assert a == sorted(a) and b == sorted(b)
+        assert sorted(a + b) == list(range(1, 61)), "one seq each, no hole"
+        assert await within(stores[0].max_seq("shared")) == 60
+    finally:
+        for s in stores:
+            await within(s.close())
 
 
 async def test_client_msg_ids_compare_byte_for_byte(store: DatabaseStore) -> None:
@@ -278,12 +296,11 @@ async def test_client_msg_ids_compare_byte_for_byte(store: DatabaseStore) -> Non
     """
     ids = ["x", "x ", "x  ", "X", "é", "e", "e\u0301", "😀", "😀 "]
     rows = [msg("r", n, sender="alice", cmid=cmid) for n, cmid in enumerate(ids, start=1)]
-    await within(store.insert(rows))
-    found = await within(store.find_client_ids("r", [("alice", c) for c in ids]))
-    assert found == {("alice", r.client_msg_id): r for r in rows}
-    only = await within(store.find_client_ids("r", [("alice", "x ")]))
-    assert list(only) == [("alice", "x ")]
-    assert await within(store.find_client_ids("r", [("alice", "x   ")])) == {}
+    await within(put(store, rows))
+    retries = await within(store.append("r", [new(r) for r in reversed(rows)]))
+    assert [(a.row, a.created) for a in retries] == [(r, False) for r in reversed(rows)]
+    (fresh,) = await within(store.append("r", [new(msg("r", 0, sender="alice", cmid="x   "))]))
+    assert fresh.created and fresh.row.seq == len(ids) + 1
 
 
 async def test_utf8mb4_round_trips(store: DatabaseStore) -> None:
@@ -300,12 +317,12 @@ async def test_utf8mb4_round_trips(store: DatabaseStore) -> None:
     assert all(len(c.encode()) <= 4096 for c in contents)
     assert len(contents[4].encode()) == 4096 and len(contents[6].encode()) == 4096
     rows = [msg("r", n, content=c, cmid=f"ü😀{n}") for n, c in enumerate(contents, start=1)]
-    await within(store.insert(rows))
+    await within(put(store, rows))
     back = await within(store.after("r", 0, None, 100))
     assert back == rows
     assert [r.content.encode() for r in back] == [c.encode() for c in contents]
-    found = await within(store.find_client_ids("r", [("alice", "ü😀5")]))
-    assert found[("alice", "ü😀5")].content == "😀" * 1024
+    (retry,) = await within(store.append("r", [new(msg("r", 0, cmid="ü😀5"))]))
+    assert not retry.created and retry.row.content == "😀" * 1024
 
 
 async def test_sent_at_ms_round_trips(store: DatabaseStore) -> None:
@@ -316,7 +333,7 @@ async def test_sent_at_ms_round_trips(store: DatabaseStore) -> None:
         int(time.time() * 1000),
     ] + [rng.randrange(86_400_000, 4_102_444_800_000) for _ in range(200)]
     rows = [msg("r", n, ms=ms) for n, ms in enumerate(stamps, start=1)]
-    await within(store.insert(rows))
+    await within(put(store, rows))
     back = await within(store.after("r", 0, None, 1000))
     assert [r.sent_at_ms for r in back] == stamps
     page, _ = await within(store.page("r", None, 1000))
@@ -473,11 +490,11 @@ def _stored(room: str) -> Callable[[sa.Connection], list[int]]:
 async def test_cut_fails_fast_then_the_same_store_recovers(
     proxied: DatabaseStore, proxy: TcpProxy, mysql_url: str, mysql_sync: Any  # noqa: F811
 ) -> None:
-    await within(proxied.insert(batch("r", 1, 3)))
+    await within(put(proxied, batch("r", 1, 3)))
     assert await within(proxied.max_seq("r")) == 3
 
     await within(proxy.cut())
-    await _fails_fast(proxied.insert(batch("r", 4, 6)))
+    await _fails_fast(put(proxied, batch("r", 4, 6)))
     await _fails_fast(proxied.max_seq("r"))
     await _fails_fast(proxied.ping())
     await _fails_fast(proxied.page("r", None, 10))
@@ -489,7 +506,7 @@ async def test_cut_fails_fast_then_the_same_store_recovers(
     await within(proxy.restore())
     # The very first call after the restore works, from the same task and store.
     assert await within(proxied.max_seq("r")) == 3
-    await within(proxied.insert(batch("r", 4, 6)))
+    await within(put(proxied, batch("r", 4, 6)))
     assert seqs(await within(proxied.after("r", 0, None, 100))) == [1, 2, 3, 4, 5, 6]
     await within(proxied.ping())
     assert await within(mysql_sync(_stored("r"))) == [1, 2, 3, 4, 5, 6]
@@ -498,18 +515,17 @@ async def test_cut_fails_fast_then_the_same_store_recovers(
 async def test_cut_in_the_middle_of_a_transaction_leaves_nothing(
     proxied: DatabaseStore, proxy: TcpProxy, mysql_url: str, mysql_sync: Any  # noqa: F811
 ) -> None:
-    """The insert of a new room is cut after its rooms row is written, in its transaction."""
-    await within(proxied.insert(batch("warm", 1, 1)))
-    # Another session holds seq 5 of room "nr" (uncommitted): the store's
-    # INSERT INTO messages waits on that row lock, after its INSERT INTO rooms.
+    """An append is cut while it waits for its room's counter row (another writer holds it)."""
+    await within(put(proxied, batch("nr", 1, 3)))
+    # Another session holds the room's counter row (an uncommitted append of
+    # another server): the store's transaction waits on that row lock.
     blocker = _engine(mysql_url).connect()
     try:
         await within(asyncio.to_thread(lambda: blocker.execute(sa.text(
-            "INSERT INTO messages (room_id, seq, id, sender_id, content, created_at) "
-            "VALUES ('nr', 5, 'blocker', 'x', 'x', '2026-01-01')"))))
-        writer = asyncio.create_task(proxied.insert(batch("nr", 4, 6)))
+            "SELECT last_seq FROM rooms WHERE room_id = 'nr' FOR UPDATE"))))
+        writer = asyncio.create_task(put(proxied, batch("nr", 4, 6)))
         try:
-            async with asyncio.timeout(T):  # wait until the store's insert is blocked
+            async with asyncio.timeout(T):  # wait until the store's append is blocked
                 while not await asyncio.to_thread(_lock_waits, mysql_url):
                     await asyncio.sleep(0.02)
             await within(proxy.cut())
@@ -524,15 +540,13 @@ async def test_cut_in_the_middle_of_a_transaction_leaves_nothing(
     finally:
         await within(asyncio.to_thread(blocker.close))
 
-    assert await within(mysql_sync(_stored("nr"))) == []
+    assert await within(mysql_sync(_stored("nr"))) == [1, 2, 3]
     assert await within(mysql_sync(lambda c: _rows(
-        c, "SELECT room_id FROM rooms WHERE room_id = 'nr'"))) == []
+        c, "SELECT last_seq FROM rooms WHERE room_id = 'nr'"))) == [(3,)]
 
     await within(proxy.restore())
-    await within(proxied.insert(batch("nr", 4, 6)))
-    assert await within(mysql_sync(_stored("nr"))) == [4, 5, 6]
-    assert await within(mysql_sync(lambda c: _rows(
-        c, "SELECT room_id FROM rooms WHERE room_id = 'nr'"))) == [("nr",)]
+    await within(put(proxied, batch("nr", 4, 6)))
+    assert await within(mysql_sync(_stored("nr"))) == [1, 2, 3, 4, 5, 6]
 
 
 def _lock_waits(mysql_url: str) -> bool:  # noqa: F811
@@ -546,15 +560,15 @@ def _lock_waits(mysql_url: str) -> bool:  # noqa: F811
 
 
 async def test_repeated_cuts_mid_operation_leak_no_connection(
-    proxied: DatabaseStore, proxy: TcpProxy, mysql_sync: Any  # noqa: F811
+    proxied: DatabaseStore, proxy: TcpProxy, mysql_sync: Any
 ) -> None:
     """More broken operations than the pool has connections (maxsize 10)."""
-    await within(proxied.insert(batch("r", 1, 1)))
+    await within(put(proxied, batch("r", 1, 1)))
     for n in range(2, 14):
         await within(proxied.ping())  # a pooled connection, warm
         await within(proxy.stall())  # the next request is held in flight...
         # ...once from a short-lived task, once from this (long-lived) task.
-        call = proxied.insert(batch("r", n, n))
+        call = put(proxied, batch("r", n, n))
         pending = asyncio.create_task(call) if n % 2 else None
         cutter = asyncio.create_task(_cut_later(proxy, 0.05))
         try:
@@ -565,7 +579,7 @@ async def test_repeated_cuts_mid_operation_leak_no_connection(
         await within(proxy.restore())
     # Still one working pool, and every failed batch left nothing.
     assert await within(proxied.max_seq("r")) == 1
-    await within(proxied.insert(batch("r", 2, 3)))
+    await within(put(proxied, batch("r", 2, 3)))
     assert await within(mysql_sync(_stored("r"))) == [1, 2, 3]
 
 
@@ -581,16 +595,16 @@ async def test_stalled_database_times_out_within_op_timeout(
     s = DatabaseStore(with_host(mysql_url, proxy.host, proxy.port), op_timeout=1.0)
     await within(s.connect())
     try:
-        await within(s.insert(batch("r", 1, 2)))
+        await within(put(s, batch("r", 1, 2)))
         await within(proxy.stall())
-        for call in (lambda: s.insert(batch("r", 3, 4)), lambda: s.max_seq("r")):
+        for call in (lambda: put(s, batch("r", 3, 4)), lambda: s.max_seq("r")):
             started = time.monotonic()
             with pytest.raises(StoreError, match="timed out"):
                 await within(call())
             assert 0.9 < time.monotonic() - started < 2.0
         await within(proxy.restore())
         assert await within(s.max_seq("r")) == 2
-        await within(s.insert(batch("r", 3, 4)))
+        await within(put(s, batch("r", 3, 4)))
         assert await within(mysql_sync(_stored("r"))) == [1, 2, 3, 4]
     finally:
         await within(s.close())
@@ -634,9 +648,8 @@ def test_threaded_proxy_cut_restore_close(mysql_url: str) -> None:  # noqa: F811
             cur.execute("SELECT 1")
             assert cur.fetchall() == ((1,),)
         proxy.cut()
-        with pytest.raises(pymysql.err.OperationalError):
-            with conn.cursor() as cur:
-                cur.execute("SELECT 1")
+        with pytest.raises(pymysql.err.OperationalError), conn.cursor() as cur:
+            cur.execute("SELECT 1")
         with pytest.raises(pymysql.err.OperationalError):
             connect()
         proxy.restore()

@@ -1,4 +1,4 @@
-"""The broker seam: fan-out of room events between processes, seqs, and presence.
+"""The broker seam: fan-out of room events between processes, and presence.
 
 A :class:`Broker` is chosen by URL: ``memory://`` (one process, the embedded
 default) or ``redis://`` (any number of processes and hosts). The Redis
@@ -7,47 +7,53 @@ implementation is imported lazily so the embedded mode needs no Redis client.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from ..config import Settings
 
-__all__ = ["Handler", "SeqFloor", "Broker", "Presence", "BrokerError", "create_broker"]
+__all__ = ["Handler", "Broker", "Presence", "BrokerError", "create_broker"]
 
 # Called with each payload published to a subscribed room, or with None when
 # the broker may have lost payloads (a reconnect): the subscriber must then
 # catch up from the store. It must not block.
 Handler = Callable[[bytes | None], None]
 
-# Returns the room's highest stored seq; used to seed or re-seed a sequence.
-SeqFloor = Callable[[], Awaitable[int]]
-
-
 class BrokerError(Exception):
     """The broker could not be reached or refused the operation."""
 
 
 class Presence(Protocol):
-    """Which senders are in which rooms, across every server of the deployment."""
+    """Which senders are in which rooms, across every server of the deployment.
 
-    async def add(self, room_id: str, sender_id: str) -> bool:
-        """Count this server's first connection of ``sender_id`` in; True if first anywhere."""
+    ``join`` and ``leave`` never block and never fail: the broker applies
+    them in the background (retrying), and announces a sender's first
+    connection in and last connection out anywhere with a ``presence``
+    payload on the room's channel.
+    """
 
-    async def remove(self, room_id: str, sender_id: str) -> bool:
-        """Count this server's last connection of ``sender_id`` out; True if last anywhere."""
+    def join(self, room_id: str, sender_id: str) -> None:
+        """This process's first connection of ``sender_id`` entered ``room_id``."""
+
+    def leave(self, room_id: str, sender_id: str) -> None:
+        """This process's last connection of ``sender_id`` left ``room_id``."""
 
     async def members(self, room_id: str) -> list[str]:
-        """Sender ids present in the room, each once, sorted."""
+        """Sender ids present in the room (live servers only), each once, sorted."""
 
     async def rooms(self) -> list[tuple[str, int]]:
         """(room_id, member count) for rooms with at least one member."""
 
+    async def settle(self) -> None:
+        """Return once the changes queued before the call are applied (bounded)."""
+
 
 class Broker(Protocol):
-    """Room channels, the seq sequencer, and presence."""
+    """Room channels and presence."""
 
-    presence: Presence
+    @property
+    def presence(self) -> Presence: ...
 
     async def start(self) -> None: ...
 
@@ -64,12 +70,6 @@ class Broker(Protocol):
 
     async def publish(self, room_id: str, payload: bytes) -> None:
         """Send ``payload`` to every subscriber of the room on every server."""
-
-    async def next_seqs(self, room_id: str, count: int, floor: SeqFloor) -> int:
-        """Reserve ``count`` consecutive seqs; returns the last. Never goes backwards."""
-
-    async def reseed(self, room_id: str, floor: SeqFloor) -> None:
-        """Raise the room's sequence to at least ``floor()`` (after a duplicate seq)."""
 
 
 def create_broker(settings: Settings) -> Broker:

@@ -2,36 +2,42 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter, defaultdict
 
-from . import Handler, SeqFloor
+from ..events import PresenceEvent, encode_events
+from ..protocol import encode
+from . import Handler
 
 __all__ = ["MemoryBroker", "MemoryPresence"]
 
 
 class MemoryPresence:
-    """Presence held in this process (all there is when there is one process)."""
+    """Presence held in this process (all there is when there is one process).
 
-    def __init__(self) -> None:
+    Changes apply at once and are announced on the room's channel like the
+    Redis broker's: a ``presence`` payload for the first in and the last out.
+    """
+
+    def __init__(self, broker: MemoryBroker) -> None:
+        self._broker = broker
         self._rooms: dict[str, Counter[str]] = defaultdict(Counter)
 
-    async def add(self, room_id: str, sender_id: str) -> bool:
+    def join(self, room_id: str, sender_id: str) -> None:
         members = self._rooms[room_id]
         members[sender_id] += 1
-        return members[sender_id] == 1
+        if members[sender_id] == 1:
+            self._broker.announce(room_id, sender_id, "join")
 
-    async def remove(self, room_id: str, sender_id: str) -> bool:
+    def leave(self, room_id: str, sender_id: str) -> None:
         members = self._rooms.get(room_id)
         if members is None or members[sender_id] <= 0:
-            return False
+            return
         members[sender_id] -= 1
         if members[sender_id] == 0:
             del members[sender_id]
             if not members:
                 del self._rooms[room_id]
-            return True
-        return False
+            self._broker.announce(room_id, sender_id, "leave")
 
     async def members(self, room_id: str) -> list[str]:
         return sorted(self._rooms.get(room_id, ()))
@@ -39,15 +45,20 @@ class MemoryPresence:
     async def rooms(self) -> list[tuple[str, int]]:
         return sorted((room, len(members)) for room, members in self._rooms.items())
 
+    async def settle(self) -> None:
+        return None
+
 
 class MemoryBroker:
-    """Channels and sequences as dictionaries; publish calls handlers directly."""
+    """Channels as a dictionary; publish calls handlers directly."""
 
     def __init__(self) -> None:
-        self.presence = MemoryPresence()
+        self._presence = MemoryPresence(self)
         self._handlers: dict[str, list[Handler]] = defaultdict(list)
-        self._seqs: dict[str, int] = {}
-        self._seed_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    @property
+    def presence(self) -> MemoryPresence:
+        return self._presence
 
     async def start(self) -> None:
         return None
@@ -69,18 +80,13 @@ class MemoryBroker:
                 del self._handlers[room_id]
 
     async def publish(self, room_id: str, payload: bytes) -> None:
+        self._deliver(room_id, payload)
+
+    def _deliver(self, room_id: str, payload: bytes) -> None:
         for handler in list(self._handlers.get(room_id, ())):
             handler(payload)
 
-    async def next_seqs(self, room_id: str, count: int, floor: SeqFloor) -> int:
-        if room_id not in self._seqs:
-            async with self._seed_locks[room_id]:
-                if room_id not in self._seqs:
-                    self._seqs[room_id] = await floor()
-            self._seed_locks.pop(room_id, None)
-        self._seqs[room_id] += count
-        return self._seqs[room_id]
-
-    async def reseed(self, room_id: str, floor: SeqFloor) -> None:
-        stored = await floor()
-        self._seqs[room_id] = max(self._seqs.get(room_id, 0), stored)
+    def announce(self, room_id: str, sender_id: str, event: str) -> None:
+        frame = encode({"type": "presence", "room_id": room_id, "event": event,
+                        "sender_id": sender_id})
+        self._deliver(room_id, encode_events([PresenceEvent(sender_id, frame)]))

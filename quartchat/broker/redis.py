@@ -37,7 +37,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .. import metrics
 from ..events import PresenceEvent, encode_events
 from ..protocol import encode
-from . import BrokerError, Handler, SeqFloor
+from collections.abc import Awaitable, Callable
+
+from . import BrokerError, Handler
+
+SeqFloor = Callable[[], Awaitable[int]]  # TEMP until the broker rework lands
 
 __all__ = ["RedisBroker", "RedisPresence"]
 
@@ -105,9 +109,36 @@ class RedisPresence:
         self.node = node
         self._add = client.register_script(_ADD_LUA)
         self._remove = client.register_script(_REMOVE_LUA)
+        self._pending: set[asyncio.Task[None]] = set()
+        self.publish: Any = None
 
     def _keys(self, room_id: str) -> list[str]:
         return [f"{self._p}:node:{self.node}", f"{self._p}:members:{room_id}", f"{self._p}:rooms"]
+
+    # TEMP(lead): the non-blocking interface on top of add/remove until the broker rework lands.
+    def join(self, room_id: str, sender_id: str) -> None:
+        self._later(self.add, room_id, sender_id, "join")
+
+    def leave(self, room_id: str, sender_id: str) -> None:
+        self._later(self.remove, room_id, sender_id, "leave")
+
+    def _later(self, op: Any, room_id: str, sender_id: str, event: str) -> None:
+        async def run() -> None:
+            try:
+                if await op(room_id, sender_id) and self.publish is not None:
+                    frame = encode({"type": "presence", "room_id": room_id, "event": event,
+                                    "sender_id": sender_id})
+                    await self.publish(room_id, encode_events([PresenceEvent(sender_id, frame)]))
+            except BrokerError as exc:
+                log.warning("presence %s failed: %s", event, exc)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def settle(self) -> None:
+        if self._pending:
+            await asyncio.wait(list(self._pending), timeout=2)
 
     async def add(self, room_id: str, sender_id: str) -> bool:
         try:
@@ -210,7 +241,8 @@ class RedisBroker:
             retry=Retry(NoBackoff(), retries=0),
         )
         self._pubsub = self._sub_client.pubsub()
-        self.presence = RedisPresence(self._r, prefix, self.node)
+        self._presence = RedisPresence(self._r, prefix, self.node)
+        self._presence.publish = self.publish
         self._reseed_script = self._r.register_script(_RESEED_LUA)
         self._next_script = self._r.register_script(_NEXT_LUA)
         self._handlers: dict[str, list[Handler]] = defaultdict(list)
@@ -218,6 +250,10 @@ class RedisBroker:
         self._sub_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self.connected = False
+
+    @property
+    def presence(self) -> RedisPresence:
+        return self._presence
 
     def _channel(self, room_id: str) -> str:
         return f"{self.prefix}:room:{room_id}"
@@ -244,6 +280,7 @@ class RedisBroker:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        await self.presence.settle()
         try:
             await self.presence.leave_all()
         except (RedisError, OSError):

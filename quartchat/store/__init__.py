@@ -2,6 +2,11 @@
 
 ``sqlite+aiosqlite://`` (embedded default) and ``mysql+aiomysql://`` are both
 served by :class:`quartchat.store.database.DatabaseStore` over ``databases``.
+
+The store is the one arbiter of seqs: :meth:`Store.append` assigns them in the
+same transaction that stores the rows (a per-room counter row), so a room's
+seqs are committed in order and without holes. Whoever sees seq ``n`` knows
+that every seq below it is already readable.
 """
 
 from __future__ import annotations
@@ -12,7 +17,15 @@ from typing import Protocol
 
 import attrs
 
-__all__ = ["StoredMessage", "Store", "StoreError", "DuplicateError", "create_store"]
+__all__ = [
+    "Appended",
+    "DuplicateError",
+    "NewMessage",
+    "Store",
+    "StoreError",
+    "StoredMessage",
+    "create_store",
+]
 
 
 @attrs.frozen
@@ -28,12 +41,31 @@ class StoredMessage:
     sent_at_ms: int
 
 
+@attrs.frozen
+class NewMessage:
+    """A post to store; the store gives it its seq."""
+
+    id: str
+    sender_id: str
+    content: str
+    client_msg_id: str | None
+    sent_at_ms: int
+
+
+@attrs.frozen
+class Appended:
+    """What :meth:`Store.append` did with one post: stored now, or found as an earlier copy."""
+
+    row: StoredMessage
+    created: bool
+
+
 class StoreError(Exception):
     """The store could not be read or written (down, timed out, refused)."""
 
 
 class DuplicateError(StoreError):
-    """An insert hit a unique key: a reused seq or a retried client_msg_id."""
+    """A write hit a unique key it should never hit (a bug or a foreign writer)."""
 
 
 class Store(Protocol):
@@ -46,21 +78,28 @@ class Store(Protocol):
     async def ping(self) -> None:
         """Raise :class:`StoreError` unless the store answers."""
 
+    async def append(self, room_id: str, posts: Sequence[NewMessage]) -> list[Appended]:
+        """Store posts in order, all or none, each with the room's next seq.
+
+        A post whose (sender_id, client_msg_id) is already stored in the room
+        (or earlier in ``posts``) is not stored again: its answer is the
+        original row with ``created=False``. One answer per post, in order.
+        """
+
     async def max_seq(self, room_id: str) -> int:
-        """The room's highest stored seq, 0 for a room never used."""
+        """The room's highest assigned (and so committed) seq, 0 for a room never used."""
 
-    async def insert(self, rows: Sequence[StoredMessage]) -> None:
-        """Store rows (one room, ascending seq) in one transaction, all or none."""
+    async def last_seqs(self, room_ids: Sequence[str]) -> dict[str, int]:
+        """:meth:`max_seq` of many rooms in one query (rooms never used are left out)."""
 
-    async def find_client_ids(
-        self, room_id: str, keys: Sequence[tuple[str, str]]
-    ) -> dict[tuple[str, str], StoredMessage]:
-        """Stored messages of ``room_id`` by (sender_id, client_msg_id)."""
-
-    async def after(self, room_id: str, after_seq: int, upto_seq: int | None, limit: int) -> list[StoredMessage]:
+    async def after(
+        self, room_id: str, after_seq: int, upto_seq: int | None, limit: int
+    ) -> list[StoredMessage]:
         """Messages with ``after_seq < seq <= upto_seq``, oldest first, at most ``limit``."""
 
-    async def page(self, room_id: str, before_seq: int | None, limit: int) -> tuple[list[StoredMessage], bool]:
+    async def page(
+        self, room_id: str, before_seq: int | None, limit: int
+    ) -> tuple[list[StoredMessage], bool]:
         """The newest ``limit`` messages below ``before_seq``, oldest first, and has_more."""
 
     async def touch_clients(self, seen: dict[str, datetime]) -> None:

@@ -1,9 +1,12 @@
 """The :class:`Store` over ``databases``: SQLite (aiosqlite) or MySQL/MariaDB (aiomysql).
 
-Writes arrive as batches from room actors and go in as one multi-row INSERT
-in one transaction (``execute_many`` is one statement per row: ~10x slower).
-On SQLite every write is serialised through one lock, since SQLite has a
-single writer and lock contention would otherwise surface as busy waits.
+Writes arrive as batches from room actors. Concurrent batches of many rooms
+go in as one transaction: lock the rooms' counter rows (in key order, so two
+servers' groups never deadlock), find retries by client_msg_id, give the new
+posts the next seqs, insert them in one multi-row INSERT, move the counters,
+commit (one fsync). A room's seqs are thus committed in seq order, with no
+holes. On SQLite every write is serialised through one lock, since SQLite has
+a single writer and lock contention would otherwise surface as busy waits.
 
 Connections are taken from the ``databases`` backend one per operation and
 never through ``Database.fetch_*``/``Database.transaction()``: those bind a
@@ -26,19 +29,17 @@ import warnings
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-import sqlalchemy as sa
+import attrs
 from databases import Database
 from databases.interfaces import ConnectionBackend
-from sqlalchemy.dialects import mysql as mysql_dialect
-from sqlalchemy.dialects import sqlite as sqlite_dialect
 
-from . import DuplicateError, StoredMessage, StoreError
-from .schema import clients, messages, rooms
+from . import Appended, DuplicateError, NewMessage, StoredMessage, StoreError
+from .dialect import Dialect, to_ms
 
-__all__ = ["DatabaseStore", "OP_TIMEOUT", "CONNECT_TIMEOUT", "to_datetime", "to_ms"]
+__all__ = ["CONNECT_TIMEOUT", "OP_TIMEOUT", "DatabaseStore"]
 
 log = logging.getLogger(__name__)
 
@@ -48,72 +49,39 @@ warnings.filterwarnings("ignore", message=r".*Duplicate entry", module=r"aiomysq
 
 OP_TIMEOUT = 15.0  # seconds; a hung database must not hang an actor forever
 CONNECT_TIMEOUT = 5.0  # seconds, for one new MySQL connection (TCP + handshake)
-_OP_TIMEOUT = OP_TIMEOUT  # old name
-_GROUP_ROWS = 2000  # most rows one grouped INSERT carries
+_GROUP_ROWS = 2000  # most rows one grouped transaction carries
 _SQLITE_CLOSE_WAIT = 2.0  # seconds a failed operation waits for its SQLite connection to close
+_KNOWN_ROOMS_MAX = 100_000  # rooms whose counter row this process knows exists (then forgets all)
+_DEADLOCK_RETRIES = 3
 
 
-def _answer(waiter: asyncio.Future[None], exc: BaseException | None) -> None:
-    if waiter.done():
-        return  # the caller gave up (cancelled)
-    if exc is None:
-        waiter.set_result(None)
-    else:
-        waiter.set_exception(exc)
+@attrs.define(eq=False)
+class _Request:
+    """One room's batch waiting for the group writer."""
+
+    room_id: str
+    posts: Sequence[NewMessage]
+    waiter: asyncio.Future[list[Appended]]
 
 
-_INSERT_COLUMNS = "room_id, seq, id, sender_id, content, client_msg_id, created_at"
-_INSERT_MYSQL = f"INSERT INTO messages ({_INSERT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s)"
-_INSERT_SQLITE = f"INSERT INTO messages ({_INSERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
-
-
-def _mysql_params(r: StoredMessage) -> tuple[Any, ...]:
-    return (r.room_id, r.seq, r.id, r.sender_id, r.content, r.client_msg_id,
-            to_datetime(r.sent_at_ms))
-
-
-def _sqlite_params(r: StoredMessage) -> tuple[Any, ...]:
-    # The text form SQLAlchemy's SQLite DateTime writes and reads back.
-    dt = to_datetime(r.sent_at_ms)
-    return (r.room_id, r.seq, r.id, r.sender_id, r.content, r.client_msg_id,
-            f"{dt:%Y-%m-%d %H:%M:%S}.{dt.microsecond:06d}")
-
-
-def to_datetime(ms: int) -> datetime:
-    """Epoch milliseconds as a naive UTC datetime (how the columns store it)."""
-    return datetime.fromtimestamp(ms / 1000, UTC).replace(tzinfo=None)
-
-
-def to_ms(value: Any) -> int:
-    """A stored datetime (naive UTC) back to epoch milliseconds."""
-    if isinstance(value, str):  # defensive: SQLite without type processing
-        value = datetime.fromisoformat(value)
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return int(round(value.timestamp() * 1000))
-
-
-def _row(record: Any) -> StoredMessage:
+def _row(record: Sequence[Any]) -> StoredMessage:
+    room_id, seq, id_, sender_id, content, client_msg_id, created_at = record
     return StoredMessage(
-        room_id=record["room_id"],
-        seq=int(record["seq"]),
-        id=record["id"],
-        sender_id=record["sender_id"],
-        content=record["content"],
-        client_msg_id=record["client_msg_id"],
-        sent_at_ms=to_ms(record["created_at"]),
+        room_id=room_id,
+        seq=int(seq),
+        id=id_,
+        sender_id=sender_id,
+        content=content,
+        client_msg_id=client_msg_id,
+        sent_at_ms=to_ms(created_at),
     )
 
 
-_COLUMNS = (
-    messages.c.room_id,
-    messages.c.seq,
-    messages.c.id,
-    messages.c.sender_id,
-    messages.c.content,
-    messages.c.client_msg_id,
-    messages.c.created_at,
-)
+def _is_deadlock(exc: BaseException) -> bool:
+    # MySQL 1213 (deadlock) and 1205 (lock wait timeout): the transaction was
+    # rolled back whole, so running it again is safe.
+    text = str(exc)
+    return "1213" in text or "1205" in text or "Deadlock" in text
 
 
 class DatabaseStore:
@@ -126,9 +94,9 @@ class DatabaseStore:
         network partition makes calls fail after that long (a reset or refused
         connection makes them fail at once)."""
         self.url = url
-        self.is_sqlite = url.startswith("sqlite")
         self.op_timeout = op_timeout
-        if self.is_sqlite:
+        self.dialect = Dialect(sqlite=url.startswith("sqlite"))
+        if self.dialect.sqlite:
             self._db = Database(url, timeout=30)
         else:
             self._db = Database(
@@ -139,8 +107,8 @@ class DatabaseStore:
                 maxsize=10,
                 pool_recycle=3600,
             )
-        self._write_lock = asyncio.Lock() if self.is_sqlite else None
-        self._groups: deque[tuple[list[StoredMessage], asyncio.Future[None]]] = deque()
+        self._write_lock = asyncio.Lock() if self.dialect.sqlite else None
+        self._queue: deque[_Request] = deque()
         self._group_writer: asyncio.Task[None] | None = None
         self._known_rooms: set[str] = set()
         # SQLite connections being closed after a failure (the close may queue
@@ -153,10 +121,10 @@ class DatabaseStore:
                 await self._db.connect()
         except Exception as exc:
             raise StoreError(f"cannot connect to the database: {exc}") from exc
-        if self.is_sqlite:
+        if self.dialect.sqlite:
             # WAL lets readers run beside the writer; it persists in the file.
-            async with self._session("connect") as conn:
-                await conn.execute(sa.text("PRAGMA journal_mode=WAL"))
+            async with self._session("connect") as raw:
+                await self.dialect.fetch(raw, "PRAGMA journal_mode=WAL", ())
 
     async def close(self) -> None:
         if self._group_writer is not None and not self._group_writer.done():
@@ -177,9 +145,11 @@ class DatabaseStore:
                     await self._db.disconnect()
         except TimeoutError:
             log.warning("closing the database timed out; dropping its connections")
-            pool = getattr(self._db._backend, "_pool", None)  # noqa: SLF001
+            pool = getattr(self._db._backend, "_pool", None)
             if pool is not None and hasattr(pool, "terminate"):
                 pool.terminate()  # aiomysql: close the connections still in use
+
+    # ---- sessions -------------------------------------------------------
 
     @asynccontextmanager
     async def _op(self, what: str) -> AsyncIterator[None]:
@@ -201,8 +171,8 @@ class DatabaseStore:
     @asynccontextmanager
     async def _session(
         self, what: str, *, transaction: bool = False, write: bool = False
-    ) -> AsyncIterator[ConnectionBackend]:
-        """One bounded operation on a connection of its own, optionally in a transaction.
+    ) -> AsyncIterator[Any]:
+        """One bounded operation on a driver connection of its own, optionally in a transaction.
 
         On success the transaction is committed and the connection goes back to
         the pool. On any error or cancellation the connection is closed instead,
@@ -212,16 +182,16 @@ class DatabaseStore:
         async with self._op(what), AsyncExitStack() as stack:
             if write:
                 await stack.enter_async_context(self._writing())
-            conn = self._db._backend.connection()  # noqa: SLF001 (see module docstring)
+            conn = self._db._backend.connection()
             await conn.acquire()
             ok = False
+            raw = conn.raw_connection
             try:
                 if transaction:
-                    tx = conn.transaction()
-                    await tx.start(is_root=True, extra_options={})
-                yield conn
+                    await self._begin(raw)
+                yield raw
                 if transaction:
-                    await tx.commit()
+                    await self._commit(raw)
                 ok = True
             finally:
                 if ok:
@@ -229,9 +199,22 @@ class DatabaseStore:
                 else:
                     await self._discard(conn)
 
+    async def _begin(self, raw: Any) -> None:
+        if self.dialect.sqlite:
+            # IMMEDIATE takes the write lock now, waiting on the busy timeout. A
+            # deferred transaction that reads, then writes, fails at once with
+            # "database is locked" when another connection wrote in between.
+            await raw.execute("BEGIN IMMEDIATE")
+        else:
+            await raw.begin()
+
+    @staticmethod
+    async def _commit(raw: Any) -> None:
+        await raw.commit()
+
     async def _discard(self, conn: ConnectionBackend) -> None:
         """Close a connection whose state is unknown and give its pool slot back."""
-        if self.is_sqlite:
+        if self.dialect.sqlite:
             # Closing (which rolls back) queues behind any statement still running
             # in aiosqlite's thread, maybe a busy wait: wait for it a little (while
             # still holding the write lock), then let it finish on its own; close()
@@ -253,89 +236,6 @@ class DatabaseStore:
         except Exception:  # already broken: nothing more to do for it
             log.debug("releasing a broken connection failed", exc_info=True)
 
-    async def ping(self) -> None:
-        async with self._session("ping") as conn:
-            await conn.fetch_val(sa.text("SELECT 1"))
-
-    async def max_seq(self, room_id: str) -> int:
-        query = sa.select(sa.func.max(messages.c.seq)).where(messages.c.room_id == room_id)
-        async with self._session("max_seq") as conn:
-            value = await conn.fetch_val(query)
-        return int(value or 0)
-
-    def _insert_ignore(self, table: sa.Table) -> Any:
-        if self.is_sqlite:
-            return sqlite_dialect.insert(table).on_conflict_do_nothing()
-        return mysql_dialect.insert(table).prefix_with("IGNORE")
-
-    async def insert(self, rows: Sequence[StoredMessage]) -> None:
-        """Store rows (one room, ascending seq) in one transaction, all or none.
-
-        Concurrent calls (many rooms writing at once) are grouped: one writer
-        task takes everything queued, writes it as one multi-row INSERT in one
-        transaction (one commit, one fsync), and answers every caller. A group
-        that fails on a unique key is retried caller by caller, so only the
-        caller whose rows clash gets the DuplicateError.
-        """
-        if not rows:
-            return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._groups.append((list(rows), waiter))
-        if self._group_writer is None or self._group_writer.done():
-            self._group_writer = asyncio.create_task(self._write_groups(), name="store-writer")
-        await waiter
-
-    async def _write_groups(self) -> None:
-        while self._groups:
-            group: list[tuple[list[StoredMessage], asyncio.Future[None]]] = []
-            size = 0
-            while self._groups and (not group or size + len(self._groups[0][0]) <= _GROUP_ROWS):
-                rows, waiter = self._groups.popleft()
-                group.append((rows, waiter))
-                size += len(rows)
-            live = [(rows, waiter) for rows, waiter in group if not waiter.done()]
-            try:
-                await self._insert_now([r for rows, _ in live for r in rows])
-            except DuplicateError as exc:
-                if len(live) == 1:
-                    _answer(live[0][1], exc)
-                    continue
-                for rows, waiter in live:
-                    try:
-                        await self._insert_now(rows)
-                    except StoreError as one_exc:
-                        _answer(waiter, one_exc)
-                    else:
-                        _answer(waiter, None)
-            except StoreError as exc:
-                for _, waiter in live:
-                    _answer(waiter, exc)
-            else:
-                for _, waiter in live:
-                    _answer(waiter, None)
-
-    async def _insert_now(self, rows: Sequence[StoredMessage]) -> None:
-        new_rooms = sorted({r.room_id for r in rows} - self._known_rooms)
-        async with self._session("insert", transaction=True, write=True) as conn:
-            if new_rooms:
-                created = to_datetime(rows[0].sent_at_ms)
-                await conn.execute(
-                    self._insert_ignore(rooms).values(
-                        [{"room_id": room_id, "created_at": created} for room_id in new_rooms]
-                    )
-                )
-            # The hot path skips SQLAlchemy compilation (a multi-row Insert costs
-            # ~0.1 ms a row to compile) and hands the driver one parameterised
-            # statement: pymysql's executemany sends it as one multi-row INSERT,
-            # sqlite3 runs it in-process inside the same transaction.
-            raw = conn.raw_connection
-            if self.is_sqlite:
-                await raw.executemany(_INSERT_SQLITE, [_sqlite_params(r) for r in rows])
-            else:
-                async with raw.cursor() as cursor:
-                    await cursor.executemany(_INSERT_MYSQL, [_mysql_params(r) for r in rows])
-        self._known_rooms.update(new_rooms)
-
     @asynccontextmanager
     async def _writing(self) -> AsyncIterator[None]:
         if self._write_lock is None:
@@ -344,67 +244,206 @@ class DatabaseStore:
             async with self._write_lock:
                 yield
 
-    async def find_client_ids(
-        self, room_id: str, keys: Sequence[tuple[str, str]]
-    ) -> dict[tuple[str, str], StoredMessage]:
-        if not keys:
+    # ---- reads ----------------------------------------------------------
+
+    async def ping(self) -> None:
+        async with self._session("ping") as raw:
+            await self.dialect.fetch(raw, "SELECT 1", ())
+
+    async def max_seq(self, room_id: str) -> int:
+        return (await self.last_seqs([room_id])).get(room_id, 0)
+
+    async def last_seqs(self, room_ids: Sequence[str]) -> dict[str, int]:
+        if not room_ids:
             return {}
-        query = sa.select(*_COLUMNS).where(
-            messages.c.room_id == room_id,
-            sa.tuple_(messages.c.sender_id, messages.c.client_msg_id).in_(list(keys)),
-        )
-        async with self._session("find_client_ids") as conn:
-            records = await conn.fetch_all(query)
-        found = {}
-        for record in records:
-            row = _row(record)
-            assert row.client_msg_id is not None
-            found[(row.sender_id, row.client_msg_id)] = row
-        return found
+        ids = list(dict.fromkeys(room_ids))
+        async with self._session("last_seqs") as raw:
+            records = await self.dialect.fetch(raw, self.dialect.select_counters(len(ids)), ids)
+        return {room: int(last) for room, last in records}
 
     async def after(
         self, room_id: str, after_seq: int, upto_seq: int | None, limit: int
     ) -> list[StoredMessage]:
-        conditions = [messages.c.room_id == room_id, messages.c.seq > after_seq]
+        params: list[Any] = [room_id, after_seq]
         if upto_seq is not None:
-            conditions.append(messages.c.seq <= upto_seq)
-        query = sa.select(*_COLUMNS).where(*conditions).order_by(messages.c.seq).limit(limit)
-        async with self._session("after") as conn:
-            records = await conn.fetch_all(query)
+            params.append(upto_seq)
+        params.append(limit)
+        async with self._session("after") as raw:
+            records = await self.dialect.fetch(
+                raw, self.dialect.select_after(upto_seq is not None), params)
         return [_row(r) for r in records]
 
     async def page(
         self, room_id: str, before_seq: int | None, limit: int
     ) -> tuple[list[StoredMessage], bool]:
-        conditions = [messages.c.room_id == room_id]
+        params: list[Any] = [room_id]
         if before_seq is not None:
-            conditions.append(messages.c.seq < before_seq)
-        # One extra row tells whether older messages exist.
-        query = (
-            sa.select(*_COLUMNS).where(*conditions).order_by(messages.c.seq.desc()).limit(limit + 1)
-        )
-        async with self._session("page") as conn:
-            records = await conn.fetch_all(query)
+            params.append(before_seq)
+        params.append(limit + 1)  # one extra row tells whether older messages exist
+        async with self._session("page") as raw:
+            records = await self.dialect.fetch(
+                raw, self.dialect.select_page(before_seq is not None), params)
         rows = [_row(r) for r in records]
         has_more = len(rows) > limit
         rows = rows[:limit]
         rows.reverse()
         return rows, has_more
 
+    # ---- writes ---------------------------------------------------------
+
+    async def append(self, room_id: str, posts: Sequence[NewMessage]) -> list[Appended]:
+        """Store posts with the room's next seqs (see the module docstring).
+
+        Concurrent calls (many rooms writing at once) are grouped: one writer
+        task takes everything queued and writes it in one transaction (one
+        commit, one fsync), then answers every caller. A group that fails on a
+        unique key is retried caller by caller, so only the caller at fault
+        gets the error.
+        """
+        if not posts:
+            return []
+        waiter: asyncio.Future[list[Appended]] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Request(room_id, list(posts), waiter))
+        if self._group_writer is None or self._group_writer.done():
+            self._group_writer = asyncio.create_task(self._write_groups(), name="store-writer")
+        return await waiter
+
+    async def _write_groups(self) -> None:
+        while self._queue:
+            group: list[_Request] = []
+            size = 0
+            while self._queue and (not group or size + len(self._queue[0].posts) <= _GROUP_ROWS):
+                request = self._queue.popleft()
+                if not request.waiter.done():  # the caller may have given up (cancelled)
+                    group.append(request)
+                    size += len(request.posts)
+            if not group:
+                continue
+            try:
+                answers = await self._append_now(group)
+            except DuplicateError:
+                if len(group) == 1:
+                    _answer(group[0], exc=DuplicateError("unexpected duplicate key"))
+                    continue
+                for request in group:
+                    try:
+                        (answer,) = await self._append_now([request])
+                    except StoreError as exc:
+                        _answer(request, exc=exc)
+                    else:
+                        _answer(request, answer)
+            except StoreError as exc:
+                for request in group:
+                    _answer(request, exc=exc)
+            else:
+                for request, answer in zip(group, answers):
+                    _answer(request, answer)
+
+    async def _append_now(self, group: Sequence[_Request]) -> list[list[Appended]]:
+        rooms = sorted({r.room_id for r in group})
+        new_rooms = [room for room in rooms if room not in self._known_rooms]
+        if new_rooms:
+            await self._create_rooms(new_rooms, group[0].posts[0].sent_at_ms)
+        for attempt in range(_DEADLOCK_RETRIES):
+            try:
+                async with self._session("insert", transaction=True, write=True) as raw:
+                    return await self._append_in(raw, rooms, group)
+            except DuplicateError:
+                raise
+            except StoreError as exc:
+                if not _is_deadlock(exc) or attempt == _DEADLOCK_RETRIES - 1:
+                    raise
+                log.info("insert deadlocked (attempt %d); running it again", attempt + 1)
+        raise AssertionError("unreachable")
+
+    async def _create_rooms(self, rooms: Sequence[str], sent_at_ms: int) -> None:
+        """Counter rows for rooms this process has not written yet, outside the insert's
+        transaction: an INSERT IGNORE there would take a shared lock that the counter's
+        FOR UPDATE then upgrades, and two servers doing that deadlock."""
+        created = self.dialect.timestamp(sent_at_ms)
+        async with self._session("create_rooms", write=True) as raw:
+            await self.dialect.execute_many(
+                raw, self.dialect.insert_rooms, [(room, created) for room in rooms])
+        if len(self._known_rooms) + len(rooms) > _KNOWN_ROOMS_MAX:
+            self._known_rooms.clear()
+        self._known_rooms.update(rooms)
+
+    async def _append_in(
+        self, raw: Any, rooms: Sequence[str], group: Sequence[_Request]
+    ) -> list[list[Appended]]:
+        d = self.dialect
+        counters = {room: int(last) for room, last in
+                    await d.fetch(raw, d.lock_counters(len(rooms)), rooms)}
+        missing = [room for room in rooms if room not in counters]
+        if missing:
+            # Its counter row is gone (a database restored without it): forget that
+            # we knew it, so the next attempt creates it again.
+            self._known_rooms.difference_update(missing)
+            raise StoreError(f"insert: no counter row for rooms {missing}")
+        # Retries: already stored copies, read under the rooms' locks, so no
+        # other writer can store the same key in between.
+        wanted: dict[tuple[str, str], set[str]] = {}
+        for request in group:
+            for post in request.posts:
+                if post.client_msg_id is not None:
+                    wanted.setdefault((request.room_id, post.sender_id), set()).add(
+                        post.client_msg_id)
+        found: dict[tuple[str, str, str], StoredMessage] = {}
+        if wanted:
+            groups = [(room, sender, len(ids)) for (room, sender), ids in wanted.items()]
+            params: list[Any] = []
+            for (room, sender), ids in wanted.items():
+                params += [room, sender, *sorted(ids)]
+            for record in await d.fetch(raw, d.find_retries(groups), params):
+                row = _row(record)
+                assert row.client_msg_id is not None
+                found[(row.room_id, row.sender_id, row.client_msg_id)] = row
+        answers: list[list[Appended]] = []
+        inserts: list[tuple[Any, ...]] = []
+        moved: dict[str, int] = {}
+        for request in group:
+            room = request.room_id
+            answer: list[Appended] = []
+            for post in request.posts:
+                key = None if post.client_msg_id is None else (room, post.sender_id,
+                                                               post.client_msg_id)
+                if key is not None and key in found:
+                    answer.append(Appended(found[key], created=False))
+                    continue
+                counters[room] += 1
+                row = StoredMessage(room_id=room, seq=counters[room], id=post.id,
+                                    sender_id=post.sender_id, content=post.content,
+                                    client_msg_id=post.client_msg_id,
+                                    sent_at_ms=post.sent_at_ms)
+                if key is not None:
+                    found[key] = row  # a second copy later in the group is its retry
+                moved[room] = counters[room]
+                inserts.append((room, row.seq, row.id, row.sender_id, row.content,
+                                row.client_msg_id, d.timestamp(row.sent_at_ms)))
+                answer.append(Appended(row, created=True))
+            answers.append(answer)
+        if inserts:
+            await d.execute_many(raw, d.insert_messages, inserts)
+            await d.execute_many(raw, d.update_counter,
+                                 [(last, room) for room, last in sorted(moved.items())])
+        return answers
+
     async def touch_clients(self, seen: dict[str, datetime]) -> None:
         if not seen:
             return
-        values = [
-            {"sender_id": sender, "first_seen": when, "last_seen": when}
-            for sender, when in sorted(seen.items())
-        ]
-        if self.is_sqlite:
-            ins = sqlite_dialect.insert(clients).values(values)
-            query = ins.on_conflict_do_update(
-                index_elements=[clients.c.sender_id], set_={"last_seen": ins.excluded.last_seen}
-            )
-        else:
-            mins = mysql_dialect.insert(clients).values(values)
-            query = mins.on_duplicate_key_update(last_seen=mins.inserted.last_seen)
-        async with self._session("touch_clients", write=True) as conn:
-            await conn.execute(query)
+        d = self.dialect
+        rows = [(sender, d.datetime_param(when), d.datetime_param(when))
+                for sender, when in sorted(seen.items())]
+        async with self._session("touch_clients", write=True) as raw:
+            await d.execute_many(raw, d.upsert_clients, rows)
+
+
+def _answer(request: _Request, answer: list[Appended] | None = None, *,
+            exc: BaseException | None = None) -> None:
+    if request.waiter.done():
+        return  # the caller gave up (cancelled)
+    if exc is not None:
+        request.waiter.set_exception(exc)
+    else:
+        assert answer is not None
+        request.waiter.set_result(answer)

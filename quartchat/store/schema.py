@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
-__all__ = ["metadata", "messages", "rooms", "clients", "DATETIME_MS"]
+__all__ = ["DATETIME_MS", "clients", "messages", "metadata", "rooms"]
 
 metadata = sa.MetaData()
 
@@ -38,6 +38,8 @@ rooms = sa.Table(
     metadata,
     sa.Column("room_id", sa.String(64), primary_key=True),
     sa.Column("created_at", DATETIME_MS, nullable=False),
+    # The room's seq counter: moved in the same transaction as the insert (0002).
+    sa.Column("last_seq", sa.BigInteger, nullable=False, server_default="0"),
 )
 
 clients = sa.Table(

@@ -1,0 +1,338 @@
+"""Property tests of rooms driven through their inboxes: two servers (hubs)
+sharing one database, a broker that loses, duplicates and reorders
+notifications, store reads that fail, posts and retries from many clients,
+joins with any ``since_seq`` or ``history``, leaves during replays.
+
+Invariants, for every example:
+- every member's stream is strictly increasing (no duplicate, no step back);
+- from its join point on, a member's stream is exactly the store's contents
+  (no gap, nothing skipped that the store holds), up to where it left;
+- a member that stays joined ends with every stored message after its join
+  point, whatever was lost on the way (the position check and gap reads heal);
+- every acked message is in the store, with the acked seq; a retried
+  ``client_msg_id`` is stored once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from quartchat.broker import Handler
+from quartchat.broker.memory import MemoryPresence
+from quartchat.config import Settings
+from quartchat.hub import Hub
+from quartchat.migrate import upgrade
+from quartchat.room import Join, Leave, Publish
+from quartchat.store import StoredMessage, StoreError
+from quartchat.store.database import DatabaseStore
+
+from .fakes import Client
+
+ROOMS = ("r1", "r2")
+STATS: list[int] = []  # messages stored per example, for the closing note
+_TEMPLATE: Path | None = None
+
+
+def template_db() -> Path:
+    """One migrated SQLite file, copied for every example (migrating costs ~0.2 s)."""
+    global _TEMPLATE
+    if _TEMPLATE is None:
+        path = Path(tempfile.mkdtemp(prefix="qc-props-")) / "template.db"
+        upgrade(f"sqlite+aiosqlite:///{path}")
+        _TEMPLATE = path
+    return _TEMPLATE
+
+
+class Bus:
+    """What Redis would be for two processes: notifications per handler, which
+    the test delivers, loses, duplicates and reorders at will."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, list[Handler]] = defaultdict(list)
+        self.pending: list[tuple[Handler, bytes]] = []
+
+    def publish(self, room_id: str, payload: bytes) -> None:
+        for handler in self.handlers[room_id]:
+            self.pending.append((handler, payload))
+
+
+class ChaosBroker:
+    """One process's view of the bus; presence stays local (not under test here)."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self._presence = MemoryPresence(self)  # type: ignore[arg-type]
+
+    @property
+    def presence(self) -> MemoryPresence:
+        return self._presence
+
+    def announce(self, room_id: str, sender_id: str, event: str) -> None:
+        return None
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def ping(self) -> None:
+        return None
+
+    async def subscribe(self, room_id: str, handler: Handler) -> None:
+        self.bus.handlers[room_id].append(handler)
+
+    async def unsubscribe(self, room_id: str, handler: Handler) -> None:
+        if handler in self.bus.handlers[room_id]:
+            self.bus.handlers[room_id].remove(handler)
+
+    async def publish(self, room_id: str, payload: bytes) -> None:
+        self.bus.publish(room_id, payload)
+
+
+class FlakyStore(DatabaseStore):
+    """The real store whose reads fail while ``failing`` is set."""
+
+    failing = False
+
+    async def after(self, room_id: str, after_seq: int, upto_seq: int | None,
+                    limit: int) -> list[StoredMessage]:
+        if self.failing:
+            raise StoreError("injected: read failed")
+        await asyncio.sleep(0)
+        return await super().after(room_id, after_seq, upto_seq, limit)
+
+    async def page(self, room_id: str, before_seq: int | None,
+                   limit: int) -> tuple[list[StoredMessage], bool]:
+        if self.failing:
+            raise StoreError("injected: read failed")
+        return await super().page(room_id, before_seq, limit)
+
+
+@attrs.define
+class Seat:
+    """A client slot: its current connection on one of the hubs."""
+
+    hub: int
+    client: Client | None = None
+    room: str = "r1"
+    posted: list[str] = attrs.Factory(list)
+
+
+# Steps: (kind, a, b) with small integers chosen by hypothesis.
+STEP = st.tuples(st.integers(0, 9), st.integers(0, 7), st.integers(0, 1000))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(steps=st.lists(STEP, min_size=10, max_size=80))
+def test_rooms_keep_order_and_lose_nothing_under_any_interleaving(
+        steps: Sequence[tuple[int, int, int]]) -> None:
+    asyncio.run(asyncio.wait_for(scenario(steps), 60))
+
+
+async def scenario(steps: Sequence[tuple[int, int, int]]) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="qc-example-"))
+    db = workdir / "chat.db"
+    shutil.copy(template_db(), db)
+    url = f"sqlite+aiosqlite:///{db}"
+    bus = Bus()
+    hubs: list[Hub] = []
+    stores: list[FlakyStore] = []
+    for n in range(2):
+        settings_ = attrs.evolve(
+            Settings.from_env({"QUARTCHAT_DATABASE_URL": url, "QUARTCHAT_SERVER_ID": f"s{n}"},
+                              env_file=None),
+            gap_timeout_s=0.02, position_check_s=0.05, room_idle_s=60.0)
+        store = FlakyStore(url)
+        hub = Hub(settings_, store=store, broker=ChaosBroker(bus))  # type: ignore[arg-type]
+        await hub.start()
+        hubs.append(hub)
+        stores.append(store)
+    seats = [Seat(hub=i % 2) for i in range(6)]
+    clients: list[Client] = []
+    joins: dict[str, list[tuple[int | None, int | None]]] = defaultdict(list)
+    counter = 0
+    # Everyone starts joined (on one of the two servers, in one of the rooms).
+    opening = [(3, n, n) for n in range(len(seats))]
+    try:
+        for kind, a, b in [*opening, *steps]:
+            seat = seats[a % len(seats)]
+            hub = hubs[seat.hub]
+            if kind <= 2:  # post (sometimes a retry of an earlier client_msg_id)
+                if seat.client is None or seat.room not in seat.client.conn.rooms:
+                    continue
+                if b % 4 == 0 and seat.posted:
+                    cmid = seat.posted[b % len(seat.posted)]
+                else:
+                    counter += 1
+                    cmid = f"k{counter}" if b % 3 else None
+                    if cmid is not None:
+                        seat.posted.append(cmid)
+                try:
+                    hub.submit(seat.room, Publish(seat.client.conn, f"c{counter}", cmid))
+                except Exception:
+                    pass
+            elif kind == 3:  # (re)connect and join, with any since_seq / history
+                if seat.client is not None:
+                    hub.disconnected(seat.client.conn)
+                counter += 1
+                seat.client = Client(f"u{a % len(seats)}", f"c{counter}")
+                clients.append(seat.client)
+                hub.connected(seat.client.conn)
+                seat.room = ROOMS[b % 2]
+                choice = b % 4
+                since = (b // 4) % 12 if choice == 1 else None
+                history = (b // 4) % 5 if choice == 2 else None
+                seat.client.conn.rooms.add(seat.room)
+                hub.submit(seat.room, Join(seat.client.conn, since_seq=since, history=history))
+                joins[seat.client.conn.conn_id].append((since, history))
+            elif kind == 4:  # leave (maybe during its replay), and maybe join again
+                if seat.client is not None and seat.room in seat.client.conn.rooms:
+                    seat.client.conn.rooms.discard(seat.room)
+                    hub.submit(seat.room, Leave(seat.client.conn))
+                    if b % 2:
+                        seat.client.conn.rooms.add(seat.room)
+                        hub.submit(seat.room, Join(seat.client.conn, since_seq=b % 7))
+                        joins[seat.client.conn.conn_id].append((b % 7, None))
+            elif kind in (5, 6) and bus.pending:  # the broker delivers one, any order
+                handler, payload = bus.pending.pop(b % len(bus.pending))
+                handler(payload)
+                if b % 9 == 0:
+                    handler(payload)  # delivered twice
+            elif kind == 7 and bus.pending:  # the broker loses one
+                bus.pending.pop(b % len(bus.pending))
+            elif kind == 8:  # store reads start or stop failing
+                stores[a % 2].failing = bool(b % 2)
+            else:  # time passes
+                await asyncio.sleep(0.001 * (b % 20))
+        # Heal: the broker is quiet, the store answers; the position checks finish the job.
+        for store in stores:
+            store.failing = False
+        for handler, payload in bus.pending:
+            handler(payload)
+        bus.pending.clear()
+        for hub in hubs:  # every accepted post written and acked
+            for actor in list(hub.actors.values()):
+                await actor.quiesce()
+        stored = {room: await stores[0].after(room, 0, None, 10_000) for room in ROOMS}
+        await settle(hubs, clients, stored)
+        check(seats, clients, stored, joins)
+        STATS.append(sum(len(v) for v in stored.values()))
+    finally:
+        for c in clients:
+            await c.aclose()
+        for hub in hubs:
+            for c in clients:
+                hub.disconnected(c.conn)
+            await hub.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def stream(client: Client, room: str) -> list[list[dict[str, Any]]]:
+    """The client's frames of ``room`` split into memberships: each starts at a
+    ``joined`` (a repeated join answers ``joined`` again without a new start)."""
+    runs: list[list[dict[str, Any]]] = []
+    member = False
+    for frame in client.socket.frames:
+        if frame.get("room_id") != room:
+            continue
+        if frame["type"] == "joined" and not member:
+            runs.append([frame])
+            member = True
+        elif frame["type"] == "left":
+            member = False
+        elif frame["type"] == "message" and runs:
+            runs[-1].append(frame)
+    return runs
+
+
+async def settle(hubs: list[Hub], clients: list[Client],
+                 stored: dict[str, list[StoredMessage]]) -> None:
+    """Wait until every member still joined has caught up with the store."""
+    async def caught_up() -> bool:
+        for room in ROOMS:
+            newest = stored[room][-1].seq if stored[room] else 0
+            for hub in hubs:
+                actor = hub.actors.get(room)
+                if actor is None:
+                    continue
+                if (actor.delivered or 0) < newest:
+                    return False
+                for member in actor.members:
+                    if member.cursor < newest or not member.live:
+                        return False
+        return True
+
+    async with asyncio.timeout(20):
+        while not await caught_up():
+            await asyncio.sleep(0.02)
+    for hub in hubs:
+        for actor in list(hub.actors.values()):
+            await actor.quiesce()
+    async with asyncio.timeout(10):  # every frame queued reaches its fake socket
+        while any(c.conn.queued for c in clients if c.conn.open):
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)
+
+
+def first_expected(last_seq: int, since: int | None, history: int | None) -> tuple[int, int]:
+    """Bounds of the first seq a membership may get, from its joined.last_seq and request."""
+    if since is not None:
+        if since < last_seq:
+            return since + 1, since + 1
+        return last_seq + 1, since + 1  # ahead: up to it is skipped, unless beyond the room
+    if history:
+        start = max(1, last_seq - history + 1) if last_seq else 1
+        return start, start
+    return last_seq + 1, last_seq + 1
+
+
+def check(seats: list[Seat], clients: list[Client], stored: dict[str, list[StoredMessage]],
+          joins: dict[str, list[tuple[int | None, int | None]]]) -> None:
+    for room in ROOMS:
+        rows = stored[room]
+        seqs = [r.seq for r in rows]
+        assert seqs == list(range(1, len(rows) + 1)), "the store has no holes"
+        keys = [(r.sender_id, r.client_msg_id) for r in rows if r.client_msg_id is not None]
+        assert len(keys) == len(set(keys)), "a retried client_msg_id is stored once"
+        by_seq = {r.seq: r for r in rows}
+        for client in clients:
+            requests = joins[client.conn.conn_id]
+            for n, run in enumerate(stream(client, room)):
+                joined, messages = run[0], run[1:]
+                got = [m["seq"] for m in messages]
+                assert got == sorted(set(got)), f"strictly increasing: {got}"
+                for m in messages:
+                    assert m["content"] == by_seq[m["seq"]].content
+                if got:
+                    # Contiguous from where it started: nothing skipped in between.
+                    assert got == list(range(got[0], got[-1] + 1)), f"a gap: {got}"
+                    lo, hi = first_expected(joined["last_seq"], *requests[n])
+                    assert lo <= got[0] <= hi, (f"starts at {got[0]}, not in [{lo}, {hi}] "
+                                                f"for {requests[n]}, joined {joined}")
+        for seat in seats:
+            client = seat.client
+            if client is None or seat.room != room or room not in client.conn.rooms:
+                continue
+            runs = stream(client, room)
+            assert runs, "a member got its joined frame"
+            joined, messages = runs[-1][0], runs[-1][1:]
+            got = [m["seq"] for m in messages]
+            lo, hi = first_expected(joined["last_seq"], *joins[client.conn.conn_id][-1])
+            if lo <= len(rows):
+                assert got and got[-1] == len(rows), f"caught up: {got[-3:]} vs {len(rows)}"
+        for client in clients:
+            for ack in client.socket.of("ack"):
+                if ack["room_id"] == room:
+                    row = by_seq[ack["seq"]]
+                    assert row.id == ack["id"] and row.client_msg_id == ack["client_msg_id"]
