@@ -17,7 +17,7 @@ from .config import Settings
 from .connection import Connection
 from .errors import CLOSE_GOING_AWAY, ChatError
 from .room import History, Join, Leave, Publish, RoomActor, RoomConfig, page_json
-from .store import Store, StoreError, create_store
+from .store import Store, StoredMessage, StoreError, create_store
 
 __all__ = ["Hub", "ClientTracker"]
 
@@ -149,6 +149,23 @@ class Hub:
         if self.draining and isinstance(command, Publish | Join | History):
             raise ChatError("unavailable", "server is shutting down; reconnect elsewhere")
         self.actor(room_id).offer(command)
+
+    async def post(self, room_id: str, sender_id: str, content: str,
+                   client_msg_id: str | None) -> tuple[StoredMessage, bool]:
+        """Post as ``sender_id`` (server API): the socket posts' path, order and retry key.
+
+        Returns the stored message and whether it was stored now (False: a retry).
+        """
+        reply: asyncio.Future[tuple[StoredMessage, bool]] = asyncio.get_running_loop().create_future()
+        self.submit(room_id, Publish(None, content, client_msg_id, sender_id=sender_id,
+                                     reply=reply))
+        try:
+            # The room answers after at most a few store attempts; a lost answer is unavailable.
+            async with asyncio.timeout(self.settings.db_timeout_s * 3 + 5):
+                return await reply
+        except TimeoutError:
+            raise ChatError("unavailable", "storage did not answer; retry with the same "
+                            "client_msg_id") from None
 
     # ---- connections ----------------------------------------------------
 

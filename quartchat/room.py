@@ -80,19 +80,36 @@ class Join:
 
 @attrs.frozen(eq=False)
 class Leave:
-    """A connection leaves; ``quiet`` when it disconnected (no ``left`` frame)."""
+    """A connection leaves; ``quiet`` when it disconnected (no ``left`` frame).
+
+    ``reason`` ("kicked", "forbidden") is carried by the ``left`` frame when set.
+    """
 
     conn: Connection
     quiet: bool = False
+    reason: str | None = None
 
 
 @attrs.frozen(eq=False)
 class Publish:
-    """A connection posts a message."""
+    """A connection posts a message, or the server API does (``conn`` None).
 
-    conn: Connection
+    A server-API post names its ``sender_id``, skips the joined check, and is
+    answered through ``reply``: ``(StoredMessage, created)`` or a ChatError.
+    """
+
+    conn: Connection | None
     content: str
     client_msg_id: str | None = None
+    sender_id: str | None = None
+    reply: asyncio.Future[tuple[StoredMessage, bool]] | None = None
+
+    @property
+    def sender(self) -> str:
+        if self.sender_id is not None:
+            return self.sender_id
+        assert self.conn is not None
+        return self.conn.sender_id
 
 
 @attrs.frozen(eq=False)
@@ -537,7 +554,10 @@ class RoomActor:
                                           action="leave", room_id=self.room_id))
             return
         if not cmd.quiet:
-            conn.send_frame({"type": "left", "room_id": self.room_id})
+            left: dict[str, Any] = {"type": "left", "room_id": self.room_id}
+            if cmd.reason is not None:
+                left["reason"] = cmd.reason
+            conn.send_frame(left)
         sender = conn.sender_id
         self._senders[sender] -= 1
         if self._senders[sender] <= 0:
@@ -769,7 +789,8 @@ class RoomActor:
     # ---- publishing -----------------------------------------------------
 
     def _on_publish(self, cmd: Publish) -> None:
-        if cmd.conn not in self._subs:
+        if cmd.reply is None and cmd.conn not in self._subs:
+            assert cmd.conn is not None
             cmd.conn.send_error(ChatError("not_joined", "join the room before posting",
                                           action="message", room_id=self.room_id,
                                           client_msg_id=cmd.client_msg_id))
@@ -802,8 +823,13 @@ class RoomActor:
 
     def _refuse(self, batch: Sequence[Publish], code: str, message: str) -> None:
         for cmd in batch:
-            cmd.conn.send_error(ChatError(code, message, action="message", room_id=self.room_id,
-                                          client_msg_id=cmd.client_msg_id))
+            error = ChatError(code, message, action="message", room_id=self.room_id,
+                              client_msg_id=cmd.client_msg_id)
+            if cmd.reply is not None:
+                if not cmd.reply.done():
+                    cmd.reply.set_exception(error)
+            elif cmd.conn is not None:
+                cmd.conn.send_error(error)
 
     async def _max_seq(self) -> int:
         return await self.store.max_seq(self.room_id)
@@ -868,14 +894,22 @@ class RoomActor:
                 # local members get it straight away.
                 log.warning("publish failed: %s", exc, extra={"room_id": self.room_id})
                 self.on_broker(payload)
+        created: set[int] = set()
         for row, indexes in zip(rows, owners):
+            created.add(indexes[0])  # the first copy was stored; the others are retries
             for index in indexes:
                 answered[index] = row
-        self._ack_answered(batch, answered)
+        self._ack_answered(batch, answered, created)
 
-    def _ack_answered(self, batch: Sequence[Publish], answered: dict[int, StoredMessage]) -> None:
+    def _ack_answered(self, batch: Sequence[Publish], answered: dict[int, StoredMessage],
+                      created: set[int] | None = None) -> None:
         for index, row in answered.items():
-            batch[index].conn.send_frame(_ack(row))
+            cmd = batch[index]
+            if cmd.reply is not None:
+                if not cmd.reply.done():
+                    cmd.reply.set_result((row, created is not None and index in created))
+            elif cmd.conn is not None:
+                cmd.conn.send_frame(_ack(row))
 
     async def _prepare(
         self, batch: Sequence[Publish], answered: dict[int, StoredMessage],
@@ -883,7 +917,7 @@ class RoomActor:
     ) -> tuple[list[StoredMessage], list[list[int]]]:
         """Resolve retries against the store, then take seqs for the new messages."""
         keys = {
-            (cmd.conn.sender_id, cmd.client_msg_id)
+            (cmd.sender, cmd.client_msg_id)
             for i, cmd in enumerate(batch)
             if cmd.client_msg_id is not None and i not in answered
         }
@@ -897,7 +931,7 @@ class RoomActor:
             if cmd.client_msg_id is None:
                 fresh.append(i)
                 continue
-            key = (cmd.conn.sender_id, cmd.client_msg_id)
+            key = (cmd.sender, cmd.client_msg_id)
             if key in found:
                 answered[i] = found[key]
                 originals[found[key].seq] = found[key]
@@ -916,7 +950,7 @@ class RoomActor:
                 room_id=self.room_id,
                 seq=first + n,
                 id=uuid.uuid4().hex,
-                sender_id=batch[i].conn.sender_id,
+                sender_id=batch[i].sender,
                 content=batch[i].content,
                 client_msg_id=batch[i].client_msg_id,
                 sent_at_ms=now,
