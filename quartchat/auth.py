@@ -56,6 +56,7 @@ KEY_ALGORITHMS: Final[Mapping[str, tuple[type[Any], ...]]] = {
     "EdDSA": (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey),
 }
 _EC_CURVES: Final = {"ES256": "secp256r1", "ES384": "secp384r1"}
+_HMAC_MIN_BYTES: Final = {"HS256": 32, "HS384": 48, "HS512": 64}
 MIN_SECRET_BYTES: Final = 32  # RFC 7518 3.2: an HS256 key at least as long as the hash
 MAX_TOKEN_BYTES: Final = 8192  # longer is refused before any decoding
 
@@ -179,6 +180,11 @@ class TokenVerifier:
         public = None if secret is not None else self._key
         algs = algorithms or (_default_algorithm(public),)
         _check_algorithms(algs, public)
+        if secret is not None:
+            need = max(_HMAC_MIN_BYTES[a] for a in algs)
+            if len(secret.encode()) < need:
+                raise ConfigError(f"QUARTCHAT_JWT_SECRET: at least {need} bytes for "
+                                  f"{', '.join(algs)} (RFC 7518 3.2)")
         self.algorithms = list(algs)
         self.audience = audience
         self.issuer = issuer
