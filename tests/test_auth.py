@@ -495,3 +495,20 @@ def test_quartchat_token_command(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.delenv("QUARTCHAT_JWT_SECRET")
     assert main(["token", "alice"]) == 2
     assert "QUARTCHAT_JWT_SECRET" in capsys.readouterr().err
+
+
+def test_log_filter_redacts_query_tokens_and_bearer_credentials() -> None:
+    """Whatever a log line is built from (hypercorn's access log with a %(q)s or
+    {authorization}i atom, a library's debug line), tokens leave as [redacted]."""
+    import logging
+
+    from quartchat.logs import RedactSecrets, TextFormatter
+
+    tok = token()
+    record = logging.LogRecord("hypercorn.access", logging.INFO, __file__, 1,
+                               '%s "GET %s" auth=%s', ("127.0.0.1", f"/chat?token={tok}&x=1",
+                                                       f"Bearer {API_KEY}"), None)
+    assert RedactSecrets().filter(record)
+    line = TextFormatter().format(record)
+    assert tok not in line and API_KEY not in line
+    assert "/chat?token=[redacted]&x=1" in line and "Bearer [redacted]" in line
