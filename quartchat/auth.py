@@ -17,7 +17,7 @@ import hmac
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import attrs
 import jwt
@@ -31,17 +31,17 @@ if TYPE_CHECKING:
     from .config import Settings
 
 __all__ = [
+    "HMAC_ALGORITHMS",
+    "KEY_ALGORITHMS",
     "AuthError",
     "Grant",
     "Session",
     "TokenVerifier",
-    "HMAC_ALGORITHMS",
-    "KEY_ALGORITHMS",
     "allows",
-    "bearer",
     "api_key_matches",
-    "mint_token",
+    "bearer",
     "format_expiry",
+    "mint_token",
 ]
 
 HMAC_ALGORITHMS: Final = frozenset({"HS256", "HS384", "HS512"})
@@ -245,7 +245,13 @@ class TokenVerifier:
         return grant.exp + self.leeway_s - time.time()
 
 
-def bearer(headers: Mapping[str, str]) -> str | None:
+class HeadersLike(Protocol):
+    """Request headers (Quart's, werkzeug's, a dict)."""
+
+    def get(self, key: str) -> str | None: ...
+
+
+def bearer(headers: HeadersLike) -> str | None:
     """The credential of an ``Authorization: Bearer X`` header, or None."""
     value = headers.get("Authorization")
     if not value:

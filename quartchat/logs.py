@@ -14,7 +14,7 @@ import time
 
 import orjson
 
-__all__ = ["setup_logging", "JsonFormatter", "TextFormatter", "RedactSecrets", "redact"]
+__all__ = ["JsonFormatter", "RedactSecrets", "TextFormatter", "redact", "setup_logging"]
 
 _FIELDS = ("conn_id", "sender_id", "room_id", "server_id")
 

@@ -365,13 +365,12 @@ async def test_refresh_that_narrows_rooms_leaves_them(app: Quart) -> None:
 
 async def test_refresh_is_unknown_in_auth_mode_none(make_settings: Callable[..., Settings]) -> None:
     app = create_app(make_settings())
-    async with app.test_app():
-        async with app.test_client().websocket("/chat?sender_id=alice") as raw:
-            ws = WS(raw)
-            await ws.expect("welcome")
-            await ws.send({"action": "refresh", "token": token()})
-            err = await ws.expect("error")
-            assert (err["code"], err["action"]) == ("unknown_action", "refresh")
+    async with app.test_app(), app.test_client().websocket("/chat?sender_id=alice") as raw:
+        ws = WS(raw)
+        await ws.expect("welcome")
+        await ws.send({"action": "refresh", "token": token()})
+        err = await ws.expect("error")
+        assert (err["code"], err["action"]) == ("unknown_action", "refresh")
 
 
 async def test_one_timer_per_connection(app: Quart) -> None:

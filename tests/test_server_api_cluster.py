@@ -10,7 +10,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -212,8 +211,9 @@ async def test_logs_hold_no_token_secret_or_api_key(cluster: Cluster) -> None:
         await alice.send({"action": "join", "room_id": "other"})
         await alice.wait_for(lambda: any(f.get("code") == "forbidden" for f in alice.of("error")))
         # A refused handshake with a forged token, HTTP reads, API calls.
-        with pytest.raises(Exception):
+        with pytest.raises(websockets.InvalidStatus) as refused:
             await TokenClient(s1.url, "alice-l", token=forged_).connect()
+        assert refused.value.response.status_code == 401
         assert call(s0, "GET", f"/api/rooms/{room}/messages", credential=alice.token)[0] == 200
         assert call(s0, "GET", "/api/rooms/other/messages", credential=alice.token)[0] == 403
         assert call(s1, "GET", "/api/rooms", credential=forged_)[0] == 401
