@@ -17,9 +17,12 @@ from typing import Any
 from quart import Quart, Response, redirect, request, websocket
 
 from . import metrics
+from .api import api_blueprint, guard_read
+from .auth import AuthError, Session, TokenVerifier, bearer
 from .config import Settings
 from .connection import Connection, TokenBucket
-from .errors import CLOSE_POLICY, ChatError
+from .control import Control
+from .errors import CLOSE_POLICY, CLOSE_TOKEN_EXPIRED, ChatError
 from .fastsend import fast_sender_for
 from .hub import Hub
 from .protocol import (
@@ -30,6 +33,7 @@ from .protocol import (
     Limits,
     PingCmd,
     PostCmd,
+    RefreshCmd,
     encode,
     parse_frame,
     valid_room_id,
@@ -78,7 +82,11 @@ def create_app(
     app = Quart(__name__)
     app.config["QUARTCHAT_SETTINGS"] = settings
     app.extensions["quartchat"] = hub
-    limits = Limits(max_content=settings.max_content, history_max=settings.history_max)
+    verifier = TokenVerifier.from_settings(settings) if settings.auth == "jwt" else None
+    control = Control(hub)
+    app.register_blueprint(api_blueprint(hub, settings, control))
+    limits = Limits(max_content=settings.max_content, history_max=settings.history_max,
+                    refresh=verifier is not None)
     frame_limit = settings.frame_limit
     welcome_limits = {
         "max_content": settings.max_content,
@@ -93,12 +101,14 @@ def create_app(
 
             await upgrade_async(settings)
         await hub.start()
+        await control.start()
         log.info("quartchat serving as %s (store %s, broker %s)", settings.server_id,
                  settings.database_url.split("://", 1)[0], settings.broker_url.split("://", 1)[0])
 
     @app.after_serving
     async def _stop() -> None:
         await hub.drain()
+        await control.stop()
         await hub.stop()
 
     # ---- HTTP -----------------------------------------------------------
@@ -140,17 +150,23 @@ def create_app(
 
     @app.get("/api/rooms")
     async def api_rooms() -> Response:
+        if (refusal := guard_read(settings, verifier, None)) is not None:
+            return refusal
         rooms = await hub.rooms()
         return _json({"rooms": [{"room_id": r, "members": n} for r, n in rooms]})
 
     @app.get("/api/rooms/<room_id>/members")
     async def api_members(room_id: str) -> Response:
+        if (refusal := guard_read(settings, verifier, room_id)) is not None:
+            return refusal
         if not valid_room_id(room_id):
             return _json({"error": "invalid_field", "message": "bad room id"}, 400)
         return _json({"room_id": room_id, "members": await hub.members(room_id)})
 
     @app.get("/api/rooms/<room_id>/messages")
     async def api_messages(room_id: str) -> Response:
+        if (refusal := guard_read(settings, verifier, room_id)) is not None:
+            return refusal
         if not valid_room_id(room_id):
             return _json({"error": "invalid_field", "message": "bad room id"}, 400)
         try:
@@ -181,7 +197,21 @@ def create_app(
             return _refuse(503, "draining", "server is shutting down; connect to another server")
         if not _origin_allowed(settings, websocket.headers.get("Origin")):
             return _refuse(403, "forbidden", "origin not allowed")
-        sender_id = websocket.args.get("sender_id")
+        grant = None
+        if verifier is not None:
+            # The query parameter wins over the header; sender_id is ignored.
+            token = websocket.args.get("token")
+            token = bearer(websocket.headers) if token is None else token
+            if token is None:
+                return _refuse(401, "unauthorized", "a token is required (?token= or "
+                               "Authorization: Bearer)")
+            try:
+                grant = verifier.verify(token)
+            except AuthError as exc:
+                return _refuse(401, "unauthorized", str(exc))
+            sender_id: str | None = grant.sender_id
+        else:
+            sender_id = websocket.args.get("sender_id")
         if sender_id is None:
             return _refuse(400, "invalid_field", "sender_id query parameter is required")
         if not valid_sender_id(sender_id):
@@ -191,21 +221,30 @@ def create_app(
         ws: Any = websocket._get_current_object()  # the tasks below outlive the context
         conn = Connection(uuid.uuid4().hex, sender_id, queue_size=settings.outbound_queue)
         hub.connected(conn)
-        conn.send_frame({
+        welcome = {
             "type": "welcome",
             "sender_id": sender_id,
             "connection_id": conn.conn_id,
             "server_id": settings.server_id,
             "protocol": PROTOCOL_VERSION,
             "limits": welcome_limits,
-        })
+        }
+        session = None
+        if verifier is not None and grant is not None:
+            welcome["expires_at"] = grant.expires_at
+            session = Session(verifier, grant,
+                              lambda: conn.close(CLOSE_TOKEN_EXPIRED, "token expired"))
+        conn.send_frame(welcome)
         fast = fast_sender_for(ws) if settings.fast_writes else None
         writer = asyncio.create_task(conn.run_writer(ws, fast), name=f"writer:{conn.conn_id}")
-        reader = asyncio.create_task(_read_loop(ws.receive, conn), name=f"reader:{conn.conn_id}")
+        reader = asyncio.create_task(_read_loop(ws.receive, conn, session),
+                                     name=f"reader:{conn.conn_id}")
         try:
             await asyncio.wait([reader, writer], return_when=asyncio.FIRST_COMPLETED)
         finally:
             # Runs on a client disconnect too (the handler is cancelled then).
+            if session is not None:
+                session.cancel()
             hub.disconnected(conn)
             if not conn.open:
                 # Closing on our side (1001, 4008, 1008): let the writer send the close
@@ -220,7 +259,8 @@ def create_app(
             await asyncio.gather(writer, return_exceptions=True)
         return None
 
-    async def _read_loop(receive: Callable[[], Awaitable[str | bytes]], conn: Connection) -> None:
+    async def _read_loop(receive: Callable[[], Awaitable[str | bytes]], conn: Connection,
+                         session: Session | None) -> None:
         bucket = TokenBucket(settings.rate_per_s, settings.rate_burst)
         errors: list[float] = []
         loop = asyncio.get_running_loop()
@@ -235,7 +275,7 @@ def create_app(
                 if len(data) > frame_limit:
                     raise ChatError("too_large", f"frame larger than {frame_limit} bytes")
                 command = parse_frame(data, limits)
-                _dispatch(conn, command)
+                _dispatch(conn, command, session)
             except ChatError as error:
                 conn.send_error(error)
                 if error.code in ("unavailable", "internal"):
@@ -249,12 +289,21 @@ def create_app(
                                                                      "sender_id": conn.sender_id})
                     conn.close(CLOSE_POLICY, "too many errors")
 
-    def _dispatch(conn: Connection, command: Any) -> None:
+    def _forbid(session: Session | None, allowed: bool, action: str, room_id: str,
+                client_msg_id: str | None = None) -> None:
+        if session is not None and not allowed:
+            raise ChatError("forbidden", f"the token does not allow {action} in this room",
+                            action=action, room_id=room_id, client_msg_id=client_msg_id)
+
+    def _dispatch(conn: Connection, command: Any, session: Session | None = None) -> None:
+        grant = session.grant if session is not None else None
         if isinstance(command, PingCmd):
             metrics.FRAMES_RECEIVED.labels(action="ping").inc()
             conn.send(_PONG)
         elif isinstance(command, PostCmd):
             metrics.FRAMES_RECEIVED.labels(action="message").inc()
+            _forbid(session, grant is not None and grant.may_post(command.room_id), "message",
+                    command.room_id, command.client_msg_id)
             if command.room_id not in conn.rooms:
                 raise ChatError("not_joined", "join the room before posting", action="message",
                                 room_id=command.room_id, client_msg_id=command.client_msg_id)
@@ -266,6 +315,8 @@ def create_app(
                 raise
         elif isinstance(command, JoinCmd):
             metrics.FRAMES_RECEIVED.labels(action="join").inc()
+            _forbid(session, grant is not None and grant.may_read(command.room_id), "join",
+                    command.room_id)
             if command.room_id not in conn.rooms and len(conn.rooms) >= settings.max_rooms:
                 raise ChatError("too_many_rooms", f"at most {settings.max_rooms} rooms per connection",
                                 action="join", room_id=command.room_id)
@@ -284,11 +335,27 @@ def create_app(
             hub.submit(command.room_id, Leave(conn))
         elif isinstance(command, HistoryCmd):
             metrics.FRAMES_RECEIVED.labels(action="history").inc()
+            _forbid(session, grant is not None and grant.may_read(command.room_id), "history",
+                    command.room_id)
             try:
                 hub.submit(command.room_id, History(conn, command.before_seq, command.limit))
             except ChatError as error:
                 error.action, error.room_id = "history", command.room_id
                 raise
+        elif isinstance(command, RefreshCmd) and session is not None and verifier is not None:
+            metrics.FRAMES_RECEIVED.labels(action="refresh").inc()
+            try:
+                new = verifier.verify(command.token)
+            except AuthError as exc:
+                raise ChatError("unauthorized", str(exc), action="refresh") from None
+            if new.sender_id != conn.sender_id:
+                raise ChatError("unauthorized", "the token is for another sub", action="refresh")
+            session.replace(new)
+            conn.send_frame({"type": "refreshed", "expires_at": new.expires_at})
+            for room_id in sorted(conn.rooms):  # after `refreshed`, one `left` per lost room
+                if not new.may_read(room_id):
+                    conn.rooms.discard(room_id)
+                    hub.submit(room_id, Leave(conn, reason="forbidden"))
 
     return app
 

@@ -135,6 +135,46 @@ def _event_loop(name: str, raw: str) -> str:
     return value
 
 
+def _auth(name: str, raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in {"none", "jwt"}:
+        raise ConfigError(f"{name}={raw!r}: one of none, jwt")
+    return value
+
+
+def _secret(min_bytes: int) -> Callable[[str, str], str | None]:
+    # The value of a secret is never repeated in a message, not even a bad one.
+    def parse(name: str, raw: str) -> str | None:
+        value = raw.strip()
+        if not value:
+            return None
+        if len(value.encode()) < min_bytes:
+            raise ConfigError(f"{name}: too short, at least {min_bytes} bytes (value not shown)")
+        return value
+
+    return parse
+
+
+def _optional(name: str, raw: str) -> str | None:
+    return raw.strip() or None
+
+
+def _algorithms(name: str, raw: str) -> tuple[str, ...]:
+    from .auth import HMAC_ALGORITHMS, KEY_ALGORITHMS
+
+    known = {a.lower(): a for a in (*HMAC_ALGORITHMS, *KEY_ALGORITHMS)}
+    items = [item.strip() for item in raw.split(",") if item.strip()]
+    algorithms = []
+    for item in items:
+        if item.lower() == "none":
+            raise ConfigError(f"{name}={raw!r}: `none` (unsigned tokens) is never accepted")
+        if item.lower() not in known:
+            raise ConfigError(f"{name}={raw!r}: unknown algorithm {item!r}; use one of "
+                              f"{', '.join(sorted(known.values()))}")
+        algorithms.append(known[item.lower()])
+    return tuple(algorithms)
+
+
 def _default_server_id() -> str:
     host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:40] or "server"
     return f"{host}-{uuid.uuid4().hex[:8]}"
@@ -188,9 +228,27 @@ _SPEC: list[tuple[str, str, str, Callable[[str, str], Any], str]] = [
      "Write queued frames to hypercorn's WebSocket stream in one batch (false: one Quart send each)"),
     ("event_loop", "QUARTCHAT_EVENT_LOOP", "auto", _event_loop,
      "Event loop of server processes: auto (uvloop when installed), uvloop or asyncio"),
+    ("auth", "QUARTCHAT_AUTH", "none", _auth,
+     "Who may connect: none (sender_id is self-declared) or jwt (a signed token names the sender)"),
+    ("jwt_secret", "QUARTCHAT_JWT_SECRET", "", _secret(32),
+     "jwt mode: HMAC secret (HS256), at least 32 bytes; or set QUARTCHAT_JWT_PUBLIC_KEY"),
+    ("jwt_public_key", "QUARTCHAT_JWT_PUBLIC_KEY", "", _optional,
+     "jwt mode: path of a PEM public key (RS256, ES256 or EdDSA); or set QUARTCHAT_JWT_SECRET"),
+    ("jwt_algorithms", "QUARTCHAT_JWT_ALGORITHMS", "", _algorithms,
+     "jwt mode: accepted `alg` values, comma-separated (default: HS256, or the key's algorithm)"),
+    ("jwt_audience", "QUARTCHAT_JWT_AUDIENCE", "", _optional,
+     "jwt mode: required `aud` (unset: a token carrying `aud` is refused)"),
+    ("jwt_issuer", "QUARTCHAT_JWT_ISSUER", "", _optional, "jwt mode: required `iss`"),
+    ("jwt_leeway_s", "QUARTCHAT_JWT_LEEWAY_S", "10", _float(0, 300),
+     "jwt mode: clock skew allowed on exp, nbf and iat, in seconds"),
+    ("api_key", "QUARTCHAT_API_KEY", "", _secret(16),
+     "Enables the server API (publish, disconnect, kick) for this bearer key, at least 16 bytes"),
     ("log_level", "QUARTCHAT_LOG_LEVEL", "info", _log_level, "Log level"),
     ("log_json", "QUARTCHAT_LOG_JSON", "false", _bool, "Log one JSON object per line"),
 ]
+
+# Settings whose empty value (`.env.example` shows them as `VAR=`) means the default.
+_EMPTY_IS_DEFAULT = frozenset({"server_id", "jwt_algorithms"})
 
 SETTINGS_DOC: list[tuple[str, str, str]] = [(var, default, doc) for _, var, default, _, doc in _SPEC]
 
@@ -243,6 +301,15 @@ class Settings:
     allowed_origins: tuple[str, ...] = ("*",)
     fast_writes: bool = True
     event_loop: str = "auto"
+    auth: str = "none"
+    # Secrets never appear in repr (logs, tracebacks).
+    jwt_secret: str | None = attrs.field(default=None, repr=False)
+    jwt_public_key: str | None = None
+    jwt_algorithms: tuple[str, ...] = ()
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_leeway_s: float = 10.0
+    api_key: str | None = attrs.field(default=None, repr=False)
     log_level: str = "INFO"
     log_json: bool = False
 
@@ -259,7 +326,7 @@ class Settings:
         kwargs: dict[str, Any] = {}
         for field, var, _default, parse, _doc in _SPEC:
             raw = merged.get(var)
-            if raw is None or (field == "server_id" and not raw.strip()):
+            if raw is None or (field in _EMPTY_IS_DEFAULT and not raw.strip()):
                 continue
             kwargs[field] = parse(var, raw)
         settings = cls(**kwargs)
@@ -273,6 +340,15 @@ class Settings:
                 f"QUARTCHAT_WORKERS={self.workers} with QUARTCHAT_BROKER_URL=memory://: the "
                 "in-process broker cannot fan out across processes; use one worker or a "
                 "redis:// broker"
+            )
+        if self.auth == "jwt":
+            from .auth import TokenVerifier
+
+            TokenVerifier.from_settings(self)  # reads the key; names what is wrong
+        elif self.jwt_secret is not None or self.jwt_public_key is not None:
+            raise ConfigError(
+                "QUARTCHAT_JWT_SECRET / QUARTCHAT_JWT_PUBLIC_KEY are set but QUARTCHAT_AUTH="
+                f"{self.auth}: set QUARTCHAT_AUTH=jwt, or remove the key"
             )
 
     @property

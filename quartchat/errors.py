@@ -16,6 +16,8 @@ __all__ = [
     "CLOSE_TOO_BIG",
     "CLOSE_INTERNAL",
     "CLOSE_SLOW_CONSUMER",
+    "CLOSE_TOKEN_EXPIRED",
+    "CLOSE_DISCONNECTED",
     "ChatError",
     "ConfigError",
 ]
@@ -31,6 +33,7 @@ ERROR_CODES: Final = frozenset(
         "rate_limited",
         "too_many_rooms",
         "forbidden",
+        "unauthorized",
         "unavailable",
         "internal",
     }
@@ -42,6 +45,8 @@ CLOSE_POLICY: Final = 1008
 CLOSE_TOO_BIG: Final = 1009
 CLOSE_INTERNAL: Final = 1011
 CLOSE_SLOW_CONSUMER: Final = 4008
+CLOSE_TOKEN_EXPIRED: Final = 4001  # auth mode "jwt": exp + leeway passed without a refresh
+CLOSE_DISCONNECTED: Final = 4003  # the server API disconnected the user: do not reconnect
 
 # Codes a client should retry later rather than treat as its own mistake.
 _TEMPORARY: Final = frozenset({"unavailable", "rate_limited", "internal"})

@@ -192,7 +192,13 @@ class Hub:
             asyncio.get_running_loop().create_future())
         self.actor(room_id).offer(Publish(None, content, client_msg_id, sender_id=sender_id,
                                           reply=reply))
-        return await reply
+        try:
+            # The writer answers within a store operation or two; a lost answer is unavailable.
+            async with asyncio.timeout(self.settings.db_timeout_s * 3 + 5):
+                return await reply
+        except TimeoutError:
+            raise ChatError("unavailable", "storage did not answer; retry with the same "
+                            "client_msg_id") from None
 
     def _history(self, room_id: str, cmd: History) -> None:
         async def read() -> None:

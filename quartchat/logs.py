@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
 import time
 
 import orjson
 
-__all__ = ["setup_logging", "JsonFormatter", "TextFormatter"]
+__all__ = ["JsonFormatter", "RedactSecrets", "TextFormatter", "redact", "setup_logging"]
 
 _FIELDS = ("conn_id", "sender_id", "room_id", "server_id")
 
@@ -50,6 +51,28 @@ class TextFormatter(logging.Formatter):
         return f"{text} {ids}" if ids else text
 
 
+# A token in a query string (hypercorn's access log prints the request line,
+# `GET /chat?token=...`) or in an Authorization header value.
+_SECRET_RE = re.compile(r"((?:[?&]|\b)(?:token|access_token|api_key)=)[^&\s\"']+|"
+                        r"(\b[Bb]earer\s+)[^\s\"',]+")
+
+
+def redact(text: str) -> str:
+    """``text`` with query-string tokens and bearer credentials replaced by ``[redacted]``."""
+    return _SECRET_RE.sub(lambda m: (m.group(1) or m.group(2)) + "[redacted]", text)
+
+
+class RedactSecrets(logging.Filter):
+    """A handler filter: no record leaves with a token or a bearer credential in it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
 class _DropHypercornCancellations(logging.Filter):
     """hypercorn leaves a closed WebSocket's ping task running for up to one ping
     interval; at shutdown it cancels it and asyncio logs the cancellation as an
@@ -65,6 +88,7 @@ def setup_logging(level: str = "INFO", json: bool = False) -> None:
     """Configure the root logger once for this process."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json else TextFormatter())
+    handler.addFilter(RedactSecrets())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -24,6 +24,7 @@ __all__ = [
     "PostCmd",
     "HistoryCmd",
     "PingCmd",
+    "RefreshCmd",
     "Command",
     "Limits",
     "parse_frame",
@@ -79,7 +80,14 @@ class PingCmd:
     """``ping``: answered with ``pong``."""
 
 
-Command = JoinCmd | LeaveCmd | PostCmd | HistoryCmd | PingCmd
+@attrs.frozen
+class RefreshCmd:
+    """``refresh`` (auth mode "jwt"): replace the connection's token."""
+
+    token: str = attrs.field(repr=False)
+
+
+Command = JoinCmd | LeaveCmd | PostCmd | HistoryCmd | PingCmd | RefreshCmd
 
 
 @attrs.frozen
@@ -88,6 +96,7 @@ class Limits:
 
     max_content: int = 4096
     history_max: int = 100
+    refresh: bool = False  # auth mode "jwt": the `refresh` action exists
 
 
 def valid_room_id(value: object) -> bool:
@@ -160,12 +169,18 @@ def parse_frame(text: str | bytes, limits: Limits) -> Command:
     action = frame.get("action")
     if not isinstance(action, str):
         raise ChatError("invalid_field", "action is required and must be a string")
-    if action not in _ACTIONS:
+    if action not in _ACTIONS and not (action == "refresh" and limits.refresh):
         raise ChatError("unknown_action", f"unknown action {action[:64]!r}", action=action[:64])
     echo = _Echo(action, frame)
 
     if action == "ping":
         return PingCmd()
+    if action == "refresh":
+        token = frame.get("token")
+        if not isinstance(token, str) or not token:
+            raise ChatError("invalid_field", "token is required and must be a string",
+                            action="refresh")
+        return RefreshCmd(token)
     room_id = _room_id(frame, echo)
     if action == "join":
         since_seq = _opt_int(frame, "since_seq", 0, None, echo)

@@ -30,3 +30,33 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert by_name["pingpong"]["p50_ms"] > 0
     assert by_name["maxrate"]["last_passing"] is not None
     assert "| scenario | target | result |" in run.stdout
+
+
+def test_bench_token_secret_mints_a_token_per_connection(monkeypatch: object) -> None:
+    """--token-secret: each connection URL carries an HS256 token for its sender, and the
+    servers the tool starts run in auth mode jwt with that secret."""
+    import argparse
+    import importlib.util
+    import os
+
+    import jwt
+
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "ops/bench/bench.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    secret = "bench-secret-0123456789abcdef0123456789"
+    old = os.environ.pop(bench.TOKEN_SECRET_ENV, None)
+    try:
+        assert bench._chat_url("ws://h/chat", "m1") == "ws://h/chat?sender_id=m1"
+        os.environ[bench.TOKEN_SECRET_ENV] = secret
+        url = bench._chat_url("ws://h/chat", "m1")
+        assert url.startswith("ws://h/chat?token=") and "sender_id" not in url
+        claims = jwt.decode(url.split("token=", 1)[1], secret, algorithms=["HS256"])
+        assert claims["sub"] == "m1" and claims["exp"] > claims["iat"]
+    finally:
+        os.environ.pop(bench.TOKEN_SECRET_ENV, None)
+        if old is not None:
+            os.environ[bench.TOKEN_SECRET_ENV] = old
+    env = bench._server_env(argparse.Namespace(token_secret=secret, server_env=None))
+    assert env == {"QUARTCHAT_AUTH": "jwt", "QUARTCHAT_JWT_SECRET": secret}

@@ -29,6 +29,7 @@ from .cluster import Cluster, summary
 from .servers import ROOT, ChatClient, ReliableClient, ServerProcess, check_room, free_port
 
 NGINX_CONF = ROOT / "ops" / "nginx.conf"
+QUERY_SECRET = "eyJhbGciOiJIUzI1NiJ9.querytokenmarker.c2lnbmF0dXJl"
 TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
 
@@ -39,6 +40,19 @@ def nginx_binary() -> str:
     if found is None:
         raise AssertionError("nginx is not installed; run `bash ops/ensure-services.sh`")
     return found
+
+
+def test_access_log_format_drops_query_strings_and_credentials() -> None:
+    """The access log must not write `/chat?token=...` (auth mode jwt) or a bearer header."""
+    text = NGINX_CONF.read_text()
+    formats = re.findall(r"log_format\s+\S+\s+((?:'[^']*'\s*)+);", text)
+    assert formats, "ops/nginx.conf defines a log_format"
+    for fmt in formats:
+        for leaky in ("$request ", '$request"', "$request_uri", "$args", "$query_string",
+                      "$arg_", "$http_authorization", "$is_args"):
+            assert leaky not in fmt, f"log_format writes {leaky.strip()}"
+    for line in re.findall(r"^\s*access_log\s+([^;]+);", text, flags=re.MULTILINE):
+        assert line.split()[0] == "off" or line.split()[-1] == "quartchat", line
 
 
 def render_conf(upstreams: list[int], listen_port: int, prefix: Path) -> str:
@@ -182,6 +196,9 @@ async def test_websockets_through_nginx_reach_both_servers_and_talk_across(
     cluster, nginx = stack
     room = "via-nginx"
     clients = [await ChatClient(nginx.url, f"c{i}").connect() for i in range(6)]
+    # A query-string token (auth mode jwt) must never reach nginx's access log.
+    clients.append(await ChatClient(nginx.url, f"c6&token={QUERY_SECRET}").connect())
+    clients[-1].sender = "c6"
     try:
         by_server: dict[str, list[ChatClient]] = {}
         for c in clients:
@@ -216,9 +233,18 @@ async def test_websockets_through_nginx_reach_both_servers_and_talk_across(
         # A refused handshake comes back through nginx as the server's own answer.
         status, body = nginx.get("/chat")  # no upgrade, no sender_id
         assert status in (400, 404, 405, 426), status
+        nginx.get(f"/api/rooms?token={QUERY_SECRET}")
     finally:
         for c in clients:
             await c.close()
+    # nginx logs a WebSocket when it ends: wait for the seven handshakes' lines.
+    deadline = time.monotonic() + 10
+    while nginx.chat_statuses().get(101, 0) < len(clients) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    access = nginx.log_path.read_text(errors="replace")
+    assert nginx.chat_statuses().get(101, 0) == len(clients), access[-2000:]
+    assert QUERY_SECRET not in access, "nginx logged a query-string token"
+    assert "querytokenmarker" not in access
 
 
 @pytest.mark.timeout(90)

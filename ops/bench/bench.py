@@ -237,6 +237,8 @@ class Servers:
 
 def _server_env(args: argparse.Namespace) -> dict[str, str]:
     env = {}
+    if args.token_secret:
+        env.update({"QUARTCHAT_AUTH": "jwt", "QUARTCHAT_JWT_SECRET": args.token_secret})
     for item in args.server_env or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -267,8 +269,24 @@ def servers_for(args: argparse.Namespace, count: int = 2) -> Iterator[tuple[list
 # ---------------------------------------------------------------- clients
 
 
+# Auth mode jwt: with --token-secret every connection carries a token minted here (HS256,
+# one hour). Read from the environment so the spawned generator processes see it too.
+TOKEN_SECRET_ENV = "QUARTCHAT_BENCH_TOKEN_SECRET"
+
+
+def _chat_url(url: str, sender: str) -> str:
+    secret = os.environ.get(TOKEN_SECRET_ENV)
+    if not secret:
+        return f"{url}?sender_id={sender}"
+    import jwt
+
+    now = int(time.time())
+    token = jwt.encode({"sub": sender, "iat": now, "exp": now + 3600}, secret, algorithm="HS256")
+    return f"{url}?token={token}"
+
+
 async def _connect(url: str, sender: str) -> Any:
-    ws = await websockets.connect(f"{url}?sender_id={sender}", ping_interval=None,
+    ws = await websockets.connect(_chat_url(url, sender), ping_interval=None,
                                   compression=None, open_timeout=30, max_queue=None,
                                   close_timeout=2)
     await ws.recv()  # welcome
@@ -737,11 +755,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-env", action="append", metavar="KEY=VALUE",
                         help="extra environment for started servers (repeatable), "
                              "e.g. QUARTCHAT_EVENT_LOOP=asyncio for a before/after")
+    parser.add_argument("--token-secret", default=os.environ.get(TOKEN_SECRET_ENV),
+                        help="auth mode jwt: mint an HS256 token per connection with this "
+                        "secret (servers started by the tool get QUARTCHAT_AUTH=jwt with it); "
+                        f"or set {TOKEN_SECRET_ENV}")
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--workdir", default="/tmp/quartchat-bench")
     parser.add_argument("--update-readme", action="store_true",
                         help="write the table into README.md's performance section")
     args = parser.parse_args(argv)
+    if args.token_secret:
+        os.environ[TOKEN_SECRET_ENV] = args.token_secret  # for the generator processes
     command = "python3 ops/bench/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     plan = SUITES.get(args.scenario) or [(args.scenario, {})]
     lines = []

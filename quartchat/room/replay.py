@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable
 
 from .. import metrics
+from ..errors import CLOSE_SLOW_CONSUMER
 from ..store import Store, StoreError
 from .frames import encode_row
 from .members import Member
@@ -27,6 +28,20 @@ log = logging.getLogger(__name__)
 
 _RETRY_MIN_S = 0.2
 _RETRY_MAX_S = 5.0
+# A replaying client that takes no frame for this long is not slow but gone or
+# stuck: it is closed with 4008 like a live one whose queue overflowed.
+STALL_S = 30.0
+
+
+async def _room_for_a_page(member: Member) -> bool:
+    conn = member.conn
+    try:
+        async with asyncio.timeout(STALL_S):
+            return await conn.wait_for_space()
+    except TimeoutError:
+        metrics.SLOW_CONSUMER_CLOSES.inc()
+        conn.close(CLOSE_SLOW_CONSUMER, "slow consumer: replay stalled")
+        return False
 
 
 async def replay(store: Store, room_id: str, member: Member, delivered: Callable[[], int], *,
@@ -44,7 +59,7 @@ async def replay(store: Store, room_id: str, member: Member, delivered: Callable
             if newest is not None:
                 upto = delivered()
                 rows, _ = await store.page(room_id, upto + 1, min(newest, page))
-                if not await conn.wait_for_space():
+                if not await _room_for_a_page(member):
                     return
                 for row in rows:
                     conn.send(encode_row(row))
@@ -54,7 +69,7 @@ async def replay(store: Store, room_id: str, member: Member, delivered: Callable
             while member.cursor < delivered() and conn.open:
                 upto = delivered()
                 rows = await store.after(room_id, member.cursor, upto, page)
-                if not await conn.wait_for_space():
+                if not await _room_for_a_page(member):
                     return  # the socket is closing
                 for row in rows:
                     conn.send(encode_row(row))

@@ -1,0 +1,405 @@
+"""Regression tests for the room-core findings of the "guarantees under races,
+bursts, churn and failures" issue (numbers as in the issue). Each drives real
+hubs and room actors through their inboxes; only sockets are fakes."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+
+from quartchat import metrics
+from quartchat.broker.memory import MemoryBroker
+from quartchat.events import MessageEvent, encode_events
+from quartchat.hub import Hub
+from quartchat.protocol import encode, message_frame
+from quartchat.room import History, Join, Leave, Publish
+from quartchat.room import replay as replay_module
+from quartchat.store import Appended, NewMessage, StoredMessage, StoreError
+from quartchat.store.database import DatabaseStore
+
+from .conftest import wait_for
+from .fakes import Client
+
+ROOM = "finding"
+
+
+class GatedStore(DatabaseStore):
+    """The real store; writes can be held at a gate, reads made to fail."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.gate: asyncio.Event | None = None
+        self.at_gate = asyncio.Event()
+        self.reads_fail = 0  # this many reads fail first
+        self.counter_fails = 0  # this many start-up counter reads fail first
+
+    async def append(self, room_id: str, posts: Sequence[NewMessage]) -> list[Appended]:
+        if self.gate is not None:
+            self.at_gate.set()
+            await self.gate.wait()
+        return await super().append(room_id, posts)
+
+    async def after(self, room_id: str, after_seq: int, upto_seq: int | None,
+                    limit: int) -> list[StoredMessage]:
+        if self.reads_fail > 0:
+            self.reads_fail -= 1
+            raise StoreError("injected: read failed")
+        return await super().after(room_id, after_seq, upto_seq, limit)
+
+    async def max_seq(self, room_id: str) -> int:
+        if self.counter_fails > 0:
+            self.counter_fails -= 1
+            raise StoreError("injected: database unreachable")
+        return await super().max_seq(room_id)
+
+
+@pytest.fixture
+def hub_factory(make_hub: Callable[..., Any]) -> Callable[..., Any]:
+    return functools.partial(make_hub, store_cls=GatedStore)
+
+
+async def join(hub: Hub, c: Client, room: str = ROOM, **kw: Any) -> dict[str, Any]:
+    before = len(c.socket.of("joined"))
+    c.conn.rooms.add(room)
+    hub.submit(room, Join(c.conn, **kw))
+    frames = await c.socket.next_of("joined", before + 1)
+    return frames[-1]
+
+
+async def post_many(hub: Hub, c: Client, count: int, room: str = ROOM) -> None:
+    before = len(c.socket.of("ack"))
+    for i in range(count):
+        hub.submit(room, Publish(c.conn, f"m{i}", None))
+        if i % 500 == 499:
+            await c.socket.next_of("ack", before + i + 1, timeout=20)
+    await c.socket.next_of("ack", before + count, timeout=20)
+
+
+def seqs_of(c: Client, room: str = ROOM) -> list[int]:
+    return [f["seq"] for f in c.socket.frames if f["type"] == "message" and f["room_id"] == room]
+
+
+def delta(name: str) -> Callable[[], float]:
+    """How much a counter moved since this call."""
+    def read() -> float:
+        return sum(s.value for m in metrics.REGISTRY.collect() for s in m.samples
+                   if s.name == f"quartchat_{name}_total")
+    start = read()
+    return lambda: read() - start
+
+
+# -- 2: a commit slower than any timer is never skipped ----------------------------------
+
+
+async def test_2_a_slow_commit_on_another_server_is_delivered_not_skipped(
+        hub_factory: Any) -> None:
+    shared = MemoryBroker()  # both servers hear each other's publishes
+    a, client_a = await hub_factory(broker=shared)
+    b, client_b = await hub_factory(broker=shared)
+    alice, bob = client_a("alice"), client_b("bob")
+    await join(a, alice)
+    await join(b, bob)
+    # alice's server commits slowly: longer than the old skip timeout (5 s).
+    store_a: GatedStore = a.store  # type: ignore[assignment]
+    store_a.gate = asyncio.Event()
+    a.submit(ROOM, Publish(alice.conn, "slow", "slow-1"))
+    await asyncio.wait_for(store_a.at_gate.wait(), 5)
+    b.submit(ROOM, Publish(bob.conn, "fast", "fast-1"))
+    await bob.socket.next_of("ack")
+    await asyncio.sleep(5.5)
+    store_a.gate.set()
+    await alice.socket.next_of("ack")
+    for c in (alice, bob):
+        got = await c.socket.next_of("message", 2)
+        assert sorted(m["content"] for m in got) == ["fast", "slow"], c.conn.sender_id
+        assert [m["seq"] for m in got] == [1, 2]
+
+
+# -- 4: join with since_seq ahead of this server's delivery ------------------------------
+
+
+def _event(row: StoredMessage) -> bytes:
+    frame = encode(message_frame(room_id=row.room_id, seq=row.seq, id=row.id,
+                                 sender_id=row.sender_id, content=row.content,
+                                 sent_at_ms=row.sent_at_ms, client_msg_id=None))
+    return encode_events([MessageEvent(row.seq, row.sent_at_ms, frame)])
+
+
+async def stored_elsewhere(hub: Hub, count: int, room: str = ROOM) -> list[StoredMessage]:
+    """Messages another server stored; no notification reached this one."""
+    other = DatabaseStore(hub.store.url)  # type: ignore[attr-defined]
+    await other.connect()
+    try:
+        answers = await other.append(room, [
+            NewMessage(uuid.uuid4().hex, "remote", f"r{i}", None, 1_700_000_000_000)
+            for i in range(count)])
+    finally:
+        await other.close()
+    return [a.row for a in answers]
+
+
+async def test_4_join_since_seq_ahead_of_delivery_gets_no_duplicate(hub_factory: Any) -> None:
+    hub, client = await hub_factory(gap_timeout_s=30, position_check_s=60)
+    bob = client("bob")
+    await join(hub, bob)
+    rows = await stored_elsewhere(hub, 2)
+    actor = hub.actors[ROOM]
+    actor.on_broker(_event(rows[1]))  # 2 arrives first and is held behind 1
+    await actor.settle()
+    carol = client("carol")  # she saw 1 and 2 on another server
+    await join(hub, carol, since_seq=2)
+    actor.on_broker(_event(rows[0]))
+    await bob.socket.next_of("message", 2)
+    await actor.settle()
+    assert seqs_of(bob) == [1, 2]
+    assert seqs_of(carol) == [], "nothing at or below since_seq"
+    alice = client("alice")
+    await join(hub, alice)
+    hub.submit(ROOM, Publish(alice.conn, "3", None))
+    await carol.socket.next_of("message")
+    assert seqs_of(carol) == [3]
+
+
+# -- 5: leave stops a replay; leave + rejoin never interleaves two ----------------------
+
+
+async def test_5_leave_stops_the_replay_and_a_rejoin_replays_once(hub_factory: Any) -> None:
+    hub, client = await hub_factory()
+    alice = client("alice")
+    await join(hub, alice)
+    await post_many(hub, alice, 2000)
+    bob = client("bob", queue_size=100)  # replays go page by page behind his queue
+    await join(hub, bob, since_seq=0)
+    bob.conn.rooms.discard(ROOM)
+    hub.submit(ROOM, Leave(bob.conn))
+    bob.conn.rooms.add(ROOM)
+    hub.submit(ROOM, Join(bob.conn, since_seq=0))
+    await wait_for(lambda: len(seqs_of(bob)) >= 2000 and bob.socket.frames[-1]["type"] == "message",
+                   timeout=20)
+    await hub.actors[ROOM].settle()
+    await asyncio.sleep(0.1)
+    frames = [f for f in bob.socket.frames if f["type"] in ("joined", "left", "message")]
+    left_at = next(i for i, f in enumerate(frames) if f["type"] == "left")
+    rejoined_at = next(i for i, f in enumerate(frames) if f["type"] == "joined" and i > left_at)
+    assert rejoined_at == left_at + 1, "no replayed frame between left and the new joined"
+    second = [f["seq"] for f in frames[rejoined_at:] if f["type"] == "message"]
+    assert second == list(range(1, 2001)), "one replay, in order, each once"
+
+
+async def test_5_a_failed_replay_is_retried_not_reported_as_a_gap(hub_factory: Any) -> None:
+    hub, client = await hub_factory()
+    alice = client("alice")
+    await join(hub, alice)
+    await post_many(hub, alice, 50)
+    store: GatedStore = hub.store  # type: ignore[assignment]
+    store.reads_fail = 2
+    bob = client("bob")
+    await join(hub, bob, since_seq=10)
+    await bob.socket.next_of("message", 40, timeout=10)
+    assert seqs_of(bob) == list(range(11, 51))
+    assert bob.socket.of("error") == []
+
+
+# -- 7: drain acks every post still in an inbox before 1001 ------------------------------
+
+
+async def test_7_drain_acks_posts_still_in_the_inbox_before_closing(hub_factory: Any) -> None:
+    hub, client = await hub_factory()
+    alice = client("alice")
+    await join(hub, alice)
+    for i in range(5):
+        hub.submit(ROOM, Publish(alice.conn, f"m{i}", None))
+    await hub.drain()  # the posts are still in the room's inbox at this moment
+    await asyncio.wait_for(alice.writer, 5)
+    assert alice.socket.closed_with == 1001
+    assert len(alice.socket.of("ack")) == 5, "every accepted post acked before the close"
+    assert await hub.store.max_seq(ROOM) == 5
+
+
+# -- 11: a client far behind is replayed at its own pace, not closed -------------------
+
+
+async def test_11_a_far_behind_client_is_replayed_not_closed(hub_factory: Any) -> None:
+    hub, client = await hub_factory()
+    alice = client("alice")
+    await join(hub, alice)
+    await post_many(hub, alice, 3000)
+    bob = client("bob", queue_size=100)
+    await join(hub, bob, since_seq=0)
+    # Live traffic keeps coming during his replay.
+    await post_many(hub, alice, 500)
+    await wait_for(lambda: len(seqs_of(bob)) >= 3500, timeout=30)
+    assert bob.conn.close_code is None
+    assert seqs_of(bob) == list(range(1, 3501))
+
+
+# -- 13: smaller ones ----------------------------------------------------------------------
+
+
+async def test_13_a_join_while_the_store_is_down_waits_and_is_removed_on_disconnect(
+        hub_factory: Any) -> None:
+    hub, client = await hub_factory()
+    store: GatedStore = hub.store  # type: ignore[assignment]
+    store.counter_fails = 2  # the room cannot read its last seq at first
+    bob = client("bob")
+    bob.conn.rooms.add(ROOM)
+    hub.submit(ROOM, Join(bob.conn))
+    hub.submit(ROOM, Join(bob.conn))  # pipelined
+    await bob.socket.next_of("joined", timeout=10)
+    assert ROOM in bob.conn.rooms, "the route's set is the route's"
+    actor = hub.actors[ROOM]
+    assert len(actor.members) == 1
+    hub.disconnected(bob.conn)
+    await actor.settle()
+    assert len(actor.members) == 0
+
+
+async def test_13_history_needs_no_room_actor(hub_factory: Any) -> None:
+    hub, client = await hub_factory()
+    bob = client("bob")
+    for n in range(50):
+        hub.submit(f"h{n}", History(bob.conn, None, 10))
+    await bob.socket.next_of("history", 50)
+    assert hub.actors == {}
+
+
+async def test_13_a_dead_actor_is_forgotten_and_its_members_told(hub_factory: Any) -> None:
+    hub, client = await hub_factory()
+    bob = client("bob")
+    await join(hub, bob)
+    actor = hub.actors[ROOM]
+    assert actor.task is not None
+    actor.task.cancel()  # as if it had died
+    await asyncio.gather(actor.task, return_exceptions=True)
+    await wait_for(lambda: ROOM not in hub.actors)
+    left = await bob.socket.next_of("left")
+    assert left[-1]["reason"] == "error" and ROOM not in bob.conn.rooms
+    await join(hub, bob, since_seq=0)  # a fresh actor serves the room again
+    assert hub.actors[ROOM] is not actor
+
+
+async def test_13_a_slow_consumer_is_closed_and_counted_once(
+        hub_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(replay_module, "STALL_S", 0.3)
+    hub, client = await hub_factory()
+    alice = client("alice")
+    await join(hub, alice)
+    await post_many(hub, alice, 300)
+    closes = delta("slow_consumer_closes")
+    live = client("live-but-stuck", queue_size=20, stalled=True)
+    live.conn.rooms.add(ROOM)
+    hub.submit(ROOM, Join(live.conn))
+    replaying = client("replay-but-stuck", queue_size=20, stalled=True)
+    replaying.conn.rooms.add(ROOM)
+    hub.submit(ROOM, Join(replaying.conn, since_seq=0))
+    await post_many(hub, alice, 100)
+    await wait_for(lambda: live.conn.close_code == replaying.conn.close_code == 4008)
+    await post_many(hub, alice, 50)
+    assert closes() == 2, "one count per closed socket"
+
+
+async def test_13_a_full_room_refuses_joins_and_posts_but_never_leaves(hub_factory: Any) -> None:
+    hub, client = await hub_factory(room_inbox=10)
+    alice = client("alice")
+    await join(hub, alice)
+    store: GatedStore = hub.store  # type: ignore[assignment]
+    store.gate = asyncio.Event()
+    refused = 0
+    for i in range(30):
+        try:
+            hub.submit(ROOM, Publish(alice.conn, f"m{i}", None))
+        except Exception as exc:  # ChatError(unavailable)
+            assert getattr(exc, "code", None) == "unavailable"
+            refused += 1
+    assert refused > 0
+    other = client("other")
+    with pytest.raises(Exception, match="overloaded"):
+        hub.submit(ROOM, Join(other.conn))
+    hub.submit(ROOM, Leave(alice.conn))  # always accepted
+    store.gate.set()
+    await alice.socket.next_of("left")
+
+
+# -- 3: the sequencer going back in time (Redis restored from an old snapshot) ------------
+
+
+async def test_3_redis_going_back_in_time_costs_no_message(
+        make_hub: Callable[..., Any], tmp_path: Any) -> None:
+    from quartchat.broker.redis import RedisBroker
+
+    from .redis_util import RedisServer, unique_prefix
+
+    server = RedisServer(tmp_path).start()
+    prefix = unique_prefix()
+    try:
+        hubs, members = [], []
+        for n in range(2):
+            broker = RedisBroker(server.url, prefix=prefix, server_id=f"s{n}")
+            hub, client = await make_hub(broker=broker, gap_timeout_s=0.05)
+            hubs.append(hub)
+            for k in range(2):
+                c = client(f"u{n}{k}")
+                await join(hub, c)
+                members.append((hub, c))
+        import redis.asyncio as aioredis
+
+        r = aioredis.Redis.from_url(server.url)
+        try:
+            for i in range(10):
+                hub, c = members[i % len(members)]
+                hub.submit(ROOM, Publish(c.conn, f"a{i}", f"a{i}"))
+                await c.socket.next_of("ack", i // len(members) + 1)
+            snapshot = {k: await r.get(k) for k in await r.keys(f"{prefix}:seq:*")}
+            for i in range(10, 30):
+                hub, c = members[i % len(members)]
+                hub.submit(ROOM, Publish(c.conn, f"a{i}", f"a{i}"))
+                await c.socket.next_of("ack", i // len(members) + 1)
+            for key, value in snapshot.items():  # Redis comes back from an old snapshot
+                await r.set(key, value)
+            for i in range(30, 60):
+                hub, c = members[i % len(members)]
+                hub.submit(ROOM, Publish(c.conn, f"a{i}", f"a{i}"))
+            for hub, c in members:
+                await c.socket.next_of("ack", 15, timeout=20)
+        finally:
+            await r.aclose()
+        for hub, c in members:
+            await wait_for(lambda c=c: len(seqs_of(c)) >= 60, timeout=20)
+            assert seqs_of(c) == list(range(1, 61)), c.conn.sender_id
+        contents = {f["content"] for f in members[0][1].socket.of("message")}
+        assert contents == {f"a{i}" for i in range(60)}
+    finally:
+        server.kill()
+
+
+# -- 10: the delivery path never waits for presence ---------------------------------------
+
+
+class SlowPresenceBroker(MemoryBroker):
+    """The memory broker whose presence reads hang (Redis slow or gone)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        slow = self.presence
+
+        async def members(room_id: str) -> list[str]:
+            await asyncio.sleep(30)
+            return []
+
+        slow.members = members  # type: ignore[method-assign]
+
+
+async def test_10_joins_and_messages_do_not_wait_for_presence(hub_factory: Any) -> None:
+    hub, client = await hub_factory(broker=SlowPresenceBroker())
+    clients = [client(f"u{i}") for i in range(20)]
+    async with asyncio.timeout(3):  # far less than one presence read
+        for c in clients:
+            await join(hub, c)
+        hub.submit(ROOM, Publish(clients[0].conn, "hello", None))
+        for c in clients:
+            await c.socket.next_of("message")
