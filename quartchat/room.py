@@ -31,7 +31,7 @@ from . import metrics
 from .broker import Broker, BrokerError
 from .connection import Connection
 from .errors import CLOSE_SLOW_CONSUMER, ChatError
-from .events import MessageEvent, PresenceEvent, SkipEvent, decode_events, encode_events
+from .events import MessageEvent, SkipEvent, decode_events, encode_events  # TEMP(broker): PresenceEvent unused
 from .protocol import encode, message_frame
 from .store import DuplicateError, Store, StoredMessage, StoreError
 
@@ -210,6 +210,7 @@ class RoomActor:
         self._inbox: asyncio.Queue[_Item] = asyncio.Queue()
         self._subs: dict[Connection, _Sub] = {}
         self._senders: Counter[str] = Counter()
+        self._temp_seq: int | None = None  # TEMP(broker): in-process seq counter
         self.last_seq: int | None = None  # newest seq delivered (or skipped); None until synced
         self._held: dict[int, tuple[int, str] | None] = {}  # reorder buffer: seq -> (sent_ms, frame)|skip
         self._gap_since: float | None = None
@@ -334,11 +335,7 @@ class RoomActor:
                 waiter.set_result(None)
         # Members still here (shutdown) leave presence so other servers see them go.
         for sender in list(self._senders):
-            try:
-                if await self.broker.presence.remove(self.room_id, sender):
-                    await self._announce(sender, "leave")
-            except Exception:
-                log.warning("presence remove failed at shutdown", extra={"room_id": self.room_id})
+            self.broker.presence.leave(self.room_id, sender)  # TEMP(broker): queued, announced by the broker
         self._senders.clear()
         if subscribed:
             try:
@@ -465,9 +462,7 @@ class RoomActor:
 
     async def _handle(self, item: _Item) -> None:
         if isinstance(item, Deliver):
-            self._on_deliver(item.payload)
-            if item.payload is None:
-                await self._reassert_presence()
+            self._on_deliver(item.payload)  # TEMP(broker): the broker re-adds presence itself
             return
         self._last_active = time.monotonic()
         if isinstance(item, Publish):
@@ -500,16 +495,10 @@ class RoomActor:
         sub = _Sub(conn)
         self._subs[conn] = sub
         sender = conn.sender_id
-        first = False
         self._senders[sender] += 1
         if self._senders[sender] == 1:
-            try:
-                first = await self.broker.presence.add(self.room_id, sender)
-            except BrokerError as exc:
-                log.warning("presence add failed: %s", exc, extra={"room_id": self.room_id})
+            self.broker.presence.join(self.room_id, sender)  # TEMP(broker): queued, never blocks
         conn.send_frame(await self._joined_frame())
-        if first:
-            await self._announce(sender, "join")
         upto = self.last_seq
         if cmd.since_seq is not None:
             if cmd.since_seq < upto:
@@ -542,31 +531,7 @@ class RoomActor:
         self._senders[sender] -= 1
         if self._senders[sender] <= 0:
             del self._senders[sender]
-            last = False
-            try:
-                last = await self.broker.presence.remove(self.room_id, sender)
-            except BrokerError as exc:
-                log.warning("presence remove failed: %s", exc, extra={"room_id": self.room_id})
-            if last:
-                await self._announce(sender, "leave")
-
-    async def _announce(self, sender: str, event: str) -> None:
-        frame = encode({"type": "presence", "room_id": self.room_id, "event": event,
-                        "sender_id": sender})
-        payload = encode_events([PresenceEvent(sender, frame)])
-        try:
-            await self.broker.publish(self.room_id, payload)
-        except BrokerError as exc:
-            log.warning("presence publish failed: %s", exc, extra={"room_id": self.room_id})
-            self.on_broker(payload)  # local members still hear it
-
-    async def _reassert_presence(self) -> None:
-        """After a broker reconnect (Redis may have restarted empty), list our members again."""
-        for sender in list(self._senders):
-            try:
-                await self.broker.presence.add(self.room_id, sender)
-            except BrokerError:
-                return
+            self.broker.presence.leave(self.room_id, sender)  # TEMP(broker): queued, announced by the broker
 
     # ---- delivery -------------------------------------------------------
 
@@ -808,6 +773,16 @@ class RoomActor:
     async def _max_seq(self) -> int:
         return await self.store.max_seq(self.room_id)
 
+    # TEMP(broker): a stand-in sequencer until the store assigns seqs (room rewrite).
+    async def _next_seqs(self, count: int) -> int:
+        if self._temp_seq is None:
+            self._temp_seq = await self._max_seq()
+        self._temp_seq += count
+        return self._temp_seq
+
+    async def _reseed(self) -> None:  # TEMP(broker)
+        self._temp_seq = max(self._temp_seq or 0, await self._max_seq())
+
     async def _write(self, batch: list[Publish]) -> None:
         """Store a batch in seq order, then publish it and ack each sender."""
         answered: dict[int, StoredMessage] = {}  # index in batch -> stored row (retries)
@@ -832,8 +807,8 @@ class RoomActor:
                 await self._release(rows)
                 rows, owners = [], []
                 try:
-                    await self.broker.reseed(self.room_id, self._max_seq)
-                except (BrokerError, StoreError) as reseed_exc:
+                    await self._reseed()  # TEMP(broker): in-process counter
+                except StoreError as reseed_exc:
                     log.warning("reseed failed: %s", reseed_exc, extra={"room_id": self.room_id})
             except (StoreError, BrokerError) as exc:
                 metrics.STORE_ERRORS.labels(op="insert").inc()
@@ -908,7 +883,7 @@ class RoomActor:
                 fresh.append(i)
         if not fresh:
             return [], []
-        last = await self.broker.next_seqs(self.room_id, len(fresh), self._max_seq)
+        last = await self._next_seqs(len(fresh))  # TEMP(broker): in-process counter
         first = last - len(fresh) + 1
         now = _now_ms()
         rows = [
