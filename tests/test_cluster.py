@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .cluster import Cluster, summary
+from .cluster import Cluster, eventually, summary
 from .servers import ChatClient, ReliableClient, check_room
 
 
@@ -32,9 +32,11 @@ async def test_room_spanning_servers_same_order_retries_and_reconnects(cluster: 
         await m.connect()
     # Cluster-wide presence: every member is listed by both servers.
     names = sorted(m.sender for m in members)
-    assert a.http_get(f"/api/rooms/{room}/members")["members"] == names
-    assert b.http_get(f"/api/rooms/{room}/members")["members"] == names
-    assert {"room_id": room, "members": 6} in b.http_get("/api/rooms")["rooms"]
+    for server in (a, b):
+        await eventually(lambda s=server: s.http_get(f"/api/rooms/{room}/members")["members"],
+                         names)
+    await eventually(lambda: {"room_id": room, "members": 6} in b.http_get("/api/rooms")["rooms"],
+                     True)
 
     # Publishers on every server at once.
     loop = asyncio.get_running_loop()

@@ -23,7 +23,7 @@ from ..protocol import encode
 if TYPE_CHECKING:
     from ..config import Settings
 
-__all__ = ["Handler", "Broker", "Presence", "BrokerError", "create_broker", "presence_payload"]
+__all__ = ["Broker", "BrokerError", "Handler", "Presence", "create_broker", "presence_payload"]
 
 # Called with each payload published to a subscribed room, or with None when
 # the broker may have lost payloads (a reconnect): the subscriber must then

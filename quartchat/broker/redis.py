@@ -318,6 +318,7 @@ class RedisBroker:
         metrics.BROKER_RECONNECTS.inc()
         metrics.BROKER_RESUBSCRIBES.inc(len(rooms))
         log.info("redis pub/sub reconnected; %d rooms resubscribed", len(rooms))
+        self._presence.reconnected()  # re-add our entries if Redis lost them
         for room_id in rooms:
             self._dispatch(room_id, None)  # anything may have been lost: catch up
 
@@ -330,7 +331,7 @@ class RedisBroker:
             ps = self._sub_client.pubsub()
             self._ps = ps
             async with asyncio.timeout(self.timeout_s):
-                await ps.connect()
+                await ps.connect()  # type: ignore[no-untyped-call]
                 self._last_pong = self._last_ping = time.monotonic()
                 rooms = list(self._handlers)
                 channels = [self.keys.channel(r).encode() for r in rooms]
@@ -362,9 +363,9 @@ def _abort(ps: PubSub) -> Any:
     ps.connection = None
     if conn is None:
         return None
-    writer = conn._writer  # noqa: SLF001 - redis-py offers no abort
+    writer = conn._writer  # redis-py offers no abort
     if writer is not None:
         writer.transport.abort()
-    conn._close()  # noqa: SLF001
+    conn._close()
     conn.deregister_connect_callback(ps.on_connect)
     return conn

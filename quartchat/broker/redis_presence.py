@@ -84,6 +84,7 @@ class RedisPresence:
         self._dirty: dict[Key, int] = {}  # pair -> generation of its latest change
         self._gen = 0
         self._wake = asyncio.Event()
+        self._beat_now = asyncio.Event()
         self._progress = asyncio.Event()
         self._reannounce: set[Key] = set()
         self.down = False
@@ -106,6 +107,12 @@ class RedisPresence:
             if not senders:
                 del self._desired[room_id]
         self._mark((room_id, sender_id))
+
+    def reconnected(self) -> None:
+        """The broker lost Redis and is back: heartbeat now (Redis may have restarted
+        empty), and reap again only after a full dead window from here."""
+        self._healthy_since = None
+        self._beat_now.set()
 
     def _mark(self, key: Key) -> None:
         self._gen += 1
@@ -262,6 +269,7 @@ class RedisPresence:
     async def _beat_loop(self) -> None:
         backoff = _BACKOFF_MIN_S * 5
         while True:
+            self._beat_now.clear()
             try:
                 await self._beat()
             except asyncio.CancelledError:
@@ -289,7 +297,11 @@ class RedisPresence:
                     raise
                 except _errors() as exc:
                     log.warning("presence reap failed: %s", exc)
-            await asyncio.sleep(self.heartbeat_s * (0.8 + 0.4 * random.random()))
+            try:
+                async with asyncio.timeout(self.heartbeat_s * (0.8 + 0.4 * random.random())):
+                    await self._beat_now.wait()
+            except TimeoutError:
+                pass
 
     async def _beat(self) -> None:
         """Learn Redis time; extend (or re-add) every entry of this node; re-announce."""

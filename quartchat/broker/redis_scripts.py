@@ -24,8 +24,17 @@ the world as it is after the thaw (the caller retries with fresh state).
 
 from __future__ import annotations
 
-__all__ = ["Keys", "JOIN", "LEAVE", "REFRESH", "EXPIRED", "REAP", "MEMBERS", "TOUCH_ROOMS",
-           "LIVE_ROOMS"]
+__all__ = [
+    "EXPIRED",
+    "JOIN",
+    "LEAVE",
+    "LIVE_ROOMS",
+    "MEMBERS",
+    "REAP",
+    "REFRESH",
+    "TOUCH_ROOMS",
+    "Keys",
+]
 
 _NOW = """
 local t = redis.call('TIME')
