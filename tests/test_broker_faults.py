@@ -167,3 +167,62 @@ async def test_an_outage_longer_than_the_dead_window_reaps_no_live_member(
         await a.close()
         await b.close()
         server.kill()
+
+
+async def test_a_live_process_whose_members_were_reaped_announces_them_again() -> None:
+    """A partitioned (not dead) process's entries may expire and be reaped, with
+    leave events; when it heartbeats again it re-adds them and announces the joins."""
+    check_shared_redis()
+    prefix = unique_prefix()
+    a = broker_for(REDIS_URL, prefix, "partitioned")
+    b = broker_for(REDIS_URL, prefix, "reaper")
+    await a.start()
+    await b.start()
+    probe = redis.asyncio.Redis.from_url(REDIS_URL)
+    try:
+        watch = Inbox()
+        await b.subscribe("r", watch)
+        join(a, "r", "alice")
+        await settle(a)
+        await watch.wait(1)
+        # a's heartbeat did not reach Redis for a dead window: its entry expired.
+        await probe.zadd(f"{{{prefix}:r}}:m", {f"{a.node}\0alice": 0})
+        await b.presence._reap()
+        await watch.wait(2)
+        assert await b.presence.members("r") == []
+        await a.presence._beat()  # a is back
+        await watch.wait(3)
+        assert presence_events(watch.items) == [("join", "alice"), ("leave", "alice"),
+                                                ("join", "alice")]
+        assert await b.presence.members("r") == ["alice"]
+        await a.presence._beat()
+        await watch.stays_at(3)
+    finally:
+        await probe.aclose()
+        await a.close()
+        await b.close()
+        drop_prefix(prefix)
+
+
+async def test_a_change_computed_too_long_ago_is_refused_then_retried() -> None:
+    """A script call that sat in a frozen Redis must not act when it thaws: each
+    change carries the Redis time it was computed at and is refused when stale."""
+    check_shared_redis()
+    prefix = unique_prefix()
+    a = broker_for(REDIS_URL, prefix, "slow")
+    await a.start()
+    probe = redis.asyncio.Redis.from_url(REDIS_URL)
+    try:
+        a.presence._offset_ms -= 60_000  # as if computed a minute before Redis runs it
+        join(a, "r", "late")
+        entries = f"{{{prefix}:r}}:m"
+        await asyncio.sleep(0.5)  # the worker tries and is refused: nothing applied
+        assert await probe.zcard(entries) == 0
+        assert a.presence._dirty, "still queued for a retry"
+        await a.presence._beat()  # fresh Redis time: the retry goes through
+        await settle(a)
+        assert await probe.zrange(entries, 0, -1) == [f"{a.node}\0late".encode()]
+    finally:
+        await probe.aclose()
+        await a.close()
+        drop_prefix(prefix)

@@ -269,6 +269,11 @@ class RedisPresence:
     async def _beat_loop(self) -> None:
         backoff = _BACKOFF_MIN_S * 5
         while True:
+            try:  # start() has just beaten once
+                async with asyncio.timeout(self.heartbeat_s * (0.8 + 0.4 * random.random())):
+                    await self._beat_now.wait()
+            except TimeoutError:
+                pass
             self._beat_now.clear()
             try:
                 await self._beat()
@@ -280,6 +285,7 @@ class RedisPresence:
                 self._healthy_since = None
                 await asyncio.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, _BACKOFF_MAX_S)
+                self._beat_now.set()  # retry at once after the backoff
                 continue
             backoff = _BACKOFF_MIN_S * 5
             now = time.monotonic()
@@ -297,11 +303,6 @@ class RedisPresence:
                     raise
                 except _errors() as exc:
                     log.warning("presence reap failed: %s", exc)
-            try:
-                async with asyncio.timeout(self.heartbeat_s * (0.8 + 0.4 * random.random())):
-                    await self._beat_now.wait()
-            except TimeoutError:
-                pass
 
     async def _beat(self) -> None:
         """Learn Redis time; extend (or re-add) every entry of this node; re-announce."""
