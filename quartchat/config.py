@@ -195,6 +195,10 @@ _SPEC: list[tuple[str, str, str, Callable[[str, str], Any], str]] = [
      "hypercorn worker processes (more than 1 needs a redis:// broker)"),
     ("redis_prefix", "QUARTCHAT_REDIS_PREFIX", "quartchat", _prefix,
      "Prefix of every Redis key and channel, so deployments can share one Redis"),
+    ("redis_pool_size", "QUARTCHAT_REDIS_POOL_SIZE", "32", _int(2, 10_000),
+     "Redis connections per process for commands (callers wait for a free one)"),
+    ("redis_timeout_s", "QUARTCHAT_REDIS_TIMEOUT_S", "5", _float(0.1, 600),
+     "Seconds a Redis command, a wait for a pooled connection or a publish may take"),
     ("max_content", "QUARTCHAT_MAX_CONTENT", "4096", _int(1, 1_048_576),
      "Largest message content in UTF-8 bytes"),
     ("max_rooms", "QUARTCHAT_MAX_ROOMS", "100", _int(1, 100_000),
@@ -285,6 +289,8 @@ class Settings:
     server_id: str = attrs.field(factory=_default_server_id)
     workers: int = 1
     redis_prefix: str = "quartchat"
+    redis_pool_size: int = 32
+    redis_timeout_s: float = 5.0
     max_content: int = 4096
     max_rooms: int = 100
     rate_per_s: float = 20.0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +78,15 @@ class Cluster:
 def summary(report: dict[str, Any]) -> str:
     return ("sent={sent} acked={acked} stored={stored} lost={lost} duplicates={duplicates} "
             "out_of_order={out_of_order} missing={missing} delivered={delivered}").format(**report)
+
+
+async def eventually(fetch: Callable[[], Any], expected: Any, timeout: float = 5.0) -> None:
+    """Presence is applied in the background (a join never waits for Redis): poll
+    ``fetch()`` until it equals ``expected``; fail with the last value after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = await asyncio.to_thread(fetch)
+        if got == expected:
+            return
+        assert time.monotonic() < deadline, f"{got!r} != {expected!r} after {timeout:g} s"
+        await asyncio.sleep(0.05)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -35,7 +36,10 @@ def drop_prefix(prefix: str) -> None:
     """Delete this test's keys (only keys under its own prefix)."""
     client = redis.Redis.from_url(REDIS_URL)
     try:
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        keys: list[bytes] = []
+        # Plain names, and the hash-tagged `{prefix:room}:...` / `{prefix}:...` ones.
+        for pattern in (f"{prefix}:*", f"{{{prefix}:*", f"{{{prefix}}}:*"):
+            keys += client.scan_iter(match=pattern, count=1000)
         if keys:
             client.delete(*keys)
     finally:
@@ -78,8 +82,18 @@ class RedisServer:
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
             self.proc.kill()
             self.proc.wait(10)
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): connections stay open, nothing answers."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
 
     def restart(self) -> None:
         """Come back empty on the same port (nothing was saved)."""

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
+import redis.asyncio
 
 from quartchat.broker import Broker
 from quartchat.broker.memory import MemoryBroker
 from quartchat.broker.redis import RedisBroker
+from quartchat.events import PresenceEvent, decode_events
 
 from .redis_util import REDIS_URL, RedisServer, check_shared_redis, drop_prefix, unique_prefix
 
@@ -66,13 +70,6 @@ async def make_broker(request: pytest.FixtureRequest) -> AsyncIterator[Callable[
         drop_prefix(prefix)
 
 
-async def floor_of(value: int) -> Callable[[], Any]:
-    async def floor() -> int:
-        return value
-
-    return floor
-
-
 async def test_publish_reaches_subscribers_of_that_room_only(make_broker: Any) -> None:
     a, b = await make_broker(), await make_broker()
     one, two, other = Inbox(), Inbox(), Inbox()
@@ -101,109 +98,183 @@ async def test_two_handlers_on_one_process_share_a_subscription(make_broker: Any
     await first.stays_at(0)
 
 
-async def test_sequencer_is_shared_consecutive_and_seeded_from_the_store(make_broker: Any) -> None:
+async def test_the_control_channel_is_a_channel_like_any_room(make_broker: Any) -> None:
     a, b = await make_broker(), await make_broker()
-    floor = await floor_of(41)
-    last = await a.next_seqs("room", 1, floor)
-    assert last == 42, "a counter that did not exist starts above the store's max"
-    assert await b.next_seqs("room", 5, floor) == 47
-    assert await a.next_seqs("room", 1, floor) == 48
-    assert await a.next_seqs("fresh", 3, await floor_of(0)) == 3
-    # Re-seeding never lowers the counter, and raises it to the store's max.
-    await a.reseed("room", await floor_of(10))
-    assert await a.next_seqs("room", 1, floor) == 49
-    await b.reseed("room", await floor_of(100))
-    assert await a.next_seqs("room", 1, floor) == 101
+    inbox = Inbox()
+    await b.subscribe("@control", inbox)
+    await a.publish("@control", b"reload")
+    assert await inbox.wait(1) == [b"reload"]
 
 
-async def test_presence_counts_first_and_last_across_processes(make_broker: Any) -> None:
+def presence_events(items: list[bytes | None]) -> list[tuple[str, str]]:
+    """(event, sender) of every presence frame in the payloads, in order."""
+    out = []
+    for payload in items:
+        for event in decode_events(payload or b""):
+            if isinstance(event, PresenceEvent):
+                frame = orjson.loads(event.frame)
+                assert frame["type"] == "presence" and frame["sender_id"] == event.sender_id
+                out.append((frame["event"], event.sender_id))
+    return out
+
+
+async def test_presence_announces_first_and_last_anywhere_on_the_room_channel(
+    make_broker: Any,
+) -> None:
     a, b = await make_broker(), await make_broker()
-    assert await a.presence.add("r", "alice") is True
-    assert await b.presence.add("r", "bob") is True
+    watch_a, watch_b = Inbox(), Inbox()
+    await a.subscribe("r", watch_a)
+    await b.subscribe("r", watch_b)
+    a.presence.join("r", "alice")  # never blocks, never raises
+    b.presence.join("r", "bob")
+    await a.presence.settle()
+    await b.presence.settle()
+    await watch_a.wait(2)
+    await watch_b.wait(2)
+    assert sorted(presence_events(watch_b.items)) == [("join", "alice"), ("join", "bob")]
     assert await b.presence.members("r") == ["alice", "bob"]
     assert await a.presence.rooms() == [("r", 2)]
+    heard = 2
     if a is not b:
-        # alice on a second server process: not "first" any more.
-        assert await b.presence.add("r", "alice") is False
-        assert await a.presence.remove("r", "alice") is False
-        assert await b.presence.remove("r", "alice") is True
+        # alice on a second server process: not first anywhere, not last when one goes.
+        b.presence.join("r", "alice")
+        await b.presence.settle()
+        a.presence.leave("r", "alice")
+        await a.presence.settle()
+        await watch_a.stays_at(heard)
+        assert await b.presence.members("r") == ["alice", "bob"]
+        b.presence.leave("r", "alice")
+        await b.presence.settle()
     else:
-        assert await a.presence.remove("r", "alice") is True
-    assert await a.presence.remove("r", "alice") is False, "removing twice is a no-op"
+        a.presence.leave("r", "alice")
+        await a.presence.settle()
+    heard += 1
+    await watch_a.wait(heard)
+    assert presence_events(watch_a.items)[-1] == ("leave", "alice")
     assert await a.presence.members("r") == ["bob"]
-    assert await b.presence.remove("r", "bob") is True
+    b.presence.leave("r", "bob")
+    await b.presence.settle()
+    heard += 1
+    await watch_a.wait(heard)
+    assert presence_events(watch_a.items)[-1] == ("leave", "bob")
     assert await a.presence.rooms() == []
+    assert await a.presence.members("r") == []
+    await watch_a.stays_at(heard)
 
 
-async def test_redis_restart_resubscribes_and_never_reuses_a_seq(tmp_path: Path) -> None:
+async def test_a_join_and_leave_not_yet_applied_cancel_out(make_broker: Any) -> None:
+    a = await make_broker()
+    watch = Inbox()
+    await a.subscribe("r", watch)
+    a.presence.join("r", "flash")
+    a.presence.leave("r", "flash")
+    await a.presence.settle()
+    await watch.stays_at(0)
+    assert await a.presence.members("r") == []
+
+
+async def test_members_lists_each_sender_once_sorted(make_broker: Any) -> None:
+    a, b = await make_broker(), await make_broker()
+    for sender in ["zed", "amy", "kim"]:
+        a.presence.join("room-1", sender)
+    b.presence.join("room-1", "amy")
+    b.presence.join("room-2", "kim")
+    await a.presence.settle()
+    await b.presence.settle()
+    assert await a.presence.members("room-1") == ["amy", "kim", "zed"]
+    assert await b.presence.members("room-1") == ["amy", "kim", "zed"]
+    assert await a.presence.rooms() == [("room-1", 3), ("room-2", 1)]
+
+
+async def test_close_removes_this_process_and_announces_its_leaves() -> None:
+    check_shared_redis()
+    prefix = unique_prefix()
+    a = RedisBroker(REDIS_URL, prefix=prefix, server_id="closes")
+    b = RedisBroker(REDIS_URL, prefix=prefix, server_id="stays")
+    await a.start()
+    await b.start()
+    try:
+        watch = Inbox()
+        await b.subscribe("r", watch)
+        a.presence.join("r", "gone")
+        b.presence.join("r", "here")
+        a.presence.join("r", "both")
+        b.presence.join("r", "both")
+        await a.presence.settle()
+        await b.presence.settle()
+        await watch.wait(3)
+        await a.close()
+        await watch.wait(4)
+        assert presence_events(watch.items)[3:] == [("leave", "gone")]
+        assert await b.presence.members("r") == ["both", "here"]
+    finally:
+        await b.close()
+        drop_prefix(prefix)
+
+
+async def test_redis_restart_resubscribes_and_re_adds_presence(tmp_path: Path) -> None:
     server = RedisServer(tmp_path).start()
-    broker = RedisBroker(server.url, prefix="t", server_id="n")
+    broker = RedisBroker(server.url, prefix="t", server_id="n", heartbeat_s=0.5)
     try:
         await broker.start()
         inbox = Inbox()
         await broker.subscribe("r", inbox)
-        stored = 0
-
-        async def floor() -> int:
-            return stored
-
         await broker.publish("r", b"before")
         await inbox.wait(1)
-        stored = await broker.next_seqs("r", 10, floor)
-        assert stored == 10
+        broker.presence.join("r", "alice")
+        await broker.presence.settle()
+        await inbox.wait(2)  # alice's join
 
-        server.restart()  # comes back empty: channels and the counter are gone
-        await inbox.wait(2, timeout=15)
-        assert inbox.items[1] is None, "a reconnect tells the subscriber to catch up"
+        server.restart()  # comes back empty: channels and presence are gone
+        await inbox.wait(3, timeout=15)
+        assert inbox.items[2] is None, "a reconnect tells the subscriber to catch up"
         await broker.publish("r", b"after")
-        assert (await inbox.wait(3))[2] == b"after"
-        assert await broker.next_seqs("r", 1, floor) == 11, "seqs never go backwards"
+        assert (await inbox.wait(4))[3] == b"after"
         await broker.ping()
+        probe = redis.asyncio.Redis.from_url(server.url)
+        try:
+            async with asyncio.timeout(10):
+                while not await probe.zcard("{t:r}:m"):
+                    await asyncio.sleep(0.1)  # the heartbeat re-adds this process's entries
+        finally:
+            await probe.aclose()
+        assert await broker.presence.members("r") == ["alice"]
+        await inbox.stays_at(4)  # re-adding after a restart announces nothing
     finally:
         await broker.close()
         server.kill()
 
 
-async def test_dead_process_members_are_reaped_with_leave_events() -> None:
+async def test_dead_process_members_are_reaped_with_leave_events_once() -> None:
+    """A process that stops heartbeating (killed: no cleanup) loses its members
+    within 30 s: one live process announces each leave, exactly once."""
     check_shared_redis()
     prefix = unique_prefix()
-    a = RedisBroker(REDIS_URL, prefix=prefix, server_id="dies")
-    b = RedisBroker(REDIS_URL, prefix=prefix, server_id="lives")
-    await a.start()
-    await b.start()
+    dies = RedisBroker(REDIS_URL, prefix=prefix, server_id="dies")
+    lives = [RedisBroker(REDIS_URL, prefix=prefix, server_id=f"lives{i}") for i in range(2)]
+    for broker in [dies, *lives]:
+        await broker.start()
     try:
-        watcher = Inbox()
-        await b.subscribe("r", watcher)
-        await a.presence.add("r", "ghost")
-        await b.presence.add("r", "alive")
-        # a's process dies: its heartbeat stops (we age it past the deadline).
-        await a._r.zadd(f"{prefix}:nodes", {a.node: 0})
-        assert await b.presence.reap(b.publish) == 1
-        payload = (await watcher.wait(1))[0]
-        assert payload is not None and b'"event":"leave"' in payload and b"ghost" in payload
-        assert await b.presence.members("r") == ["alive"]
-        assert await b.presence.reap(b.publish) == 0, "reaped once"
+        watchers = [Inbox(), Inbox()]
+        for broker, watch in zip(lives, watchers):
+            await broker.subscribe("r", watch)
+        dies.presence.join("r", "ghost")
+        dies.presence.join("r", "shared")
+        lives[0].presence.join("r", "shared")
+        lives[0].presence.join("r", "alive")
+        for broker in [dies, *lives]:
+            await broker.presence.settle()
+        await watchers[0].wait(3)
+        await dies.close(remove_presence=False)  # as if killed: its entries stay behind
+        died = time.monotonic()
+        await watchers[0].wait(4, timeout=30)
+        assert time.monotonic() - died < 30
+        assert presence_events(watchers[0].items)[3:] == [("leave", "ghost")]
+        await watchers[1].wait(4, timeout=2)
+        assert await lives[1].presence.members("r") == ["alive", "shared"]
+        assert sum(b.presence.reaped for b in lives) == 2, "each entry reaped once"
+        await watchers[0].stays_at(4, timeout=1)
     finally:
-        await a.close()
-        await b.close()
+        for broker in lives:
+            await broker.close()
         drop_prefix(prefix)
-
-
-async def test_first_posts_to_a_new_room_from_many_processes_leave_no_gap(make_broker: Any) -> None:
-    """Regression: a process that found the counter missing used to take seq 1,
-    then re-seed above seqs the others had meanwhile stored, abandoning seq 1
-    (every server then waited for it until the skip timeout)."""
-    brokers = [await make_broker() for _ in range(3)]
-    committed: set[int] = set()
-
-    async def floor() -> int:
-        await asyncio.sleep(0.05)  # a slow store read, while others go on
-        return max(committed, default=0)
-
-    async def take(broker: Any) -> int:
-        seq = await broker.next_seqs("brand-new", 1, floor)
-        committed.add(seq)
-        return seq
-
-    seqs = await asyncio.gather(*(take(b) for b in brokers for _ in range(4)))
-    assert sorted(seqs) == list(range(1, 13))

@@ -9,8 +9,7 @@ import signal
 import time
 from pathlib import Path
 
-from .cluster import Cluster, summary
-from .conftest import wait_for
+from .cluster import Cluster, eventually, summary
 from .mysql import create_database, drop_database, with_host
 from .proxy import ThreadedProxy
 from .redis_util import RedisServer
@@ -59,8 +58,8 @@ async def test_redis_restarted_empty_mid_stream(tmp_path: Path) -> None:
         await settle_and_check(cluster, members, "redis restart")
         # Recovered: ready again, presence re-listed, new posts flow across servers.
         assert a.http_get("/readyz")["status"] == "ready"
-        await wait_for(lambda: sorted(b.http_get(f"/api/rooms/{ROOM}/members")["members"])
-                       == ["r0", "r1", "r2", "r3"], timeout=10)
+        await eventually(lambda: sorted(b.http_get(f"/api/rooms/{ROOM}/members")["members"]),
+                         ["r0", "r1", "r2", "r3"])
         await members[0].run(61, rate=30, deadline=asyncio.get_running_loop().time() + 20)
         for m in members:
             await m.settle(max(cluster.stored(ROOM)))

@@ -25,7 +25,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from .cluster import Cluster, summary
+from .cluster import Cluster, eventually, summary
 from .servers import ROOT, ChatClient, ReliableClient, ServerProcess, check_room, free_port
 
 NGINX_CONF = ROOT / "ops" / "nginx.conf"
@@ -225,9 +225,11 @@ async def test_websockets_through_nginx_reach_both_servers_and_talk_across(
         for sender in senders:
             await sender.wait_for(lambda s=sender: bool(s.of("ack")))
         # Cluster-wide presence, read through nginx (either server answers).
-        status, body = nginx.get(f"/api/rooms/{room}/members")
-        assert status == 200
-        assert orjson.loads(body)["members"] == sorted(c.sender for c in clients)
+        def members() -> tuple[int, object]:
+            status, body = nginx.get(f"/api/rooms/{room}/members")
+            return status, orjson.loads(body).get("members") if status == 200 else body
+
+        await eventually(members, (200, sorted(c.sender for c in clients)))
         status, body = nginx.get("/readyz")
         assert status == 200 and orjson.loads(body)["status"] == "ready"
         # A refused handshake comes back through nginx as the server's own answer.

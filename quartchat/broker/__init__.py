@@ -3,50 +3,69 @@
 A :class:`Broker` is chosen by URL: ``memory://`` (one process, the embedded
 default) or ``redis://`` (any number of processes and hosts). The Redis
 implementation is imported lazily so the embedded mode needs no Redis client.
+
+Seqs are not the broker's business (the store assigns them). Presence is: the
+broker keeps this process's local presence table (what rooms told it through
+``join``/``leave``), applies it to the shared view in the background, and
+announces first-anywhere / last-anywhere changes as presence events on the
+room's own channel, so every subscriber of the room hears them in order with
+its messages.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
+
+from ..events import PresenceEvent, encode_events
+from ..protocol import encode
 
 if TYPE_CHECKING:
     from ..config import Settings
 
-__all__ = ["Handler", "Broker", "Presence", "BrokerError", "create_broker"]
+__all__ = ["Broker", "BrokerError", "Handler", "Presence", "create_broker", "presence_payload"]
 
 # Called with each payload published to a subscribed room, or with None when
 # the broker may have lost payloads (a reconnect): the subscriber must then
 # catch up from the store. It must not block.
 Handler = Callable[[bytes | None], None]
 
+
 class BrokerError(Exception):
     """The broker could not be reached or refused the operation."""
 
 
-class Presence(Protocol):
-    """Which senders are in which rooms, across every server of the deployment.
+def presence_payload(room_id: str, sender_id: str, event: Literal["join", "leave"]) -> bytes:
+    """The channel payload announcing that ``sender_id`` joined or left ``room_id`` anywhere."""
+    frame = encode({"type": "presence", "room_id": room_id, "event": event,
+                    "sender_id": sender_id})
+    return encode_events([PresenceEvent(sender_id, frame)])
 
-    ``join`` and ``leave`` never block and never fail: the broker applies
-    them in the background (retrying), and announces a sender's first
-    connection in and last connection out anywhere with a ``presence``
-    payload on the room's channel.
-    """
+
+class Presence(Protocol):
+    """Cluster-wide presence. Calls from rooms never block and never fail."""
 
     def join(self, room_id: str, sender_id: str) -> None:
-        """This process's first connection of ``sender_id`` entered ``room_id``."""
+        """This process's first local connection of ``sender_id`` entered ``room_id``.
+
+        Queued and applied in the background (retried until applied); when it
+        makes the sender present anywhere for the first time, a ``join``
+        presence event is published on the room's channel."""
 
     def leave(self, room_id: str, sender_id: str) -> None:
-        """This process's last connection of ``sender_id`` left ``room_id``."""
+        """This process's last local connection of ``sender_id`` left ``room_id``.
+
+        Same queueing; ``leave`` is announced when the sender is present
+        nowhere any more. A join and leave not yet applied cancel out."""
 
     async def members(self, room_id: str) -> list[str]:
-        """Sender ids present in the room (live servers only), each once, sorted."""
+        """Sender ids present in the room on live servers, each once, sorted (BrokerError)."""
 
     async def rooms(self) -> list[tuple[str, int]]:
-        """(room_id, member count) for rooms with at least one member."""
+        """(room_id, member count) for rooms with at least one member (BrokerError)."""
 
     async def settle(self) -> None:
-        """Return once the changes queued before the call are applied (bounded)."""
+        """Return once every change queued before the call is applied (bounded while down)."""
 
 
 class Broker(Protocol):
@@ -57,7 +76,8 @@ class Broker(Protocol):
 
     async def start(self) -> None: ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Settle presence (bounded), remove this process's entries and announce their leaves."""
 
     async def ping(self) -> None:
         """Raise :class:`BrokerError` unless the broker answers."""
@@ -69,7 +89,9 @@ class Broker(Protocol):
         """Stop delivering to ``handler``."""
 
     async def publish(self, room_id: str, payload: bytes) -> None:
-        """Send ``payload`` to every subscriber of the room on every server."""
+        """Send ``payload`` to every subscriber of the room on every server.
+
+        Returns once sent; :class:`BrokerError` on failure or after a bounded wait."""
 
 
 def create_broker(settings: Settings) -> Broker:
@@ -82,5 +104,7 @@ def create_broker(settings: Settings) -> Broker:
     if url.startswith(("redis://", "rediss://", "unix://")):
         from .redis import RedisBroker
 
-        return RedisBroker(url, prefix=settings.redis_prefix, server_id=settings.server_id)
+        return RedisBroker(url, prefix=settings.redis_prefix, server_id=settings.server_id,
+                           pool_size=settings.redis_pool_size,
+                           timeout_s=settings.redis_timeout_s)
     raise ValueError(f"unsupported broker URL {url!r}")

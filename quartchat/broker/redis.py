@@ -1,20 +1,24 @@
-"""The Redis broker: one pub/sub connection per process, seqs by INCRBY, presence in Redis.
+"""The Redis broker: room channels over one pub/sub connection, presence in Redis.
 
-Keys and channels all start with ``QUARTCHAT_REDIS_PREFIX`` (``P`` below):
+Names (``P`` = ``QUARTCHAT_REDIS_PREFIX``; see redis_scripts.py for all keys):
+a room's channel is ``{P:room}:chan``, in the room's hash slot like its
+presence keys; ``@control`` (process-wide messages) is ``{P:@control}:chan``.
 
-- ``P:room:<room>``            pub/sub channel of a room
-- ``P:seq:<room>``             the room's sequence counter (INCRBY)
-- ``P:members:<room>``         hash sender_id -> number of server processes it is on
-- ``P:rooms``                  set of rooms that have (or recently had) members
-- ``P:node:<node>``            set of ``room\\x00sender`` this process holds
-- ``P:nodes``                  zset node -> last heartbeat (unix seconds)
-- ``P:lock:...``               redis-py ``Lock`` names
+Commands share one ``BlockingConnectionPool`` of ``pool_size`` connections:
+a caller waits at most ``timeout_s`` for a connection (redis-py 8's plain
+pool refuses at once past 100 with MaxConnectionsError). Publishes go
+through one publisher task that sends whatever is queued in one pipeline;
+``publish()`` returns once its payload was sent, and raises BrokerError
+when sending failed or took longer than ``timeout_s``.
 
 Pub/sub is at-most-once: when the connection drops, everything published in
-the meantime is lost. The listener reconnects with capped, jittered backoff,
-resubscribes every room, then tells every handler ``None`` so each actor
-catches up from the store. The sequencer never goes backwards: a counter that
-Redis lost is re-seeded from the store's max seq under a lock.
+the meantime is lost. The listener sends its own PING every
+``ping_interval_s`` and treats a pong missing for ``3 x ping_interval_s`` as
+a dead connection (redis-py's ``check_health`` discards the pong, and a
+Redis that vanishes without a TCP reset would otherwise leave us deaf): it
+reconnects with capped, jittered backoff, resubscribes every room in
+batches, waits for the confirmations, then tells every handler ``None`` so
+each room catches up from the store.
 """
 
 from __future__ import annotations
@@ -28,305 +32,197 @@ from collections import defaultdict
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .. import metrics
-from ..events import PresenceEvent, encode_events
-from ..protocol import encode
-from collections.abc import Awaitable, Callable
-
 from . import BrokerError, Handler
+from .redis_presence import RedisPresence
+from .redis_scripts import Keys
 
-SeqFloor = Callable[[], Awaitable[int]]  # TEMP until the broker rework lands
-
-__all__ = ["RedisBroker", "RedisPresence"]
+__all__ = ["RedisBroker"]
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 5.0
-NODE_DEAD_AFTER_S = 15.0
 _BACKOFF_MIN_S = 0.05
-_BACKOFF_MAX_S = 5.0
-_SUBSCRIBE_WAIT_S = 3.0
-_LOCK_TIMEOUT_S = 30.0
-
-# Take ARGV[1] seqs if the counter exists; -1 if it does not (a new room, or
-# Redis lost it): the caller then seeds it from the store first. Checking and
-# taking in one script means no seq is ever taken from a counter about to be
-# re-seeded (such a seq would never be stored, and every server would wait
-# for it until the skip timeout).
-_NEXT_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return redis.call('INCRBY', KEYS[1], ARGV[1])
-end
-return -1
-"""
-
-# Raise the counter to at least ARGV[1], then take ARGV[2] seqs.
-_RESEED_LUA = """
-local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
-local floor = tonumber(ARGV[1])
-if cur < floor then redis.call('SET', KEYS[1], floor) end
-return redis.call('INCRBY', KEYS[1], ARGV[2])
-"""
-
-# KEYS: node set, members hash, rooms set. ARGV: entry, sender, room. -> 1 if first anywhere
-_ADD_LUA = """
-if redis.call('SADD', KEYS[1], ARGV[1]) == 1 then
-  redis.call('SADD', KEYS[3], ARGV[3])
-  if redis.call('HINCRBY', KEYS[2], ARGV[2], 1) == 1 then return 1 end
-end
-return 0
-"""
-
-# KEYS: node set, members hash, rooms set. ARGV: entry, sender, room. -> 1 if last anywhere
-_REMOVE_LUA = """
-if redis.call('SREM', KEYS[1], ARGV[1]) == 1 then
-  if redis.call('HINCRBY', KEYS[2], ARGV[2], -1) <= 0 then
-    redis.call('HDEL', KEYS[2], ARGV[2])
-    if redis.call('HLEN', KEYS[2]) == 0 then redis.call('SREM', KEYS[3], ARGV[3]) end
-    return 1
-  end
-end
-return 0
-"""
+_BACKOFF_MAX_S = 2.0
+_SUBSCRIBE_BATCH = 500
+_PUBLISH_BATCH = 500
+_PUBLISH_QUEUE = 10_000
+_PING_TOKEN = b"quartchat-watchdog"
 
 
 def _wrap(exc: BaseException) -> BrokerError:
     return BrokerError(f"redis: {type(exc).__name__}: {exc}")
 
 
-class RedisPresence:
-    """Cluster-wide presence: per-room member counts, per-process entry sets, heartbeats."""
-
-    def __init__(self, client: aioredis.Redis, prefix: str, node: str) -> None:
-        self._r = client
-        self._p = prefix
-        self.node = node
-        self._add = client.register_script(_ADD_LUA)
-        self._remove = client.register_script(_REMOVE_LUA)
-        self._pending: set[asyncio.Task[None]] = set()
-        self.publish: Any = None
-
-    def _keys(self, room_id: str) -> list[str]:
-        return [f"{self._p}:node:{self.node}", f"{self._p}:members:{room_id}", f"{self._p}:rooms"]
-
-    # TEMP(lead): the non-blocking interface on top of add/remove until the broker rework lands.
-    def join(self, room_id: str, sender_id: str) -> None:
-        self._later(self.add, room_id, sender_id, "join")
-
-    def leave(self, room_id: str, sender_id: str) -> None:
-        self._later(self.remove, room_id, sender_id, "leave")
-
-    def _later(self, op: Any, room_id: str, sender_id: str, event: str) -> None:
-        async def run() -> None:
-            try:
-                if await op(room_id, sender_id) and self.publish is not None:
-                    frame = encode({"type": "presence", "room_id": room_id, "event": event,
-                                    "sender_id": sender_id})
-                    await self.publish(room_id, encode_events([PresenceEvent(sender_id, frame)]))
-            except BrokerError as exc:
-                log.warning("presence %s failed: %s", event, exc)
-
-        task = asyncio.get_running_loop().create_task(run())
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-
-    async def settle(self) -> None:
-        if self._pending:
-            await asyncio.wait(list(self._pending), timeout=2)
-
-    async def add(self, room_id: str, sender_id: str) -> bool:
-        try:
-            first = await self._add(keys=self._keys(room_id),
-                                    args=[f"{room_id}\x00{sender_id}", sender_id, room_id])
-        except RedisError as exc:
-            raise _wrap(exc) from exc
-        return bool(first)
-
-    async def remove(self, room_id: str, sender_id: str) -> bool:
-        try:
-            last = await self._remove(keys=self._keys(room_id),
-                                      args=[f"{room_id}\x00{sender_id}", sender_id, room_id])
-        except RedisError as exc:
-            raise _wrap(exc) from exc
-        return bool(last)
-
-    async def members(self, room_id: str) -> list[str]:
-        try:
-            names = await self._r.hkeys(f"{self._p}:members:{room_id}")
-        except RedisError as exc:
-            raise _wrap(exc) from exc
-        return sorted(n.decode() for n in names)
-
-    async def rooms(self) -> list[tuple[str, int]]:
-        try:
-            rooms = sorted(r.decode() for r in await self._r.smembers(f"{self._p}:rooms"))
-            async with self._r.pipeline(transaction=False) as pipe:
-                for room in rooms:
-                    pipe.hlen(f"{self._p}:members:{room}")
-                counts = await pipe.execute()
-        except RedisError as exc:
-            raise _wrap(exc) from exc
-        return [(room, int(n)) for room, n in zip(rooms, counts) if int(n) > 0]
-
-    async def heartbeat(self) -> None:
-        await self._r.zadd(f"{self._p}:nodes", {self.node: time.time()})
-
-    async def reap(self, publish: Any) -> int:
-        """Remove the members of processes whose heartbeat stopped; announce their leaves."""
-        deadline = time.time() - NODE_DEAD_AFTER_S
-        dead = [n.decode() for n in await self._r.zrangebyscore(f"{self._p}:nodes", "-inf", deadline)]
-        gone = 0
-        for node in dead:
-            if node == self.node:
-                continue
-            lock = self._r.lock(f"{self._p}:lock:reap:{node}", timeout=_LOCK_TIMEOUT_S,
-                                blocking_timeout=0.1)
-            if not await lock.acquire():
-                continue  # another process is reaping it
-            try:
-                key = f"{self._p}:node:{node}"
-                for entry in await self._r.smembers(key):
-                    room_id, _, sender = entry.decode().partition("\x00")
-                    last = await self._remove(
-                        keys=[key, f"{self._p}:members:{room_id}", f"{self._p}:rooms"],
-                        args=[entry, sender, room_id],
-                    )
-                    if last:
-                        gone += 1
-                        frame = encode({"type": "presence", "room_id": room_id, "event": "leave",
-                                        "sender_id": sender})
-                        await publish(room_id, encode_events([PresenceEvent(sender, frame)]))
-                await self._r.delete(key)
-                await self._r.zrem(f"{self._p}:nodes", node)
-                log.info("reaped dead server process %s (%d members left)", node, gone)
-            finally:
-                try:
-                    await lock.release()
-                except RedisError:
-                    pass
-        return gone
-
-    async def leave_all(self) -> None:
-        """Forget this process's heartbeat (its members were removed by their rooms)."""
-        await self._r.zrem(f"{self._p}:nodes", self.node)
+_ERRORS = (RedisError, OSError, RuntimeError, TimeoutError)
 
 
 class RedisBroker:
-    """Room channels over one pub/sub connection; seqs and presence in Redis."""
+    """Room channels over one pub/sub connection; presence in Redis."""
 
-    def __init__(self, url: str, *, prefix: str, server_id: str) -> None:
+    def __init__(
+        self, url: str, *, prefix: str, server_id: str, pool_size: int = 32,
+        timeout_s: float = 5.0, ping_interval_s: float = 1.0,
+        heartbeat_s: float = 5.0, dead_after_s: float = 20.0,
+    ) -> None:
         self.url = url
-        self.prefix = prefix
+        self.keys = Keys(prefix)
+        self.timeout_s = timeout_s
+        self.ping_interval_s = ping_interval_s
         # Each process is its own presence node: workers of one server share its id.
         self.node = f"{server_id}-{uuid.uuid4().hex[:8]}"
-        # A pooled connection may be stale after Redis restarted: retry a command a
-        # few times on a fresh connection before calling Redis down. (A retried
-        # PUBLISH may arrive twice; receivers drop duplicates by seq.)
-        self._r: aioredis.Redis = aioredis.Redis.from_url(
-            url, health_check_interval=10, socket_connect_timeout=2, socket_timeout=5,
-            socket_keepalive=True,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=3),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        # A pooled connection may be stale after Redis restarted: retry a command on
+        # a fresh connection before calling Redis down (a retried PUBLISH may arrive
+        # twice; receivers drop duplicates by seq). Timeouts are not retried: waits
+        # stay bounded by timeout_s.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=pool_size, timeout=timeout_s, socket_connect_timeout=2,
+            socket_timeout=timeout_s, socket_keepalive=True,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=2),
+            retry_on_error=[RedisConnectionError],
         )
+        self._r: aioredis.Redis = aioredis.Redis(connection_pool=pool)
         # The pub/sub connection must NOT retry silently: a reconnect means payloads
         # were lost, and the listener has to see it to make every room catch up.
         self._sub_client: aioredis.Redis = aioredis.Redis.from_url(
-            url, health_check_interval=10, socket_connect_timeout=2, socket_keepalive=True,
-            retry=Retry(NoBackoff(), retries=0),
+            url, socket_connect_timeout=2, socket_timeout=timeout_s, socket_keepalive=True,
+            health_check_interval=0, retry=Retry(NoBackoff(), retries=0),
         )
-        self._pubsub = self._sub_client.pubsub()
-        self._presence = RedisPresence(self._r, prefix, self.node)
-        self._presence.publish = self.publish
-        self._reseed_script = self._r.register_script(_RESEED_LUA)
-        self._next_script = self._r.register_script(_NEXT_LUA)
+        self._ps: PubSub | None = None
+        self._dead: list[Any] = []  # aborted pub/sub connections, to release to their pool
+        self._presence = RedisPresence(
+            self._r, self.keys, self.node, subscribed=lambda: list(self._handlers),
+            publish=self.publish, heartbeat_s=heartbeat_s, dead_after_s=dead_after_s)
         self._handlers: dict[str, list[Handler]] = defaultdict(list)
         self._confirm: dict[bytes, asyncio.Future[None]] = {}
         self._sub_lock = asyncio.Lock()
+        self._outbox: asyncio.Queue[tuple[str, bytes, asyncio.Future[None]]] = asyncio.Queue(
+            _PUBLISH_QUEUE)
         self._tasks: list[asyncio.Task[None]] = []
+        self._last_pong = 0.0
+        self._last_ping = 0.0
         self.connected = False
 
     @property
     def presence(self) -> RedisPresence:
         return self._presence
 
-    def _channel(self, room_id: str) -> str:
-        return f"{self.prefix}:room:{room_id}"
-
-    def _room_of(self, channel: bytes) -> str | None:
-        head = f"{self.prefix}:room:".encode()
-        return channel[len(head):].decode() if channel.startswith(head) else None
-
     async def start(self) -> None:
         try:
-            await self._r.ping()
-            await self._pubsub.connect()
-            await self.presence.heartbeat()
-        except (RedisError, OSError) as exc:
+            async with asyncio.timeout(self.timeout_s * 2):
+                await self._r.ping()
+                await self._connect_pubsub()
+                await self._presence.start()
+        except (*_ERRORS, BrokerError) as exc:
             raise BrokerError(f"cannot reach Redis at {self.url.split('@')[-1]}: {exc}") from exc
         self.connected = True
+        metrics.BROKER_UP.set(1)
         self._tasks = [
             asyncio.create_task(self._listen(), name="redis-listener"),
-            asyncio.create_task(self._housekeeping(), name="redis-heartbeat"),
+            asyncio.create_task(self._publisher(), name="redis-publisher"),
         ]
 
-    async def close(self) -> None:
+    async def close(self, *, remove_presence: bool = True) -> None:
+        """Settle and remove presence (announcing leaves), then stop every task.
+
+        ``remove_presence=False`` leaves this node's entries behind, as a process
+        that died would (tests)."""
+        await self._presence.close(remove=remove_presence)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        await self.presence.settle()
-        try:
-            await self.presence.leave_all()
-        except (RedisError, OSError):
-            pass
-        try:
-            await self._pubsub.aclose()
-            await self._sub_client.aclose()
-        finally:
-            await self._r.aclose()
+        while not self._outbox.empty():
+            _, _, waiter = self._outbox.get_nowait()
+            if not waiter.done():
+                waiter.set_exception(BrokerError("redis: broker closed"))
+        await self._drop_pubsub()
+        await self._sub_client.aclose()
+        await self._r.aclose()
 
     async def ping(self) -> None:
         try:
-            await self._r.ping()
-        except (RedisError, OSError) as exc:
+            async with asyncio.timeout(self.timeout_s):
+                await self._r.ping()
+        except _ERRORS as exc:
             raise _wrap(exc) from exc
         if not self.connected:
             raise BrokerError("redis: pub/sub connection is down (reconnecting)")
 
+    # ---- publishing -------------------------------------------------------
+
+    async def publish(self, room_id: str, payload: bytes) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self._outbox.put((self.keys.channel(room_id), payload, waiter))
+                await waiter
+        except TimeoutError as exc:
+            raise BrokerError(f"redis: publish not sent within {self.timeout_s:g} s") from exc
+
+    async def _publisher(self) -> None:
+        """Send queued publishes, everything queued at once in one pipeline."""
+        while True:
+            batch = [await self._outbox.get()]
+            while len(batch) < _PUBLISH_BATCH and not self._outbox.empty():
+                batch.append(self._outbox.get_nowait())
+            batch = [item for item in batch if not item[2].done()]  # given up by the caller
+            if not batch:
+                continue
+            try:
+                async with self._r.pipeline(transaction=False) as pipe:
+                    for channel, payload, _ in batch:
+                        pipe.publish(channel, payload)
+                    results = await pipe.execute(raise_on_error=False)
+            except asyncio.CancelledError:
+                for _, _, waiter in batch:
+                    if not waiter.done():
+                        waiter.set_exception(BrokerError("redis: broker closed"))
+                raise
+            except Exception as exc:  # noqa: BLE001 - every waiter must hear of it
+                results = [exc] * len(batch)
+            for (_, _, waiter), result in zip(batch, results):
+                if waiter.done():
+                    continue
+                if isinstance(result, Exception):
+                    waiter.set_exception(_wrap(result))
+                else:
+                    waiter.set_result(None)
+
     # ---- channels ---------------------------------------------------------
 
     async def subscribe(self, room_id: str, handler: Handler) -> None:
+        channel = self.keys.channel(room_id).encode()
         async with self._sub_lock:
             handlers = self._handlers[room_id]
             handlers.append(handler)
-            if len(handlers) > 1:
-                return
-            channel = self._channel(room_id)
+            if len(handlers) > 1 or self._ps is None:
+                return  # shared channel, or down: the reconnect subscribes and says None
             waiter = asyncio.get_running_loop().create_future()
-            self._confirm[channel.encode()] = waiter
+            self._confirm[channel] = waiter
             try:
-                await self._pubsub.subscribe(channel)
-            except (RedisError, OSError) as exc:
+                async with asyncio.timeout(self.timeout_s):
+                    await self._ps.subscribe(channel)
+            except _ERRORS as exc:
                 # Not fatal: the listener subscribes every room when Redis is back,
                 # and then tells the handler to catch up from the store.
-                self._confirm.pop(channel.encode(), None)
+                self._confirm.pop(channel, None)
                 log.warning("subscribe %s deferred: %s", room_id, exc)
                 return
         # Wait for Redis to confirm, so that whatever is published after this
         # returns is delivered (the caller reads the store next).
         try:
-            async with asyncio.timeout(_SUBSCRIBE_WAIT_S):
+            async with asyncio.timeout(self.timeout_s):
                 await waiter
         except TimeoutError:
             log.warning("no subscribe confirmation for %s yet", room_id)
         finally:
-            self._confirm.pop(channel.encode(), None)
+            self._confirm.pop(channel, None)
 
     async def unsubscribe(self, room_id: str, handler: Handler) -> None:
         async with self._sub_lock:
@@ -337,16 +233,13 @@ class RedisBroker:
             if handlers:
                 return
             del self._handlers[room_id]
+            if self._ps is None:
+                return
             try:
-                await self._pubsub.unsubscribe(self._channel(room_id))
-            except (RedisError, OSError) as exc:
+                async with asyncio.timeout(self.timeout_s):
+                    await self._ps.unsubscribe(self.keys.channel(room_id))
+            except _ERRORS as exc:
                 log.warning("unsubscribe %s failed: %s", room_id, exc)
-
-    async def publish(self, room_id: str, payload: bytes) -> None:
-        try:
-            await self._r.publish(self._channel(room_id), payload)
-        except (RedisError, OSError) as exc:
-            raise _wrap(exc) from exc
 
     def _dispatch(self, room_id: str, payload: bytes | None) -> None:
         for handler in list(self._handlers.get(room_id, ())):
@@ -355,95 +248,124 @@ class RedisBroker:
             except Exception:
                 log.exception("room handler failed", extra={"room_id": room_id})
 
+    def _on_message(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        channel = message.get("channel")
+        if kind == "pong":
+            self._last_pong = time.monotonic()
+        elif kind == "message" and isinstance(channel, bytes):
+            room_id = self.keys.room_of(channel)
+            if room_id is not None:
+                self._dispatch(room_id, message["data"])
+        elif kind == "subscribe" and isinstance(channel, bytes):
+            waiter = self._confirm.get(channel)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    # ---- the listener and its watchdog ---------------------------------------
+
     async def _listen(self) -> None:
-        """The one receive loop: demultiplex payloads to rooms; reconnect on loss."""
+        """The one receive loop: demultiplex payloads to rooms; ping; reconnect on loss."""
         backoff = _BACKOFF_MIN_S
         while True:
-            try:
-                message = await self._pubsub.get_message(timeout=1.0)
-            except asyncio.CancelledError:
-                raise
-            except (RedisError, OSError, RuntimeError) as exc:
-                if self.connected:
-                    log.warning("redis pub/sub connection lost: %s", exc)
-                    self.connected = False
-                    metrics.BROKER_UP.set(0)
+            if self._ps is None:
                 await asyncio.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, _BACKOFF_MAX_S)
                 await self._reconnect()
                 continue
-            backoff = _BACKOFF_MIN_S
-            if message is None:
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    message = await self._ps.get_message(timeout=self.ping_interval_s / 2)
+                    if message is not None:
+                        self._on_message(message)
+                    now = time.monotonic()
+                    if now - self._last_ping >= self.ping_interval_s:
+                        self._last_ping = now
+                        await self._ps.ping(_PING_TOKEN)
+            except asyncio.CancelledError:
+                raise
+            except _ERRORS as exc:
+                self._lost(f"{type(exc).__name__}: {exc}")
                 continue
-            kind = message.get("type")
-            channel = message.get("channel")
-            if kind == "message" and isinstance(channel, bytes):
-                room_id = self._room_of(channel)
-                if room_id is not None:
-                    self._dispatch(room_id, message["data"])
-            elif kind == "subscribe" and isinstance(channel, bytes):
-                waiter = self._confirm.get(channel)
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(None)
+            if time.monotonic() - self._last_pong > 3 * self.ping_interval_s:
+                self._lost(f"no pong for {3 * self.ping_interval_s:g} s")
+                continue
+            backoff = _BACKOFF_MIN_S
+
+    def _lost(self, why: str) -> None:
+        if self.connected:
+            log.warning("redis pub/sub connection lost: %s", why)
+            self.connected = False
+            metrics.BROKER_UP.set(0)
+        self._drop_ps()
+
+    def _drop_ps(self) -> None:
+        ps, self._ps = self._ps, None
+        if ps is not None:
+            conn = _abort(ps)
+            if conn is not None:
+                self._dead.append(conn)  # back to its pool at the next connect
 
     async def _reconnect(self) -> None:
-        """Reconnect the pub/sub connection and resubscribe every active room."""
         try:
-            await self._pubsub.ping()  # reconnects; redis-py resubscribes known channels
-            rooms = list(self._handlers)
-            if rooms:
-                # Subscribing again is harmless, and covers channels whose first
-                # SUBSCRIBE failed while Redis was down.
-                await self._pubsub.subscribe(*(self._channel(r) for r in rooms))
-        except (RedisError, OSError, RuntimeError) as exc:
+            rooms = await self._connect_pubsub()
+        except _ERRORS as exc:
             log.debug("redis reconnect failed: %s", exc)
+            await self._drop_pubsub()
             return
         self.connected = True
         metrics.BROKER_UP.set(1)
         metrics.BROKER_RECONNECTS.inc()
         metrics.BROKER_RESUBSCRIBES.inc(len(rooms))
         log.info("redis pub/sub reconnected; %d rooms resubscribed", len(rooms))
+        self._presence.reconnected()  # re-add our entries if Redis lost them
         for room_id in rooms:
             self._dispatch(room_id, None)  # anything may have been lost: catch up
 
-    async def _housekeeping(self) -> None:
-        """Heartbeat this process and reap the presence of dead ones."""
-        while True:
-            await asyncio.sleep(HEARTBEAT_S * (0.8 + 0.4 * random.random()))
-            try:
-                await self.presence.heartbeat()
-                await self.presence.reap(self.publish)
-            except asyncio.CancelledError:
-                raise
-            except (RedisError, OSError, BrokerError) as exc:
-                log.warning("presence housekeeping failed: %s", exc)
+    async def _connect_pubsub(self) -> list[str]:
+        """A fresh pub/sub connection subscribed to every room; -> the rooms."""
+        async with self._sub_lock:
+            dead, self._dead = self._dead, []
+            for conn in dead:
+                await self._sub_client.connection_pool.release(conn)
+            ps = self._sub_client.pubsub()
+            self._ps = ps
+            async with asyncio.timeout(self.timeout_s):
+                await ps.connect()  # type: ignore[no-untyped-call]
+                self._last_pong = self._last_ping = time.monotonic()
+                rooms = list(self._handlers)
+                channels = [self.keys.channel(r).encode() for r in rooms]
+                for start in range(0, len(channels), _SUBSCRIBE_BATCH):
+                    await ps.subscribe(*channels[start:start + _SUBSCRIBE_BATCH])
+                # Confirmed before anyone is told to catch up: what is published
+                # after a room's store read is then delivered.
+                pending = set(channels)
+                while pending:
+                    message = await ps.get_message(timeout=self.timeout_s)
+                    if message is None:
+                        raise TimeoutError("no subscribe confirmation")
+                    if message.get("type") == "subscribe":
+                        pending.discard(message.get("channel"))
+                    self._on_message(message)
+        return rooms
 
-    # ---- sequencer --------------------------------------------------------
+    async def _drop_pubsub(self) -> None:
+        self._drop_ps()
+        dead, self._dead = self._dead, []
+        for conn in dead:
+            await self._sub_client.connection_pool.release(conn)
 
-    async def next_seqs(self, room_id: str, count: int, floor: SeqFloor) -> int:
-        key = f"{self.prefix}:seq:{room_id}"
-        try:
-            last = int(await self._next_script(keys=[key], args=[count]))
-        except (RedisError, OSError) as exc:
-            raise _wrap(exc) from exc
-        if last >= 0:
-            return last
-        # No counter: a new room, or Redis lost it. Never go backwards: seed it
-        # from the store's max (concurrent seeders agree: the script only raises).
-        return await self._raise_to(room_id, await floor(), count)
 
-    async def reseed(self, room_id: str, floor: SeqFloor) -> None:
-        stored = await floor()
-        await self._raise_to(room_id, stored, 0)
-
-    async def _raise_to(self, room_id: str, stored: int, count: int) -> int:
-        key = f"{self.prefix}:seq:{room_id}"
-        try:
-            async with self._r.lock(f"{self.prefix}:lock:seq:{room_id}", timeout=_LOCK_TIMEOUT_S,
-                                    blocking_timeout=10):
-                if stored > 0:
-                    log.warning("seeding room sequence to >= %d", stored,
-                                extra={"room_id": room_id})
-                return int(await self._reseed_script(keys=[key], args=[stored, count]))
-        except (RedisError, OSError) as exc:
-            raise _wrap(exc) from exc
+def _abort(ps: PubSub) -> Any:
+    """Close a pub/sub connection at once: a black-holed socket never finishes a
+    graceful close (its unsent bytes would keep it open)."""
+    conn = ps.connection
+    ps.connection = None
+    if conn is None:
+        return None
+    writer = conn._writer  # redis-py offers no abort
+    if writer is not None:
+        writer.transport.abort()
+    conn._close()
+    conn.deregister_connect_callback(ps.on_connect)
+    return conn

@@ -1,0 +1,228 @@
+"""Regression tests of the Redis broker under bursts and faults (issue 8: findings 6, 8, 9).
+
+Each failed on 5fa4684 (the broker before presence was queued): see the
+broker note. The API calls are in small helpers at the top so the same
+scenarios could be driven through that older API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio
+
+from quartchat.broker.redis import RedisBroker
+
+from .redis_util import REDIS_URL, RedisServer, check_shared_redis, drop_prefix, unique_prefix
+from .test_broker_contract import Inbox, presence_events
+
+
+def join(broker: RedisBroker, room_id: str, sender: str) -> None:
+    broker.presence.join(room_id, sender)
+
+
+def leave(broker: RedisBroker, room_id: str, sender: str) -> None:
+    broker.presence.leave(room_id, sender)
+
+
+async def settle(broker: RedisBroker) -> None:
+    await broker.presence.settle()
+
+
+def broker_for(url: str, prefix: str, server_id: str, **options: Any) -> RedisBroker:
+    return RedisBroker(url, prefix=prefix, server_id=server_id, **options)
+
+
+async def until(predicate: Any, timeout: float, what: str) -> float:
+    """Poll ``predicate`` until true; -> seconds it took. Fails after ``timeout``."""
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"{what}: not within {timeout:g} s") from None
+    return time.monotonic() - started
+
+
+async def test_a_burst_of_publishes_and_presence_changes_all_succeed() -> None:
+    """Finding 9: 1,000 concurrent publishes and 2,000 concurrent presence changes
+    used to exhaust redis-py 8's capped pool (MaxConnectionsError)."""
+    check_shared_redis()
+    prefix = unique_prefix()
+    rooms = [f"room-{i}" for i in range(1000)]
+    sender = broker_for(REDIS_URL, prefix, "sender")
+    receiver = broker_for(REDIS_URL, prefix, "receiver")
+    await sender.start()
+    await receiver.start()
+    try:
+        inbox = Inbox()
+        for room_id in rooms:
+            await receiver.subscribe(room_id, inbox)
+        results = await asyncio.gather(*(sender.publish(r, f"p-{r}".encode()) for r in rooms),
+                                       return_exceptions=True)
+        failures = [repr(r) for r in results if isinstance(r, BaseException)]
+        assert not failures, f"{len(failures)} of 1000 publishes failed, e.g. {failures[:2]}"
+        await inbox.wait(1000, timeout=30)
+        assert sorted(inbox.items) == sorted(f"p-{r}".encode() for r in rooms)
+
+        changes = [(r, s) for r in rooms for s in ("ann", "bo")]
+        for room_id, who in changes:
+            join(sender, room_id, who)
+        await settle(sender)
+        assert await receiver.presence.rooms() == sorted((r, 2) for r in rooms)
+        for room_id, who in changes:
+            leave(sender, room_id, who)
+        await settle(sender)
+        assert await receiver.presence.rooms() == [], "no phantom members"
+        await inbox.wait(1000 + 4000, timeout=30)  # every join and leave was announced
+    finally:
+        await sender.close()
+        await receiver.close()
+        drop_prefix(prefix)
+
+
+async def test_a_silent_redis_is_noticed_within_seconds_and_delivery_resumes(
+    tmp_path: Path,
+) -> None:
+    """Finding 6: a Redis that stops answering without a TCP reset left the
+    subscriber deaf (redis-py's health check discards the pong)."""
+    server = RedisServer(tmp_path).start()
+    broker = broker_for(server.url, "t", "deaf", ping_interval_s=1.0)
+    await broker.start()
+    other = redis.asyncio.Redis.from_url(server.url)
+    try:
+        inbox = Inbox()
+        await broker.subscribe("r", inbox)
+        await broker.publish("r", b"before")
+        await inbox.wait(1)
+        server.pause()  # SIGSTOP: the socket stays open, nothing answers
+        took = await until(lambda: not broker.connected, 10, "silent Redis noticed")
+        print(f"silent Redis noticed after {took:.1f} s")
+        assert took < 5
+        server.resume()
+        await inbox.wait(2, timeout=15)
+        assert inbox.items[1] is None, "handlers are told to catch up from the store"
+        channel = "{t:r}:chan"
+        await other.publish(channel, b"after")
+        assert (await inbox.wait(3))[2] == b"after"
+        await broker.ping()
+    finally:
+        server.resume()
+        await other.aclose()
+        await broker.close()
+        server.kill()
+
+
+async def test_an_outage_longer_than_the_dead_window_reaps_no_live_member(
+    tmp_path: Path,
+) -> None:
+    """Finding 8: after Redis was unreachable for longer than the heartbeat window,
+    the first process to run housekeeping reaped every live process's members (false
+    leaves); a removal that failed during the outage was never retried."""
+    server = RedisServer(tmp_path).start()
+    a = broker_for(server.url, "t", "a")
+    b = broker_for(server.url, "t", "b")
+    await a.start()
+    await b.start()
+    try:
+        watch_a, watch_b = Inbox(), Inbox()
+        await a.subscribe("r", watch_a)
+        await b.subscribe("r", watch_b)
+        join(a, "r", "alice")
+        join(b, "r", "bob")
+        join(b, "r", "carol")
+        await settle(a)
+        await settle(b)
+        await watch_a.wait(3)
+        assert await a.presence.members("r") == ["alice", "bob", "carol"]
+
+        server.pause()  # 22 s: longer than the 20 s dead window; the data is kept
+        leave(b, "r", "carol")  # fails while Redis is down: must be retried
+        await asyncio.sleep(22)
+        server.resume()
+        resumed = time.monotonic()
+
+        def heard(watch: Inbox) -> list[tuple[str, str]]:
+            return [e for e in presence_events(watch.items) if e[0] == "leave"]
+
+        try:
+            took = await until(lambda: ("leave", "carol") in heard(watch_a), 15,
+                               "the failed removal applied")
+            print(f"carol's leave applied {took:.1f} s after Redis came back")
+        except AssertionError as exc:
+            print(exc)
+        # Watch for false leaves until well past the point where a reaper may act.
+        await asyncio.sleep(max(0.0, resumed + b.presence.dead_after_s + 7 - time.monotonic()))
+        print("leaves heard:", heard(watch_a), heard(watch_b))
+        assert heard(watch_a) == [("leave", "carol")], "carol's leave applied, no live member reaped"
+        assert heard(watch_b) == [("leave", "carol")]
+        assert await a.presence.members("r") == ["alice", "bob"]
+        assert await b.presence.members("r") == ["alice", "bob"]
+    finally:
+        server.resume()
+        await a.close()
+        await b.close()
+        server.kill()
+
+
+async def test_a_live_process_whose_members_were_reaped_announces_them_again() -> None:
+    """A partitioned (not dead) process's entries may expire and be reaped, with
+    leave events; when it heartbeats again it re-adds them and announces the joins."""
+    check_shared_redis()
+    prefix = unique_prefix()
+    a = broker_for(REDIS_URL, prefix, "partitioned")
+    b = broker_for(REDIS_URL, prefix, "reaper")
+    await a.start()
+    await b.start()
+    probe = redis.asyncio.Redis.from_url(REDIS_URL)
+    try:
+        watch = Inbox()
+        await b.subscribe("r", watch)
+        join(a, "r", "alice")
+        await settle(a)
+        await watch.wait(1)
+        # a's heartbeat did not reach Redis for a dead window: its entry expired.
+        await probe.zadd(f"{{{prefix}:r}}:m", {f"{a.node}\0alice": 0})
+        await b.presence._reap()
+        await watch.wait(2)
+        assert await b.presence.members("r") == []
+        await a.presence._beat()  # a is back
+        await watch.wait(3)
+        assert presence_events(watch.items) == [("join", "alice"), ("leave", "alice"),
+                                                ("join", "alice")]
+        assert await b.presence.members("r") == ["alice"]
+        await a.presence._beat()
+        await watch.stays_at(3)
+    finally:
+        await probe.aclose()
+        await a.close()
+        await b.close()
+        drop_prefix(prefix)
+
+
+async def test_a_change_computed_too_long_ago_is_refused_then_retried() -> None:
+    """A script call that sat in a frozen Redis must not act when it thaws: each
+    change carries the Redis time it was computed at and is refused when stale."""
+    check_shared_redis()
+    prefix = unique_prefix()
+    a = broker_for(REDIS_URL, prefix, "slow")
+    await a.start()
+    probe = redis.asyncio.Redis.from_url(REDIS_URL)
+    try:
+        a.presence._offset_ms -= 60_000  # as if computed a minute before Redis runs it
+        join(a, "r", "late")
+        entries = f"{{{prefix}:r}}:m"
+        await asyncio.sleep(0.5)  # the worker tries and is refused: nothing applied
+        assert await probe.zcard(entries) == 0
+        assert a.presence._dirty, "still queued for a retry"
+        await a.presence._beat()  # fresh Redis time: the retry goes through
+        await settle(a)
+        assert await probe.zrange(entries, 0, -1) == [f"{a.node}\0late".encode()]
+    finally:
+        await probe.aclose()
+        await a.close()
+        drop_prefix(prefix)
