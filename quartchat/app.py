@@ -246,17 +246,20 @@ def create_app(
             if session is not None:
                 session.cancel()
             hub.disconnected(conn)
-            if not conn.open:
-                # Closing on our side (1001, 4008, 1008): let the writer send the close
-                # frame, and keep reading (discarding) until the client answers it. A
-                # socket closed with unread input is reset, and the reset can destroy
-                # our close frame before the client reads it (it would see 1006).
-                await asyncio.wait([writer], timeout=_CLOSE_WAIT_S)
-                await asyncio.wait([reader], timeout=_CLOSE_WAIT_S)
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+            try:
+                if not conn.open:
+                    # Closing on our side (1001, 4008, 1008): let the writer send the
+                    # close frame, and keep reading (discarding) until the client answers
+                    # it. A socket closed with unread input is reset, and the reset can
+                    # destroy our close frame before the client reads it (1006).
+                    await asyncio.wait([writer], timeout=_CLOSE_WAIT_S)
+                    await asyncio.wait([reader], timeout=_CLOSE_WAIT_S)
+            finally:
+                # Also when the client goes away during that wait (this handler is
+                # cancelled then): neither task may outlive the socket.
+                reader.cancel()
+                writer.cancel()
+                await asyncio.gather(reader, writer, return_exceptions=True)
         return None
 
     async def _read_loop(receive: Callable[[], Awaitable[str | bytes]], conn: Connection,
