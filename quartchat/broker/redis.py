@@ -13,8 +13,8 @@ when sending failed or took longer than ``timeout_s``.
 
 Pub/sub is at-most-once: when the connection drops, everything published in
 the meantime is lost. The listener sends its own PING every
-``ping_interval_s`` and treats a pong missing for ``3 x ping_interval_s`` as
-a dead connection (redis-py's ``check_health`` discards the pong, and a
+``ping_interval_s`` and treats ``3 x ping_interval_s`` without a pong or any
+other message as a dead connection (redis-py's ``check_health`` discards the pong, and a
 Redis that vanishes without a TCP reset would otherwise leave us deaf): it
 reconnects with capped, jittered backoff, resubscribes every room in
 batches, waits for the confirmations, then tells every handler ``None`` so
@@ -277,6 +277,9 @@ class RedisBroker:
                 async with asyncio.timeout(self.timeout_s):
                     message = await self._ps.get_message(timeout=self.ping_interval_s / 2)
                     if message is not None:
+                        # Anything heard proves the connection alive: under a backlog
+                        # the pong waits behind thousands of payloads.
+                        self._last_pong = time.monotonic()
                         self._on_message(message)
                     now = time.monotonic()
                     if now - self._last_ping >= self.ping_interval_s:
