@@ -386,9 +386,11 @@ function init() {
     removeRoom(current);
   });
   $("members-toggle").addEventListener("click", () => {
+    const stick = nearBottom();
     const open = $("members").hidden;
     $("members").hidden = !open;
     $("members-toggle").setAttribute("aria-expanded", String(open));
+    if (stick) scrollToBottom();
   });
   $("older").addEventListener("click", loadOlder);
   $("jump").addEventListener("click", scrollToBottom);

@@ -31,12 +31,14 @@ export const CLOSE_NO_RECONNECT = 4003;
 export const CLOSE_TOKEN_EXPIRED = 4001;
 const RETRYABLE = new Set(["rate_limited", "unavailable"]);
 
+const nameOf = (c) => (c === " " ? "space" : c.trim() === "" ? `U+${c.codePointAt(0).toString(16).toUpperCase()}` : c);
+
 /** Why `id` is not a valid sender id (null when it is): the server's rule, in words. */
 export function explainSenderId(id) {
   if (typeof id !== "string" || id.length === 0) return "A name is required.";
   if (id.length > 64) return `A name has at most 64 characters (this one has ${id.length}).`;
   if (!SENDER_ID_RE.test(id)) {
-    const bad = [...new Set(id.replace(/[A-Za-z0-9_.@:-]/g, ""))].join(" ");
+    const bad = [...new Set(id.replace(/[A-Za-z0-9_.@:-]/g, ""))].map(nameOf).join(" ");
     return `A name may use only letters A-Z a-z, digits and _ . @ : - (not: ${bad}).`;
   }
   return null;
@@ -47,7 +49,7 @@ export function explainRoomId(id) {
   if (typeof id !== "string" || id.length === 0) return "A room name is required.";
   if (id.length > 64) return `A room name has at most 64 characters (this one has ${id.length}).`;
   if (!ROOM_ID_RE.test(id)) {
-    const bad = [...new Set(id.replace(/[A-Za-z0-9_.:-]/g, ""))].join(" ");
+    const bad = [...new Set(id.replace(/[A-Za-z0-9_.:-]/g, ""))].map(nameOf).join(" ");
     return `A room name may use only letters, digits and _ . : - (not: ${bad}).`;
   }
   return null;

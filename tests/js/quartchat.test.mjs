@@ -91,7 +91,7 @@ test("backoff grows, is capped, and is jittered within [cap/2, cap]", () => {
 
 test("sender and room ids are explained before connecting", () => {
   assert.equal(explainSenderId("alice_1@x"), null);
-  assert.match(explainSenderId("bad name!"), /not: {2}!|not: .*!/);
+  assert.equal(explainSenderId("bad name!"), "A name may use only letters A-Z a-z, digits and _ . @ : - (not: space !).");
   assert.match(explainSenderId(""), /required/);
   assert.match(explainSenderId("x".repeat(65)), /at most 64/);
   assert.match(explainRoomId("a@b"), /not: @/);
