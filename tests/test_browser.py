@@ -150,6 +150,8 @@ async def test_two_users_chat_in_two_rooms_and_see_the_same_order(browser: Any, 
         for i in range(3):  # interleaved, without waiting for acks
             await alice.say(f"alice {room} {i}")
             await bob.say(f"bob {room} {i}")
+        await alice.wait_shown(room, 6)  # all read before the next room (no unread left over)
+        await bob.wait_shown(room, 6)
     views = {}
     for room in ("lobby", "dev"):
         a = await alice.wait_shown(room, 6)
@@ -207,12 +209,12 @@ async def test_server_killed_and_restarted_page_shows_all_25_in_order_once(brows
             shown = await carol.wait_shown("r", 28)
             await dave.send("r", "live again")
             shown = await carol.wait_shown("r", 29)
+            await carol.page.screenshot(path=shots("recovered.png"))
     assert [m["seq"] for m in shown] == list(range(1, 30))
     assert [m["content"] for m in shown] == (
         [f"before {i}" for i in range(3)] + [f"after {i}" for i in range(25)] + ["live again"])
     cue = await carol.page.locator("li.sys.recovered").all_text_contents()
     assert cue == ["Reconnected: 25 missed messages recovered"]
-    await carol.page.screenshot(path=shots("recovered.png"))
     assert carol.errors == []
 
 
