@@ -102,6 +102,41 @@ class _Room:
     join_at: float | None = None  # loop time of a join retry (after rate_limited / not_joined)
 
 
+@attrs.define
+class _Pace:
+    """Posts at most the server's ``rate_per_s`` (from welcome), so a burst of posts is
+    paced rather than refused; after a ``rate_limited``, nothing is sent until ``hold``."""
+
+    rate: float
+    at: float
+    tokens: float = 0.0
+    hold_until: float = 0.0
+
+    def __attrs_post_init__(self) -> None:
+        self.tokens = max(1.0, self.rate)
+
+    def take(self, now: float) -> bool:
+        if now < self.hold_until:
+            return False
+        if self.rate <= 0:
+            return True
+        self.tokens = min(max(1.0, self.rate), self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+    def next_at(self, now: float) -> float:
+        if now < self.hold_until:
+            return self.hold_until
+        return now + (1.0 - self.tokens) / self.rate if self.rate > 0 else now
+
+    def hold(self, until: float) -> None:
+        self.hold_until = max(self.hold_until, until)
+        self.tokens = 0.0
+
+
 class ChatClient:
     """A reconnecting quartchat client (see the module docstring)."""
 
@@ -138,6 +173,7 @@ class ChatClient:
         self._wake = asyncio.Event()  # something may be due: wakes the sender
         self._history: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
         self._stopping = False
+        self._pace = _Pace(0.0, 0.0)
 
     # ---- lifecycle ----------------------------------------------------------
 
@@ -352,6 +388,8 @@ class ChatClient:
         self.welcome = frame
         self.sender_id = frame["sender_id"]
         self.state = "open"
+        rate = float((frame.get("limits") or {}).get("rate_per_s") or 0)
+        self._pace = _Pace(rate, asyncio.get_running_loop().time())
 
     def _lost(self) -> None:
         self.welcome = None
@@ -403,13 +441,15 @@ class ChatClient:
                     continue
                 due = (post.retry_at if post.retry_at is not None
                        else post.sent_at + self.ack_timeout if post.sent_at is not None else now)
-                if due <= now:
-                    if await self._send({"action": "message", "room_id": post.room_id,
-                                         "content": post.content, "client_msg_id": post.client_msg_id}):
-                        post.attempts += 1
-                        post.sent_at, post.retry_at = loop.time(), None
-                else:
+                if due > now:
                     next_due = min(next_due, due)
+                elif not self._pace.take(now):
+                    next_due = min(next_due, self._pace.next_at(now))
+                    break  # keep the posts' order: nothing overtakes a post that must wait
+                elif await self._send({"action": "message", "room_id": post.room_id,
+                                       "content": post.content, "client_msg_id": post.client_msg_id}):
+                    post.attempts += 1
+                    post.sent_at, post.retry_at = loop.time(), None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(0.0, next_due - loop.time()))
 
@@ -478,7 +518,10 @@ class ChatClient:
         loop = asyncio.get_running_loop()
         if post is not None:
             if f["code"] in _RETRYABLE:
-                post.retry_at = loop.time() + backoff_delay(post.attempts, self.retry_initial, 10.0)
+                delay = backoff_delay(post.attempts, self.retry_initial, 10.0)
+                post.retry_at = loop.time() + delay
+                if f["code"] == "rate_limited":
+                    self._pace.hold(loop.time() + delay)  # the limit is per connection: everything waits
             elif f["code"] == "not_joined" and post.room_id in self._rooms:
                 post.sent_at = None
                 room = self._rooms[post.room_id]

@@ -195,18 +195,17 @@ export class QuartchatClient {
                    seq: null, id: null, error: null, attempts: 0, sentAt: null, retryAt: null };
     this.posts.set(post.clientMsgId, post);
     this._emit("post", { post, state: post.state });
-    const room = this.rooms.get(roomId);
-    if (this.state === "open" && room.joined) this._sendPost(post);
+    if (this.state === "open") this._tick();
     return post;
   }
 
   /** Send a failed post again, with the same client_msg_id. */
   retry(post) {
     if (post.state !== "failed" || !this.rooms.has(post.roomId)) return false;
-    post.state = "pending"; post.error = null; post.attempts = 0;
+    post.state = "pending"; post.error = null; post.attempts = 0; post.sentAt = null; post.retryAt = null;
     this.posts.set(post.clientMsgId, post);
     this._emit("post", { post, state: post.state });
-    if (this.state === "open" && this.rooms.get(post.roomId).joined) this._sendPost(post);
+    if (this.state === "open") this._tick();
     return true;
   }
 
@@ -369,6 +368,10 @@ export class QuartchatClient {
   _onWelcome(f) {
     this.welcome = f;
     this.senderId = f.sender_id;
+    this._rate = f.limits?.rate_per_s ?? 0;
+    this._tokens = Math.max(1, this._rate);
+    this._tokensAt = this._now();
+    this._holdUntil = 0;
     this.attempt = 0;
     this._setState("open", { attempt: 0 });
     this._emit("welcome", f);
@@ -417,8 +420,9 @@ export class QuartchatClient {
       }
     }
     for (const post of this.posts.values()) {
-      if (post.roomId === room.roomId && post.state === "pending") this._sendPost(post);
+      if (post.roomId === room.roomId) post.sentAt = null;  // due at once (an earlier send may be lost)
     }
+    this._tick();
   }
 
   _onMessage(f) {
@@ -459,6 +463,18 @@ export class QuartchatClient {
     this.posts.delete(post.clientMsgId);
     post.state = "failed"; post.error = { code, message };
     this._emit("post", { post, state: post.state });
+  }
+
+  /** A token of the client-side bucket mirroring the server's rate_per_s (0: no limit). */
+  _take(now) {
+    if (now < this._holdUntil) return false;
+    if (!(this._rate > 0)) return true;
+    const cap = Math.max(1, this._rate);
+    this._tokens = Math.min(cap, this._tokens + ((now - this._tokensAt) / 1000) * this._rate);
+    this._tokensAt = now;
+    if (this._tokens < 1) return false;
+    this._tokens -= 1;
+    return true;
   }
 
   _sendPost(post) {
@@ -506,6 +522,10 @@ export class QuartchatClient {
       if (RETRYABLE.has(f.code)) {
         post.sentAt = null;
         post.retryAt = now + backoffDelay(post.attempts, this.retryBackoff, this._random);
+        if (f.code === "rate_limited") {  // the limit is per connection: everything waits
+          this._holdUntil = Math.max(this._holdUntil ?? 0, post.retryAt);
+          this._tokens = 0;
+        }
       } else if (f.code === "not_joined" && this.rooms.has(post.roomId)) {
         post.sentAt = null;  // resent after the rejoin's `joined`
         const room = this.rooms.get(post.roomId);
@@ -532,6 +552,7 @@ export class QuartchatClient {
 
   /** Resend what is due: posts unacked for too long or told to wait, rooms whose join must be retried. */
   _tick() {
+    if (this.welcome === null) return;
     const now = this._now();
     for (const room of this.rooms.values()) {
       if (!room.joined && room.joinRetryAt != null && now >= room.joinRetryAt) this._sendJoin(room);
@@ -540,7 +561,9 @@ export class QuartchatClient {
       if (post.state !== "pending" || !this.rooms.get(post.roomId)?.joined) continue;
       const due = post.retryAt != null ? now >= post.retryAt
         : post.sentAt != null ? now - post.sentAt >= this.ackTimeoutMs : true;
-      if (due) this._sendPost(post);
+      if (!due) continue;
+      if (!this._take(now)) break;  // paced: nothing overtakes a post that must wait
+      this._sendPost(post);
     }
   }
 

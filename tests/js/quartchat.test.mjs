@@ -245,7 +245,7 @@ test("rate_limited and unavailable are retried later; too_large fails; failed po
   assert.equal(a.state, "sent");
   assert.ok(client.retry(b));
   assert.equal(b.state, "pending");
-  assert.equal(sock.sent.at(-1).client_msg_id, b.clientMsgId);
+  await server.until(() => sock.sent.at(-1).client_msg_id === b.clientMsgId, "b resent (paced)");
   client.close();
 });
 
@@ -338,5 +338,31 @@ test("a socket that answers nothing to pings is dropped and replaced", async () 
   await server.until(() => server.sockets[0].sent.some((f) => f.action === "ping"), "ping");
   await server.until(() => server.sockets.length === 2, "dropped after silence", 3000);
   assert.equal(server.sockets[0].closed.code, 4000);
+  client.close();
+});
+
+test("posts are paced to the server's rate_per_s, in order, and a rate_limited holds everything", async () => {
+  const server = new FakeServer();
+  const client = makeClient(server, { random: () => 0 });
+  client.join("r");
+  client.connect();
+  await server.until(() => server.sockets.length === 1);
+  server.accept(server.last, { limits: { max_content: 4096, max_rooms: 100, rate_per_s: 50 } });
+  server.frame(server.last, { type: "joined", room_id: "r", last_seq: 0, members: [] });
+  const posts = Array.from({ length: 60 }, (_, i) => client.post("r", `p${i}`));
+  const sock = server.last;
+  const sentPosts = () => sock.sent.filter((f) => f.action === "message");
+  assert.equal(sentPosts().length, 50, "a burst of the rate, then paced");
+  await server.until(() => sentPosts().length === 60, "the rest, paced", 3000);
+  assert.deepEqual(sentPosts().map((f) => f.content), posts.map((p) => p.content));
+  // rate_limited on one post: nothing at all is sent until the hold is over.
+  const late = client.post("r", "late");
+  const before = sentPosts().length;
+  server.frame(sock, { type: "error", code: "rate_limited", message: "slow down", action: "message",
+                       room_id: "r", client_msg_id: posts[0].clientMsgId });
+  assert.ok(client._holdUntil > Date.now());
+  await server.until(() => sentPosts().some((f) => f.client_msg_id === posts[0].clientMsgId && f !== sentPosts()[0]), "retry after hold", 3000);
+  assert.ok(sentPosts().length > before);
+  assert.equal(late.state, "pending");
   client.close();
 });
