@@ -359,3 +359,24 @@ async def test_a_bad_name_is_explained_before_connecting(browser: Any, make_serv
     await page.page.click("#connect")
     await page.connected()
     assert await problem.is_hidden()
+
+
+async def test_load_older_pages_back_through_history(browser: Any, make_server: Any) -> None:
+    srv = await make_server(QUARTCHAT_RATE_PER_S="0")
+    async with ChatClient(srv.url, sender_id="kim") as kim:
+        await kim.join("r")
+        posts = [kim.post("r", f"old {i}") for i in range(60)]
+        await asyncio.wait_for(asyncio.gather(*(p.wait() for p in posts)), 30)
+    page = await Page.open(browser, f"{srv.http}/?sender_id=lea&room=r")
+    await page.connected()
+    shown = await page.wait_shown("r", 50)  # the first join replays the last 50
+    assert [m["seq"] for m in shown] == list(range(11, 61))
+    assert await page.page.title() == "quartchat", "a first join's history is not unread"
+    older = page.page.locator("#older")
+    assert await older.is_visible()
+    await older.click()
+    shown = await page.wait_shown("r", 60)
+    assert [m["seq"] for m in shown] == list(range(1, 61))
+    assert [m["content"] for m in shown] == [f"old {i}" for i in range(60)]
+    await page.page.wait_for_selector("#older", state="hidden", timeout=WAIT_MS)
+    assert page.errors == []

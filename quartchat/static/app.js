@@ -142,6 +142,7 @@ function renderPost(post) {
   const v = view(post.roomId);
   let li = v.postEls.get(post.clientMsgId);
   if (post.state === "sent" && !li) return;
+  const created = !li;
   if (!li) {
     li = el("li", "msg own pending");
     li.dataset.cmid = post.clientMsgId;
@@ -165,7 +166,7 @@ function renderPost(post) {
     li.querySelector(".meta").append(retry);
   }
   v.pending.hidden = post.roomId !== current;
-  if (post.roomId === current) scrollToBottom();
+  if (created && post.roomId === current) scrollToBottom();  // a state change never moves the view
 }
 
 function renderRooms() {
