@@ -64,4 +64,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt_install --no-install-recommends "${missing[@]}"
   rm -f /usr/sbin/policy-rc.d
 fi
-echo "ensure-services: redis and mariadb are up; nginx and prometheus are installed"
+# --- Browser tests and JS unit tests: Debian's chromium (driven by Playwright,
+# which never downloads a browser here) and node for `node --test`.
+# (chromium with its recommends: fonts-liberation, so pages render real text.)
+[ -x /usr/bin/chromium ] || apt_install chromium
+command -v node >/dev/null || apt_install --no-install-recommends nodejs
+echo "ensure-services: redis and mariadb are up; nginx, prometheus, chromium and node are installed"

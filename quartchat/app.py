@@ -11,10 +11,9 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from importlib import resources
 from typing import Any
 
-from quart import Quart, Response, redirect, request, websocket
+from quart import Quart, Response, request, websocket
 
 from . import metrics
 from .api import api_blueprint, guard_read
@@ -40,6 +39,7 @@ from .protocol import (
     valid_sender_id,
 )
 from .room import History, Join, Leave, Publish
+from .webclient import load_static
 
 __all__ = ["create_app"]
 
@@ -79,7 +79,9 @@ def create_app(
     """Build the app; the hub starts in ``before_serving`` and stops in ``after_serving``."""
     settings = settings if settings is not None else Settings.from_env()
     hub = hub if hub is not None else Hub(settings)
-    app = Quart(__name__)
+    app = Quart(__name__, static_folder=None)  # our own /static: from memory, not disk
+    static = load_static()
+    app.register_blueprint(static.blueprint())
     app.config["QUARTCHAT_SETTINGS"] = settings
     app.extensions["quartchat"] = hub
     verifier = TokenVerifier.from_settings(settings) if settings.auth == "jwt" else None
@@ -117,7 +119,9 @@ def create_app(
     async def index() -> Any:
         best = request.accept_mimetypes.best_match(["application/json", "text/html"])
         if best == "text/html":
-            return redirect("/client")
+            page = static.page()
+            page.headers["Vary"] = "Accept"
+            return page
         return _json({
             "status": "draining" if hub.draining else "ok",
             "service": "quartchat",
@@ -126,11 +130,6 @@ def create_app(
             "connections": len(hub.connections),
             "rooms": len(hub.actors),
         })
-
-    @app.get("/client")
-    async def client_page() -> Response:
-        html = resources.files("quartchat").joinpath("static/client.html").read_text("utf-8")
-        return Response(html, content_type="text/html; charset=utf-8")
 
     @app.get("/healthz")
     async def healthz() -> Response:

@@ -628,7 +628,10 @@ def test_build_stage_files_make_a_complete_wheel(tmp_path: Path) -> None:
         "quartchat/cli.py",
         "quartchat/migrations/env.py",
         "quartchat/migrations/script.py.mako",
-        "quartchat/static/client.html",
+        "quartchat/static/index.html",
+        "quartchat/static/quartchat.js",
+        "quartchat/static/app.js",
+        "quartchat/static/app.css",
     ):
         assert needed in names, f"{needed} is not in the wheel"
     assert any(n.startswith("quartchat/migrations/versions/0001") for n in names)

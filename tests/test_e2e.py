@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from .servers import ChatClient, ServerProcess
+from quartchat.client import ChatClient as ReconnectingClient
+
+from .servers import ChatClient, ServerProcess, free_port
 
 
 def stored(db: Path) -> dict[tuple[str, int], str]:
@@ -141,5 +143,38 @@ async def test_fast_and_plain_write_paths_deliver_the_same(tmp_path: Path, fast:
         srv.signal(signal.SIGTERM)
         await b.wait_for(lambda: b.closed, timeout=20)
         assert b.close_code == 1001
+    finally:
+        srv.stop()
+
+
+async def test_the_python_client_rides_a_graceful_restart(tmp_path: Path) -> None:
+    """quartchat.client through SIGTERM (1001) and a restart on the same port: every post
+    acked and stored once, the reader sees every seq once, in order."""
+    port = free_port()
+    env = {"QUARTCHAT_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/chat.db", "QUARTCHAT_RATE_PER_S": "0"}
+    srv = ServerProcess(tmp_path, env, port=port).start()
+    seen: list[dict] = []  # type: ignore[type-arg]
+    try:
+        reader = await ReconnectingClient(srv.url, sender_id="reader", on_message=seen.append,
+                                          backoff_max=0.5).start()
+        writer = await ReconnectingClient(srv.url, sender_id="writer", backoff_max=0.5).start()
+        await reader.join("r")
+        await writer.join("r")
+        posts = [writer.post("r", f"m{i}") for i in range(100)]
+        await writer.wait_for(lambda: sum(p.state == "sent" for p in posts) >= 20)
+        srv.signal(signal.SIGTERM)
+        assert srv.wait(30) == 0
+        posts += [writer.post("r", f"m{i}") for i in range(100, 150)]  # while the server is down
+        srv = ServerProcess(tmp_path, env, port=port).start()
+        await asyncio.wait_for(asyncio.gather(*(p.wait() for p in posts)), 30)
+        await reader.wait_for(lambda: len(seen) == 150, timeout=30)
+        assert 1001 in writer.close_codes and 1001 in reader.close_codes
+        assert [m["seq"] for m in seen] == list(range(1, 151))
+        assert sorted(m["content"] for m in seen) == sorted(f"m{i}" for i in range(150))
+        assert sorted(p.seq for p in posts) == list(range(1, 151))
+        in_db = stored(tmp_path / "chat.db")
+        assert len(in_db) == 150
+        await reader.close()
+        await writer.close()
     finally:
         srv.stop()

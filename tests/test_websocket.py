@@ -211,9 +211,8 @@ async def test_http_routes(app: Quart) -> None:
     home = await client.get("/", headers={"Accept": "application/json"})
     assert (await home.get_json())["status"] == "ok"
     browser = await client.get("/", headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"})
-    assert browser.status_code in (301, 302, 303, 307, 308)
-    page = await client.get(browser.headers["Location"])
-    assert page.status_code == 200 and "WebSocket" in (await page.get_data(as_text=True))
+    # PROTOCOL.md: a redirect to the web client or the page itself (now the page).
+    assert browser.status_code == 200 and "/static/app.js" in (await browser.get_data(as_text=True))
     metrics = await client.get("/metrics")
     assert b"quartchat_connections_open" in await metrics.get_data()
 
