@@ -208,13 +208,30 @@ async def test_5_a_failed_replay_is_retried_not_reported_as_a_gap(hub_factory: A
 # -- 7: drain acks every post still in an inbox before 1001 ------------------------------
 
 
+class SlowPublishBroker(MemoryBroker):
+    """The memory broker whose publishes take a while once ``slow`` is set (Redis busy)."""
+
+    slow = False
+
+    async def publish(self, room_id: str, payload: bytes) -> None:
+        if self.slow:
+            await asyncio.sleep(0.5)
+        await super().publish(room_id, payload)
+
+
 async def test_7_drain_acks_posts_still_in_the_inbox_before_closing(hub_factory: Any) -> None:
-    hub, client = await hub_factory()
-    alice = client("alice")
+    broker = SlowPublishBroker()
+    hub, client = await hub_factory(broker=broker)
+    alice, bob = client("alice"), client("bob")
     await join(hub, alice)
+    broker.slow = True
+    # bob's join comes first: a room that waits on the broker for it (to announce
+    # him) leaves alice's posts in its inbox when the drain begins.
+    bob.conn.rooms.add(ROOM)
+    hub.submit(ROOM, Join(bob.conn))
     for i in range(5):
         hub.submit(ROOM, Publish(alice.conn, f"m{i}", None))
-    await hub.drain()  # the posts are still in the room's inbox at this moment
+    await asyncio.wait_for(hub.drain(), 10)
     await asyncio.wait_for(alice.writer, 5)
     assert alice.socket.closed_with == 1001
     assert len(alice.socket.of("ack")) == 5, "every accepted post acked before the close"
