@@ -33,12 +33,12 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime
 from typing import Any
 
-import attrs
 from databases import Database
 from databases.interfaces import ConnectionBackend
 
 from . import Appended, DuplicateError, NewMessage, StoredMessage, StoreError
-from .dialect import Dialect, to_ms
+from .append import Request, append_in, reply, row_of
+from .dialect import Dialect
 
 __all__ = ["CONNECT_TIMEOUT", "OP_TIMEOUT", "DatabaseStore"]
 
@@ -55,28 +55,6 @@ _SQLITE_CLOSE_WAIT = 2.0  # seconds a failed operation waits for its SQLite conn
 _KNOWN_ROOMS_MAX = 100_000  # rooms whose counter row this process knows exists (then forgets all)
 _DEADLOCK_RETRIES = 3
 _COUNTER_BATCH = 500  # rooms per counter query
-
-
-@attrs.define(eq=False)
-class _Request:
-    """One room's batch waiting for the group writer."""
-
-    room_id: str
-    posts: Sequence[NewMessage]
-    waiter: asyncio.Future[list[Appended]]
-
-
-def _row(record: Sequence[Any]) -> StoredMessage:
-    room_id, seq, id_, sender_id, content, client_msg_id, created_at = record
-    return StoredMessage(
-        room_id=room_id,
-        seq=int(seq),
-        id=id_,
-        sender_id=sender_id,
-        content=content,
-        client_msg_id=client_msg_id,
-        sent_at_ms=to_ms(created_at),
-    )
 
 
 def _is_deadlock(exc: BaseException) -> bool:
@@ -110,7 +88,7 @@ class DatabaseStore:
                 pool_recycle=3600,
             )
         self._write_lock = asyncio.Lock() if self.dialect.sqlite else None
-        self._queue: deque[_Request] = deque()
+        self._queue: deque[Request] = deque()
         self._group_writer: asyncio.Task[None] | None = None
         self._known_rooms: set[str] = set()
         self._counter_waiters: dict[str, list[asyncio.Future[int]]] = {}
@@ -302,7 +280,7 @@ class DatabaseStore:
         async with self._session("after") as raw:
             records = await self.dialect.fetch(
                 raw, self.dialect.select_after(upto_seq is not None), params)
-        return [_row(r) for r in records]
+        return [row_of(r) for r in records]
 
     async def page(
         self, room_id: str, before_seq: int | None, limit: int
@@ -314,7 +292,7 @@ class DatabaseStore:
         async with self._session("page") as raw:
             records = await self.dialect.fetch(
                 raw, self.dialect.select_page(before_seq is not None), params)
-        rows = [_row(r) for r in records]
+        rows = [row_of(r) for r in records]
         has_more = len(rows) > limit
         rows = rows[:limit]
         rows.reverse()
@@ -334,14 +312,14 @@ class DatabaseStore:
         if not posts:
             return []
         waiter: asyncio.Future[list[Appended]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Request(room_id, list(posts), waiter))
+        self._queue.append(Request(room_id, list(posts), waiter))
         if self._group_writer is None or self._group_writer.done():
             self._group_writer = asyncio.create_task(self._write_groups(), name="store-writer")
         return await waiter
 
     async def _write_groups(self) -> None:
         while self._queue:
-            group: list[_Request] = []
+            group: list[Request] = []
             size = 0
             while self._queue and (not group or size + len(self._queue[0].posts) <= _GROUP_ROWS):
                 request = self._queue.popleft()
@@ -354,23 +332,23 @@ class DatabaseStore:
                 answers = await self._append_now(group)
             except DuplicateError:
                 if len(group) == 1:
-                    _answer(group[0], exc=DuplicateError("unexpected duplicate key"))
+                    reply(group[0], exc=DuplicateError("unexpected duplicate key"))
                     continue
                 for request in group:
                     try:
-                        (answer,) = await self._append_now([request])
+                        (one,) = await self._append_now([request])
                     except StoreError as exc:
-                        _answer(request, exc=exc)
+                        reply(request, exc=exc)
                     else:
-                        _answer(request, answer)
+                        reply(request, one)
             except StoreError as exc:
                 for request in group:
-                    _answer(request, exc=exc)
+                    reply(request, exc=exc)
             else:
                 for request, answer in zip(group, answers):
-                    _answer(request, answer)
+                    reply(request, answer)
 
-    async def _append_now(self, group: Sequence[_Request]) -> list[list[Appended]]:
+    async def _append_now(self, group: Sequence[Request]) -> list[list[Appended]]:
         rooms = sorted({r.room_id for r in group})
         new_rooms = [room for room in rooms if room not in self._known_rooms]
         if new_rooms:
@@ -378,7 +356,13 @@ class DatabaseStore:
         for attempt in range(_DEADLOCK_RETRIES):
             try:
                 async with self._session("insert", transaction=True, write=True) as raw:
-                    return await self._append_in(raw, rooms, group)
+                    answers, missing = await append_in(self.dialect, raw, rooms, group)
+                if missing:
+                    # Its counter row is gone (a database restored without it): forget
+                    # that we knew it, so the next attempt creates it again.
+                    self._known_rooms.difference_update(missing)
+                    raise StoreError(f"insert: no counter row for rooms {missing}")
+                return answers
             except DuplicateError:
                 raise
             except StoreError as exc:
@@ -399,66 +383,6 @@ class DatabaseStore:
             self._known_rooms.clear()
         self._known_rooms.update(rooms)
 
-    async def _append_in(
-        self, raw: Any, rooms: Sequence[str], group: Sequence[_Request]
-    ) -> list[list[Appended]]:
-        d = self.dialect
-        counters = {room: int(last) for room, last in
-                    await d.fetch(raw, d.lock_counters(len(rooms)), rooms)}
-        missing = [room for room in rooms if room not in counters]
-        if missing:
-            # Its counter row is gone (a database restored without it): forget that
-            # we knew it, so the next attempt creates it again.
-            self._known_rooms.difference_update(missing)
-            raise StoreError(f"insert: no counter row for rooms {missing}")
-        # Retries: already stored copies, read under the rooms' locks, so no
-        # other writer can store the same key in between.
-        wanted: dict[tuple[str, str], set[str]] = {}
-        for request in group:
-            for post in request.posts:
-                if post.client_msg_id is not None:
-                    wanted.setdefault((request.room_id, post.sender_id), set()).add(
-                        post.client_msg_id)
-        found: dict[tuple[str, str, str], StoredMessage] = {}
-        if wanted:
-            groups = [(room, sender, len(ids)) for (room, sender), ids in wanted.items()]
-            params: list[Any] = []
-            for (room, sender), ids in wanted.items():
-                params += [room, sender, *sorted(ids)]
-            for record in await d.fetch(raw, d.find_retries(groups), params):
-                row = _row(record)
-                assert row.client_msg_id is not None
-                found[(row.room_id, row.sender_id, row.client_msg_id)] = row
-        answers: list[list[Appended]] = []
-        inserts: list[tuple[Any, ...]] = []
-        moved: dict[str, int] = {}
-        for request in group:
-            room = request.room_id
-            answer: list[Appended] = []
-            for post in request.posts:
-                key = None if post.client_msg_id is None else (room, post.sender_id,
-                                                               post.client_msg_id)
-                if key is not None and key in found:
-                    answer.append(Appended(found[key], created=False))
-                    continue
-                counters[room] += 1
-                row = StoredMessage(room_id=room, seq=counters[room], id=post.id,
-                                    sender_id=post.sender_id, content=post.content,
-                                    client_msg_id=post.client_msg_id,
-                                    sent_at_ms=post.sent_at_ms)
-                if key is not None:
-                    found[key] = row  # a second copy later in the group is its retry
-                moved[room] = counters[room]
-                inserts.append((room, row.seq, row.id, row.sender_id, row.content,
-                                row.client_msg_id, d.timestamp(row.sent_at_ms)))
-                answer.append(Appended(row, created=True))
-            answers.append(answer)
-        if inserts:
-            await d.execute_many(raw, d.insert_messages, inserts)
-            await d.execute_many(raw, d.update_counter,
-                                 [(last, room) for room, last in sorted(moved.items())])
-        return answers
-
     async def touch_clients(self, seen: dict[str, datetime]) -> None:
         if not seen:
             return
@@ -467,14 +391,3 @@ class DatabaseStore:
                 for sender, when in sorted(seen.items())]
         async with self._session("touch_clients", write=True) as raw:
             await d.execute_many(raw, d.upsert_clients, rows)
-
-
-def _answer(request: _Request, answer: list[Appended] | None = None, *,
-            exc: BaseException | None = None) -> None:
-    if request.waiter.done():
-        return  # the caller gave up (cancelled)
-    if exc is not None:
-        request.waiter.set_exception(exc)
-    else:
-        assert answer is not None
-        request.waiter.set_result(answer)
