@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import re
 import time
 import uuid
@@ -35,11 +34,10 @@ from datetime import datetime
 from typing import Any, Self
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
-import attrs
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-__all__ = ["ChatClient", "Post", "PostFailed", "backoff_delay"]
+__all__ = ["ChatClient"]
 
 log = logging.getLogger(__name__)
 
@@ -50,91 +48,7 @@ _RETRYABLE = frozenset({"rate_limited", "unavailable"})
 TokenSource = Callable[[], Awaitable[str]]
 
 
-def backoff_delay(attempt: int, initial: float, maximum: float, rnd: Callable[[], float] = random.random) -> float:
-    """Exponential backoff with equal jitter: in [cap/2, cap], cap = min(maximum, initial * 2**attempt)."""
-    cap = min(maximum, initial * 2 ** min(attempt, 30))
-    return float(cap / 2 + rnd() * cap / 2)
-
-
-class PostFailed(Exception):
-    """A post the server refused for good (``too_large``, ``invalid_field``, ``forbidden``...)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-
-@attrs.define(eq=False)
-class Post:
-    """One message you posted: ``pending`` until acked (``sent``, with its seq), or ``failed``."""
-
-    room_id: str
-    content: str
-    client_msg_id: str
-    state: str = "pending"
-    seq: int | None = None
-    id: str | None = None
-    error: PostFailed | None = None
-    attempts: int = 0
-    sent_at: float | None = None  # loop time of the last send on this connection
-    retry_at: float | None = None
-    _done: asyncio.Event = attrs.field(factory=asyncio.Event)
-
-    async def wait(self, timeout: float | None = None) -> Post:
-        """Wait until acked (returns self) or failed (raises PostFailed)."""
-        async with asyncio.timeout(timeout):
-            await self._done.wait()
-        if self.error is not None:
-            raise self.error
-        return self
-
-
-@attrs.define(eq=False)
-class _Room:
-    room_id: str
-    history: int
-    last_seq: int | None = None
-    baseline: int | None = None  # where a rejoin starts when no message was seen yet
-    joined: bool = False
-    members: set[str] = attrs.field(factory=set)
-    since_sent: int | None = None
-    join_at: float | None = None  # loop time of a join retry (after rate_limited / not_joined)
-
-
-@attrs.define
-class _Pace:
-    """Posts at most the server's ``rate_per_s`` (from welcome), so a burst of posts is
-    paced rather than refused; after a ``rate_limited``, nothing is sent until ``hold``."""
-
-    rate: float
-    at: float
-    tokens: float = 0.0
-    hold_until: float = 0.0
-
-    def __attrs_post_init__(self) -> None:
-        self.tokens = max(1.0, self.rate)
-
-    def take(self, now: float) -> bool:
-        if now < self.hold_until:
-            return False
-        if self.rate <= 0:
-            return True
-        self.tokens = min(max(1.0, self.rate), self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
-
-    def next_at(self, now: float) -> float:
-        if now < self.hold_until:
-            return self.hold_until
-        return now + (1.0 - self.tokens) / self.rate if self.rate > 0 else now
-
-    def hold(self, until: float) -> None:
-        self.hold_until = max(self.hold_until, until)
-        self.tokens = 0.0
+from .parts import Pace, Post, PostFailed, Room, backoff_delay
 
 
 class ChatClient:
@@ -164,7 +78,7 @@ class ChatClient:
         self.reconnects = 0
         self.close_codes: list[int | None] = []
         self.errors: list[dict[str, Any]] = []  # error frames and refused handshakes, newest last
-        self._rooms: dict[str, _Room] = {}
+        self._rooms: dict[str, Room] = {}
         self._posts: dict[str, Post] = {}
         self._inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(inbox_size)
         self._ws: Any = None
@@ -173,7 +87,7 @@ class ChatClient:
         self._wake = asyncio.Event()  # something may be due: wakes the sender
         self._history: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
         self._stopping = False
-        self._pace = _Pace(0.0, 0.0)
+        self._pace = Pace(0.0, 0.0)
 
     # ---- lifecycle ----------------------------------------------------------
 
@@ -213,7 +127,7 @@ class ChatClient:
             raise ValueError(f"room_id must match {ROOM_ID_RE.pattern}, got {room_id!r}")
         room = self._rooms.get(room_id)
         if room is None:
-            room = self._rooms[room_id] = _Room(room_id, self.history_size if history is None else history)
+            room = self._rooms[room_id] = Room(room_id, self.history_size if history is None else history)
         if self.state == "open" and not room.joined:
             await self._send_join(room)
         await self.wait_for(lambda: room.joined or room_id not in self._rooms, timeout=timeout)
@@ -389,7 +303,7 @@ class ChatClient:
         self.sender_id = frame["sender_id"]
         self.state = "open"
         rate = float((frame.get("limits") or {}).get("rate_per_s") or 0)
-        self._pace = _Pace(rate, asyncio.get_running_loop().time())
+        self._pace = Pace(rate, asyncio.get_running_loop().time())
 
     def _lost(self) -> None:
         self.welcome = None
@@ -414,7 +328,7 @@ class ChatClient:
         except ConnectionClosed:
             return False
 
-    async def _send_join(self, room: _Room) -> None:
+    async def _send_join(self, room: Room) -> None:
         since = room.last_seq if room.last_seq is not None else room.baseline
         frame: dict[str, Any] = {"action": "join", "room_id": room.room_id}
         if since is not None:
