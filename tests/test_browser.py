@@ -380,3 +380,37 @@ async def test_load_older_pages_back_through_history(browser: Any, make_server: 
     assert [m["content"] for m in shown] == [f"old {i}" for i in range(60)]
     await page.page.wait_for_selector("#older", state="hidden", timeout=WAIT_MS)
     assert page.errors == []
+
+
+async def test_jwt_mode_a_token_link_chats_in_its_rooms_and_is_refused_others(
+        browser: Any, make_server: Any, tmp_path: Path) -> None:
+    """The README's jwt lines: serve with a secret, `quartchat token alice --rooms 'team-1:*'`,
+    open the web client with the token: chat in team-1:general, refused in `other`."""
+    import subprocess
+    import sys
+
+    secret = "a-development-secret-of-32-bytes-or-more"
+    srv = await make_server(QUARTCHAT_AUTH="jwt", QUARTCHAT_JWT_SECRET=secret)
+    env = {**os.environ, "QUARTCHAT_AUTH": "jwt", "QUARTCHAT_JWT_SECRET": secret}
+    token = subprocess.run([sys.executable, "-m", "quartchat", "token", "alice", "--rooms", "team-1:*"],
+                           env=env, cwd=tmp_path, capture_output=True, text=True, check=True,
+                           timeout=30).stdout.strip()
+    alice = await Page.open(browser, f"{srv.http}/?token={token}&room=team-1:general")
+    await alice.connected()
+    await alice.page.wait_for_function(
+        "r => window.quartchatApp.client.rooms.get(r)?.joined === true", arg="team-1:general",
+        timeout=WAIT_MS)
+    await alice.say("hello from a token")
+    shown = await alice.wait_shown("team-1:general", 1)
+    assert [(m["content"], m["own"]) for m in shown] == [("hello from a token", True)]
+    assert stored(tmp_path / "chat.db", "team-1:general")[0][1:3] == ("alice", "hello from a token")
+    await alice.page.fill("#join-room", "other")
+    await alice.page.press("#join-room", "Enter")
+    await alice.page.wait_for_function(
+        "document.getElementById('problem').textContent.includes('forbidden')", timeout=WAIT_MS)
+    assert stored(tmp_path / "chat.db", "other") == []
+    # Without a token the page cannot connect: the handshake is refused with 401.
+    anon = await Page.open(browser, f"{srv.http}/?sender_id=mallory&room=team-1:general")
+    await anon.page.wait_for_function(
+        "!document.getElementById('problem').hidden", timeout=WAIT_MS)
+    assert alice.errors == []
