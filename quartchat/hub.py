@@ -7,6 +7,7 @@ idle actor retire, and runs the graceful drain. Routes talk only to the hub.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from datetime import UTC, datetime
@@ -132,7 +133,10 @@ class Hub:
                 on_retire=self._retire,
             )
             self.actors[room_id] = actor
-            actor.start()
+            # Not in the caller's context: a task copies the context it is created
+            # in, and a websocket handler's holds Quart's websocket context, i.e.
+            # that socket's whole hypercorn connection, for as long as the room lives.
+            contextvars.Context().run(actor.start)
         return actor
 
     def _retire(self, actor: RoomActor) -> bool:

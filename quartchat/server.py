@@ -104,9 +104,12 @@ async def _sample_loop(hub: Hub) -> None:
 
 async def serve_worker(settings: Settings, sockets: Any = None) -> None:
     """Serve one process until SIGTERM/SIGINT, then drain and exit."""
+    from . import wsping
     from .app import create_app
     from .hub import Hub
 
+    # Closed sockets must not wait out hypercorn's ping interval in memory.
+    wsping.install()
     config = hypercorn_config(settings)
     hub = Hub(settings)
     app = create_app(settings, hub=hub, migrate_on_start=False)

@@ -16,11 +16,27 @@ slot for good (after ``maxsize`` such failures every acquire waits forever) and
 cancelled closes its connection (the server rolls back an open transaction of a
 closed session) and gives the slot back; a new connection is made on the next
 acquire, so the store recovers by itself when the database comes back.
+
+On SQLite, ``databases`` has no pool: every acquire opens a new SQLite
+connection in a new aiosqlite thread (schema read, page cache, a thread stack
+and, per thread, a glibc malloc arena). One per operation was three of them
+per connect/join/post cycle under churn: most of the server's CPU, and
+memory that glibc keeps after the threads are gone (16 arenas on 2 cores).
+So SQLite connections are pooled here: at most ``_SQLITE_POOL`` at once
+(an operation waits for one, within its op timeout). A connection goes back
+to the pool only after an operation that succeeded and left no transaction
+open; one whose operation failed or was cancelled is closed as above, so a
+later operation gets a new connection, exactly as before. A pooled connection
+unused for ``_SQLITE_IDLE_S`` is closed by a task of the store, which closes
+them all when it is cancelled: an aiosqlite thread is not a daemon, and one
+left idle would keep the process from exiting (a store never closed, say
+after an uncaught error).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import warnings
 from collections import deque
@@ -51,6 +67,8 @@ CONNECT_TIMEOUT = 5.0  # seconds, for one new MySQL connection (TCP + handshake)
 _OP_TIMEOUT = OP_TIMEOUT  # old name
 _GROUP_ROWS = 2000  # most rows one grouped INSERT carries
 _SQLITE_CLOSE_WAIT = 2.0  # seconds a failed operation waits for its SQLite connection to close
+_SQLITE_POOL = 4  # SQLite connections (each one aiosqlite thread) open at most, kept for reuse
+_SQLITE_IDLE_S = 2.0  # seconds a pooled SQLite connection may stay unused before it is closed
 
 
 def _answer(waiter: asyncio.Future[None], exc: BaseException | None) -> None:
@@ -146,6 +164,12 @@ class DatabaseStore:
         # SQLite connections being closed after a failure (the close may queue
         # behind a statement still running in aiosqlite's thread): awaited by close().
         self._closing: set[asyncio.Task[None]] = set()
+        # SQLite only: connections kept for reuse (with when each was last used), the
+        # slots bounding how many exist, and the task closing those left unused.
+        self._idle: list[tuple[ConnectionBackend, float]] = []
+        self._slots = asyncio.Semaphore(_SQLITE_POOL) if self.is_sqlite else None
+        self._idle_closer: asyncio.Task[None] | None = None
+        self._closed = False
 
     async def connect(self) -> None:
         try:
@@ -167,6 +191,11 @@ class DatabaseStore:
             except TimeoutError:
                 self._group_writer.cancel()
             await asyncio.gather(self._group_writer, return_exceptions=True)
+        self._closed = True
+        if self._idle_closer is not None:
+            self._idle_closer.cancel()  # it closes every pooled connection
+            await asyncio.gather(self._idle_closer, return_exceptions=True)
+        await self._close_idle(0.0)
         # Every operation gives its connection back within op_timeout, so the
         # pool's wait for used connections is bounded; the timeout is a safety net.
         try:
@@ -212,8 +241,7 @@ class DatabaseStore:
         async with self._op(what), AsyncExitStack() as stack:
             if write:
                 await stack.enter_async_context(self._writing())
-            conn = self._db._backend.connection()  # noqa: SLF001 (see module docstring)
-            await conn.acquire()
+            conn = await self._acquire(stack)
             ok = False
             try:
                 if transaction:
@@ -225,9 +253,51 @@ class DatabaseStore:
                 ok = True
             finally:
                 if ok:
-                    await conn.release()
+                    await self._give_back(conn)
                 else:
                     await self._discard(conn)
+
+    async def _acquire(self, stack: AsyncExitStack) -> ConnectionBackend:
+        """A connection of our own: on SQLite a pooled one (waiting for a slot), else new."""
+        if self._slots is not None:
+            await self._slots.acquire()
+            stack.callback(self._slots.release)
+            if self._idle:
+                return self._idle.pop()[0]  # the most recently used: the rest can expire
+        conn = self._db._backend.connection()  # noqa: SLF001 (see module docstring)
+        await conn.acquire()
+        return conn
+
+    async def _give_back(self, conn: ConnectionBackend) -> None:
+        """After a successful operation: keep a clean SQLite connection, else release it."""
+        if self.is_sqlite and not self._closed and len(self._idle) < _SQLITE_POOL:
+            if not conn.raw_connection.in_transaction:
+                self._idle.append((conn, asyncio.get_running_loop().time()))
+                if self._idle_closer is None or self._idle_closer.done():
+                    # In an empty context: not pinning the caller's (a request's) objects.
+                    self._idle_closer = asyncio.create_task(
+                        self._expire_idle(), name="sqlite-idle-closer",
+                        context=contextvars.Context(),
+                    )
+                return
+        await conn.release()
+
+    async def _expire_idle(self) -> None:
+        """Close pooled connections unused for _SQLITE_IDLE_S; all of them when cancelled."""
+        try:
+            while self._idle:
+                await asyncio.sleep(_SQLITE_IDLE_S)
+                await self._close_idle(_SQLITE_IDLE_S)
+        except asyncio.CancelledError:
+            await self._close_idle(0.0)
+            raise
+
+    async def _close_idle(self, unused_for: float) -> None:
+        cutoff = asyncio.get_running_loop().time() - unused_for
+        stale = [conn for conn, used in self._idle if used <= cutoff]
+        self._idle = [(conn, used) for conn, used in self._idle if used > cutoff]
+        for conn in stale:
+            await self._release_quietly(conn)
 
     async def _discard(self, conn: ConnectionBackend) -> None:
         """Close a connection whose state is unknown and give its pool slot back."""
