@@ -148,6 +148,11 @@ class Hub:
             actor.task.add_done_callback(self._retiring.discard)
         return True
 
+    @property
+    def retiring(self) -> int:
+        """Retired actors whose task is still finishing its cleanup."""
+        return len(self._retiring)
+
     def submit(self, room_id: str, command: Join | Leave | Publish | History) -> None:
         """Hand a command to the room; raises ChatError when the room refuses it."""
         if self.draining and isinstance(command, Publish | Join | History):

@@ -37,6 +37,7 @@ __all__ = [
     "run_worker",
     "reset_metrics_dir",
     "sample_queues",
+    "sample_registry",
     "QUEUE_SAMPLE_S",
 ]
 
@@ -96,9 +97,23 @@ def sample_queues(hub: Hub) -> None:
     metrics.OUTBOUND_QUEUE_MAX.set(max(depths, default=0))
 
 
+def sample_registry(hub: Hub) -> None:
+    """Refresh the object-count gauges: tasks, threads, the hub's connections and rooms."""
+    import threading
+
+    from . import metrics
+
+    metrics.ASYNCIO_TASKS.set(len(asyncio.all_tasks()))
+    metrics.THREADS.set(threading.active_count())
+    metrics.HUB_CONNECTIONS.set(len(hub.connections))
+    metrics.HUB_ROOMS.set(len(hub.actors))
+    metrics.RETIRING_ROOMS.set(hub.retiring)
+
+
 async def _sample_loop(hub: Hub) -> None:
     while True:
         sample_queues(hub)
+        sample_registry(hub)
         await asyncio.sleep(QUEUE_SAMPLE_S)
 
 
