@@ -85,6 +85,7 @@ __all__ = [
     "HUB_CONNECTIONS",
     "HUB_ROOMS",
     "RETIRING_ROOMS",
+    "REGISTRY_SAMPLES",
     "DRAIN_SECONDS",
 ]
 
@@ -247,6 +248,10 @@ HUB_ROOMS = Gauge(
 RETIRING_ROOMS = Gauge(
     "retiring_rooms", "Retired room actors whose task is still finishing (sampled every second)",
     namespace=NS, registry=REGISTRY, multiprocess_mode="livesum",
+)
+REGISTRY_SAMPLES = Counter(
+    "registry_samples", "Samples taken of the object counts above (a reader waiting for a fresh "
+    "one waits for this to grow)", namespace=NS, registry=REGISTRY,
 )
 
 # ---- shutdown ------------------------------------------------------------------

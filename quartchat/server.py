@@ -108,6 +108,7 @@ def sample_registry(hub: Hub) -> None:
     metrics.HUB_CONNECTIONS.set(len(hub.connections))
     metrics.HUB_ROOMS.set(len(hub.actors))
     metrics.RETIRING_ROOMS.set(hub.retiring)
+    metrics.REGISTRY_SAMPLES.inc()
 
 
 async def _sample_loop(hub: Hub) -> None:

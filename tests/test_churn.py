@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import math
 import re
 import time
 import urllib.request
@@ -55,7 +56,7 @@ churn = _churn_module()
 
 
 _ZERO = ("hub_connections", "connections_open", "hub_rooms", "retiring_rooms", "active_rooms")
-_COUNTS = (*_ZERO, "asyncio_tasks", "threads")
+_COUNTS = (*_ZERO, "asyncio_tasks", "threads", "registry_samples_total")
 
 
 def _gauges(server: ServerProcess) -> dict[str, float]:
@@ -72,17 +73,33 @@ def _rss(server: ServerProcess) -> float:
     return float(value)
 
 
-async def _settled(server: ServerProcess, idle_tasks: float, idle_threads: float) -> dict[str, float]:
-    """Wait (bounded) until nothing of the churn is left; the last gauges read."""
-    deadline = time.monotonic() + SETTLE_S
+async def _counts(server: ServerProcess) -> dict[str, float]:
+    return {k: v for k, v in (await asyncio.to_thread(_gauges, server)).items() if k in _COUNTS}
+
+
+async def _settled(server: ServerProcess, idle_tasks: float, idle_threads: float,
+                   timeout: float = SETTLE_S) -> dict[str, float]:
+    """Wait (bounded) until nothing of the churn is left; the last gauges read.
+
+    Only samples taken after the call count (the gauges are refreshed every
+    second): the sample counter must have grown by two first."""
+    deadline = time.monotonic() + timeout
+    first = (await _counts(server)).get("registry_samples_total", 0)
     while True:
-        g = {k: v for k, v in (await asyncio.to_thread(_gauges, server)).items() if k in _COUNTS}
-        if (all(g.get(k, 0) == 0 for k in _ZERO)
+        g = await _counts(server)
+        fresh = g.get("registry_samples_total", first + 2) >= first + 2
+        if (fresh and all(g.get(k, 0) == 0 for k in _ZERO)
                 and g.get("asyncio_tasks", 0) <= idle_tasks and g.get("threads", 0) <= idle_threads):
             return g
         if time.monotonic() > deadline:
             return g
         await asyncio.sleep(0.5)
+
+
+async def _idle(server: ServerProcess) -> dict[str, float]:
+    """Counts of a fresh server once the SQLite connection of its start-up checks
+    has closed (2 s unused): only the main thread left."""
+    return await _settled(server, math.inf, 1, timeout=10.0)
 
 
 async def test_connection_churn_leaves_no_memory_and_no_objects(tmp_path: Path) -> None:
@@ -94,10 +111,7 @@ async def test_connection_churn_leaves_no_memory_and_no_objects(tmp_path: Path) 
     }, name="churn").start()
     try:
         urls = [server.url]
-        # Idle counts of a fresh server: the sampler runs every second, and the SQLite
-        # connection of the start-up checks closes after 2 s unused.
-        await asyncio.sleep(3.5)
-        idle = {k: v for k, v in (await asyncio.to_thread(_gauges, server)).items() if k in _COUNTS}
+        idle = await _idle(server)
         warm = await churn.churn(urls, WARMUP, CONCURRENCY, ROOMS, prefix="warm")
         assert warm["errors"] == 0, warm
         await _settled(server, idle.get("asyncio_tasks", 0), idle.get("threads", 0))
@@ -117,5 +131,23 @@ async def test_connection_churn_leaves_no_memory_and_no_objects(tmp_path: Path) 
         assert g["hub_rooms"] == 0 and g["retiring_rooms"] == 0 and g["active_rooms"] == 0, g
         assert g["asyncio_tasks"] <= idle["asyncio_tasks"], (idle, g)
         assert g["threads"] <= idle["threads"], (idle, g)
+    finally:
+        server.stop()
+
+
+async def test_a_closed_socket_is_freed_at_once_not_after_a_ping_interval(tmp_path: Path) -> None:
+    """hypercorn.toml pings every 20 s; a closed socket's tasks are gone within seconds."""
+    server = ServerProcess(tmp_path, {
+        "QUARTCHAT_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/ping.db",
+        "QUARTCHAT_ROOM_IDLE_S": "0.5",
+    }, name="ping").start()
+    try:
+        idle = await _idle(server)
+        result = await churn.churn([server.url], 20, 10, 2, prefix="ping")
+        assert result["errors"] == 0, result
+        # Well below the 20 s ping interval, for which the sockets' tasks used to stay.
+        g = await _settled(server, idle["asyncio_tasks"], idle["threads"], timeout=8.0)
+        assert g["asyncio_tasks"] <= idle["asyncio_tasks"], (idle, g)
+        assert g["hub_connections"] == g["hub_rooms"] == 0, g
     finally:
         server.stop()
