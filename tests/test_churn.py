@@ -89,7 +89,8 @@ async def _settled(server: ServerProcess, idle_tasks: float, idle_threads: float
         g = await _counts(server)
         fresh = g.get("registry_samples_total", first + 2) >= first + 2
         if (fresh and all(g.get(k, 0) == 0 for k in _ZERO)
-                and g.get("asyncio_tasks", 0) <= idle_tasks and g.get("threads", 0) <= idle_threads):
+                and g.get("asyncio_tasks", 0) <= idle_tasks
+                and g.get("threads", 0) <= idle_threads):
             return g
         if time.monotonic() > deadline:
             return g

@@ -264,22 +264,22 @@ class DatabaseStore:
             stack.callback(self._slots.release)
             if self._idle:
                 return self._idle.pop()[0]  # the most recently used: the rest can expire
-        conn = self._db._backend.connection()  # noqa: SLF001 (see module docstring)
+        # The backend's own connections, not Database's (see the module docstring).
+        conn: ConnectionBackend = self._db._backend.connection()  # noqa: SLF001
         await conn.acquire()
         return conn
 
     async def _give_back(self, conn: ConnectionBackend) -> None:
         """After a successful operation: keep a clean SQLite connection, else release it."""
-        if self.is_sqlite and not self._closed and len(self._idle) < _SQLITE_POOL:
-            if not conn.raw_connection.in_transaction:
-                self._idle.append((conn, asyncio.get_running_loop().time()))
-                if self._idle_closer is None or self._idle_closer.done():
-                    # In an empty context: not pinning the caller's (a request's) objects.
-                    self._idle_closer = asyncio.create_task(
-                        self._expire_idle(), name="sqlite-idle-closer",
-                        context=contextvars.Context(),
-                    )
-                return
+        if (self.is_sqlite and not self._closed and len(self._idle) < _SQLITE_POOL
+                and not conn.raw_connection.in_transaction):
+            self._idle.append((conn, asyncio.get_running_loop().time()))
+            if self._idle_closer is None or self._idle_closer.done():
+                # In an empty context: not pinning the caller's (a request's) objects.
+                self._idle_closer = asyncio.create_task(
+                    self._expire_idle(), name="sqlite-idle-closer", context=contextvars.Context()
+                )
+            return
         await conn.release()
 
     async def _expire_idle(self) -> None:
