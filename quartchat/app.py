@@ -16,7 +16,7 @@ from typing import Any
 
 from quart import Quart, Response, redirect, request, websocket
 
-from . import metrics
+from . import metrics, wsping
 from .config import Settings
 from .connection import Connection, TokenBucket
 from .errors import CLOSE_POLICY, ChatError
@@ -74,6 +74,7 @@ def create_app(
 ) -> Quart:
     """Build the app; the hub starts in ``before_serving`` and stops in ``after_serving``."""
     settings = settings if settings is not None else Settings.from_env()
+    wsping.install()  # also when hypercorn serves this app directly (idempotent)
     hub = hub if hub is not None else Hub(settings)
     app = Quart(__name__)
     app.config["QUARTCHAT_SETTINGS"] = settings
