@@ -15,7 +15,7 @@ from typing import Any
 
 from quart import Quart, Response, request, websocket
 
-from . import metrics
+from . import metrics, wsping
 from .api import api_blueprint, guard_read
 from .auth import AuthError, Session, TokenVerifier, bearer
 from .config import Settings
@@ -78,6 +78,7 @@ def create_app(
 ) -> Quart:
     """Build the app; the hub starts in ``before_serving`` and stops in ``after_serving``."""
     settings = settings if settings is not None else Settings.from_env()
+    wsping.install()  # also when hypercorn serves this app directly (idempotent)
     hub = hub if hub is not None else Hub(settings)
     app = Quart(__name__, static_folder=None)  # our own /static: from memory, not disk
     static = load_static()

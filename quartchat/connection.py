@@ -174,4 +174,8 @@ class Connection:
             assert self.close_code is not None
             await ws.close(self.close_code, self.close_reason)
         finally:
+            # A finished (often cancelled) writer task keeps its exception, whose
+            # traceback holds this frame and so the socket's whole object graph:
+            # a Connection still referenced (a room's last batch) must not keep it.
+            self._writer = None
             self._closed.set()

@@ -9,6 +9,7 @@ talk only to the hub.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from datetime import UTC, datetime
@@ -137,7 +138,10 @@ class Hub:
                 on_retire=self._retire,
             )
             self.actors[room_id] = actor
-            actor.start()
+            # Not in the caller's context: a task copies the context it is created
+            # in, and a websocket handler's holds Quart's websocket context, i.e.
+            # that socket's whole hypercorn connection, for as long as the room lives.
+            contextvars.Context().run(actor.start)
             assert actor.task is not None
             actor.task.add_done_callback(lambda _: self._ended(actor))
         return actor
@@ -167,6 +171,11 @@ class Hub:
             self._retiring.add(actor.task)
             actor.task.add_done_callback(self._retiring.discard)
         return True
+
+    @property
+    def retiring(self) -> int:
+        """Retired actors whose task is still finishing its cleanup."""
+        return len(self._retiring)
 
     def submit(self, room_id: str, command: Join | Leave | Publish | History) -> None:
         """Hand a command to the room; raises ChatError when the room refuses it."""

@@ -80,6 +80,12 @@ __all__ = [
     "INBOX_DEPTH",
     "OUTBOUND_QUEUED",
     "OUTBOUND_QUEUE_MAX",
+    "ASYNCIO_TASKS",
+    "THREADS",
+    "HUB_CONNECTIONS",
+    "HUB_ROOMS",
+    "RETIRING_ROOMS",
+    "REGISTRY_SAMPLES",
     "DRAIN_SECONDS",
 ]
 
@@ -217,6 +223,35 @@ OUTBOUND_QUEUED = Gauge(
 OUTBOUND_QUEUE_MAX = Gauge(
     "outbound_queue_max", "Longest outbound queue of any one socket (sampled every second)",
     namespace=NS, registry=REGISTRY, multiprocess_mode="livemax",
+)
+
+# ---- per-process object counts (leak checks) ------------------------------------
+# Sampled every second with the queue gauges (quartchat.server.sample_registry):
+# after a churn of connections they must come back to their idle values.
+
+ASYNCIO_TASKS = Gauge(
+    "asyncio_tasks", "asyncio tasks alive in the process (sampled every second)",
+    namespace=NS, registry=REGISTRY, multiprocess_mode="livesum",
+)
+THREADS = Gauge(
+    "threads", "Python threads alive in the process, SQLite connections' included (sampled "
+    "every second)", namespace=NS, registry=REGISTRY, multiprocess_mode="livesum",
+)
+HUB_CONNECTIONS = Gauge(
+    "hub_connections", "Connections registered in the hub (sampled every second)",
+    namespace=NS, registry=REGISTRY, multiprocess_mode="livesum",
+)
+HUB_ROOMS = Gauge(
+    "hub_rooms", "Room actors registered in the hub (sampled every second)",
+    namespace=NS, registry=REGISTRY, multiprocess_mode="livesum",
+)
+RETIRING_ROOMS = Gauge(
+    "retiring_rooms", "Retired room actors whose task is still finishing (sampled every second)",
+    namespace=NS, registry=REGISTRY, multiprocess_mode="livesum",
+)
+REGISTRY_SAMPLES = Counter(
+    "registry_samples", "Samples taken of the object counts above (a reader waiting for a fresh "
+    "one waits for this to grow)", namespace=NS, registry=REGISTRY,
 )
 
 # ---- shutdown ------------------------------------------------------------------

@@ -37,6 +37,7 @@ __all__ = [
     "run_worker",
     "reset_metrics_dir",
     "sample_queues",
+    "sample_registry",
     "QUEUE_SAMPLE_S",
 ]
 
@@ -96,17 +97,35 @@ def sample_queues(hub: Hub) -> None:
     metrics.OUTBOUND_QUEUE_MAX.set(max(depths, default=0))
 
 
+def sample_registry(hub: Hub) -> None:
+    """Refresh the object-count gauges: tasks, threads, the hub's connections and rooms."""
+    import threading
+
+    from . import metrics
+
+    metrics.ASYNCIO_TASKS.set(len(asyncio.all_tasks()))
+    metrics.THREADS.set(threading.active_count())
+    metrics.HUB_CONNECTIONS.set(len(hub.connections))
+    metrics.HUB_ROOMS.set(len(hub.actors))
+    metrics.RETIRING_ROOMS.set(hub.retiring)
+    metrics.REGISTRY_SAMPLES.inc()
+
+
 async def _sample_loop(hub: Hub) -> None:
     while True:
         sample_queues(hub)
+        sample_registry(hub)
         await asyncio.sleep(QUEUE_SAMPLE_S)
 
 
 async def serve_worker(settings: Settings, sockets: Any = None) -> None:
     """Serve one process until SIGTERM/SIGINT, then drain and exit."""
+    from . import wsping
     from .app import create_app
     from .hub import Hub
 
+    # Closed sockets must not wait out hypercorn's ping interval in memory.
+    wsping.install()
     config = hypercorn_config(settings)
     hub = Hub(settings)
     app = create_app(settings, hub=hub, migrate_on_start=False)

@@ -35,7 +35,7 @@ from quartchat.events import MessageEvent, encode_events
 from quartchat.hub import Hub
 from quartchat.protocol import encode, message_frame
 from quartchat.room import Join, Leave, Publish
-from quartchat.server import reset_metrics_dir, sample_queues
+from quartchat.server import reset_metrics_dir, sample_queues, sample_registry
 from quartchat.store import NewMessage, StoreError
 from quartchat.store.database import DatabaseStore
 
@@ -427,6 +427,32 @@ async def test_active_rooms_inbox_depth_and_outbound_queues(hub_factory: Any) ->
         hub.submit(room, Leave(alice.conn))
     await wait_for(lambda: not hub.actors)
     await wait_for(lambda: d(q("active_rooms")) == 0)
+
+
+async def test_registry_gauges_count_tasks_threads_connections_and_rooms(hub_factory: Any) -> None:
+    hub, client = await hub_factory(room_idle_s=0.1)
+    sample_registry(hub)
+    idle_tasks = value(q("asyncio_tasks"))
+    assert idle_tasks == len(asyncio.all_tasks()) > 0
+    assert value(q("threads")) >= 1
+    assert value(q("hub_connections")) == value(q("hub_rooms")) == 0
+    alice, bob = client("alice"), client("bob")
+    await join(hub, alice)
+    await join(hub, bob, room="second")
+    sample_registry(hub)
+    assert value(q("hub_connections")) == 2
+    assert value(q("hub_rooms")) == 2
+    assert value(q("asyncio_tasks")) > idle_tasks  # two writers and the rooms' tasks
+    # Gone: disconnected, writers stopped, rooms retired and their tasks finished.
+    for c in (alice, bob):
+        hub.disconnected(c.conn)
+        await c.aclose()
+    await wait_for(lambda: not hub.actors and hub.retiring == 0)
+    sample_registry(hub)
+    assert value(q("hub_connections")) == value(q("hub_rooms")) == value(q("retiring_rooms")) == 0
+    await wait_for(lambda: len(asyncio.all_tasks()) <= idle_tasks)
+    sample_registry(hub)
+    assert value(q("asyncio_tasks")) <= idle_tasks
 
 
 # ---- rate limit -----------------------------------------------------------------------

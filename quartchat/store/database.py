@@ -6,7 +6,8 @@ servers' groups never deadlock), find retries by client_msg_id, give the new
 posts the next seqs, insert them in one multi-row INSERT, move the counters,
 commit (one fsync). A room's seqs are thus committed in seq order, with no
 holes. On SQLite every write is serialised through one lock, since SQLite has
-a single writer and lock contention would otherwise surface as busy waits.
+a single writer and lock contention would otherwise surface as busy waits,
+and connections are reused (:mod:`.sqlite_pool`).
 
 Connections are taken from the ``databases`` backend one per operation and
 never through ``Database.fetch_*``/``Database.transaction()``: those bind a
@@ -39,6 +40,7 @@ from databases.interfaces import ConnectionBackend
 from . import Appended, DuplicateError, NewMessage, StoredMessage, StoreError
 from .append import Request, append_in, reply, row_of
 from .dialect import Dialect
+from .sqlite_pool import SqlitePool
 
 __all__ = ["CONNECT_TIMEOUT", "OP_TIMEOUT", "DatabaseStore"]
 
@@ -88,6 +90,7 @@ class DatabaseStore:
                 pool_recycle=3600,
             )
         self._write_lock = asyncio.Lock() if self.dialect.sqlite else None
+        self._sqlite_pool = SqlitePool(self._db._backend) if self.dialect.sqlite else None
         self._queue: deque[Request] = deque()
         self._group_writer: asyncio.Task[None] | None = None
         self._known_rooms: set[str] = set()
@@ -120,6 +123,8 @@ class DatabaseStore:
             except TimeoutError:
                 self._group_writer.cancel()
             await asyncio.gather(self._group_writer, return_exceptions=True)
+        if self._sqlite_pool is not None:
+            await self._sqlite_pool.close()
         # Every operation gives its connection back within op_timeout, so the
         # pool's wait for used connections is bounded; the timeout is a safety net.
         try:
@@ -167,8 +172,11 @@ class DatabaseStore:
         async with self._op(what), AsyncExitStack() as stack:
             if write:
                 await stack.enter_async_context(self._writing())
-            conn = self._db._backend.connection()
-            await conn.acquire()
+            if self._sqlite_pool is not None:
+                conn = await self._sqlite_pool.acquire(stack)
+            else:
+                conn = self._db._backend.connection()  # see the module docstring
+                await conn.acquire()
             ok = False
             raw = conn.raw_connection
             try:
@@ -179,7 +187,9 @@ class DatabaseStore:
                     await self._commit(raw)
                 ok = True
             finally:
-                if ok:
+                if ok and self._sqlite_pool is not None:
+                    await self._sqlite_pool.give_back(conn)
+                elif ok:
                     await conn.release()
                 else:
                     await self._discard(conn)
