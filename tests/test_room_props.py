@@ -71,14 +71,11 @@ class ChaosBroker:
 
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
-        self._presence = MemoryPresence(self)  # type: ignore[arg-type]
+        self._presence = MemoryPresence(lambda room_id, payload: None)
 
     @property
     def presence(self) -> MemoryPresence:
         return self._presence
-
-    def announce(self, room_id: str, sender_id: str, event: str) -> None:
-        return None
 
     async def start(self) -> None:
         return None

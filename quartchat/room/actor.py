@@ -288,7 +288,7 @@ class RoomActor(RoomHandlers):
         elif isinstance(item, c.ReplayDone):
             self._on_replay_done(item.member)
         elif isinstance(item, c.Clamp):
-            self._on_clamp(item.member, item.last_seq)
+            self._on_clamp(item.member, item.last_seq, item.floor)
         elif isinstance(item, c.Barrier) and not item.reached.done():
             item.reached.set_result(None)
 

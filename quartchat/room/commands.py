@@ -133,10 +133,12 @@ class ReplayDone:
 
 @attrs.frozen(eq=False)
 class Clamp:
-    """A join's ``since_seq`` was checked against the store's newest seq."""
+    """A join's ``since_seq`` was checked against the store's newest seq (``last_seq``);
+    ``floor``: the newest seq known committed when it joined."""
 
     member: object
     last_seq: int
+    floor: int
 
 
 @attrs.frozen(eq=False)

@@ -110,28 +110,37 @@ class RoomHandlers:
                 self._start_replay(member)
             elif cmd.since_seq > delivered:
                 # Ahead of this process (held behind a hole, or seen on another
-                # server): skip up to it, unless it is beyond the room itself.
+                # server): nothing up to it is sent, unless it is beyond the room
+                # itself. Not live until the store says which: a live frame skipped
+                # now could not be told apart from one the client really saw.
                 member.cursor = cmd.since_seq
-                self._spawn(self._clamp(member, cmd.since_seq))
+                member.live = False
+                floor = max(delivered, self.order.known)  # committed before this join
+                member.replay = self._spawn(self._clamp(member, floor))
         elif cmd.history:
             self._start_replay(member, newest=cmd.history)
 
-    async def _clamp(self, member: Member, since_seq: int) -> None:
-        try:
-            last = await self.store.max_seq(self.room_id)
-        except StoreError:
-            return  # the cursor stays at since_seq: nothing is sent twice
-        if last < since_seq:
-            self._inbox.put_nowait(c.Clamp(member, last))
+    async def _clamp(self, member: Member, floor: int) -> None:
+        backoff = RETRY_S / 4
+        while True:
+            try:
+                last = await self.store.max_seq(self.room_id)
+            except StoreError:
+                await asyncio.sleep(backoff)  # the member waits; nothing is lost
+                backoff = min(backoff * 2, 5.0)
+                continue
+            self._inbox.put_nowait(c.Clamp(member, last, floor))
+            return
 
-    def _on_clamp(self, member: object, last_seq: int) -> None:
+    def _on_clamp(self, member: object, last_seq: int, floor: int) -> None:
         if not isinstance(member, Member) or self.members.get(member.conn) is not member:
             return
         if member.cursor > last_seq:
-            # since_seq was beyond the room's newest seq: continue from that instead.
-            member.cursor = last_seq
-            if member.live and (self.order.delivered or 0) > last_seq:
-                self._start_replay(member)
+            # since_seq is beyond the room's newest seq: the client's position is
+            # not real. Continue after what was committed before it joined (what
+            # came later, it gets: better a message twice than one missed).
+            member.cursor = min(floor, last_seq)
+        self._start_replay(member)  # what came after the cursor meanwhile, then live
 
     def _on_leave(self, cmd: c.Leave) -> None:
         conn = cmd.conn

@@ -48,8 +48,8 @@ async def replay(store: Store, room_id: str, member: Member, delivered: Callable
                  page: int, newest: int | None = None) -> None:
     """Send ``member`` the rows above its cursor up to ``delivered()``.
 
-    ``newest``: first the last ``newest`` rows at or below ``delivered()``
-    (a join with ``history``), then as above.
+    ``newest``: first the last ``newest`` rows at or below the cursor (a join
+    with ``history``: the cursor is the room's seq at the join), then as above.
     """
     conn = member.conn
     page = max(1, min(page, conn.queue_size // 2))
@@ -57,14 +57,15 @@ async def replay(store: Store, room_id: str, member: Member, delivered: Callable
     while True:
         try:
             if newest is not None:
-                upto = delivered()
+                # The last `newest` as of the join (the member's cursor then), however
+                # far the room has moved since: the catch-up below sends the rest.
+                upto = member.cursor
                 rows, _ = await store.page(room_id, upto + 1, min(newest, page))
                 if not await _room_for_a_page(member):
                     return
                 for row in rows:
                     conn.send(encode_row(row))
                 metrics.REPLAYED_MESSAGES.inc(len(rows))
-                member.cursor = max(member.cursor, upto)
                 newest = None
             while member.cursor < delivered() and conn.open:
                 upto = delivered()
