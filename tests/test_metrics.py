@@ -17,7 +17,6 @@ import re
 import subprocess
 import sys
 import textwrap
-import uuid
 import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -31,17 +30,17 @@ from quart.testing.connections import WebsocketDisconnectError, WebsocketRespons
 from quartchat import metrics
 from quartchat.app import create_app
 from quartchat.config import Settings
-from quartchat.events import MessageEvent, encode_events
 from quartchat.hub import Hub
-from quartchat.protocol import encode, message_frame
 from quartchat.room import Join, Leave, Publish
 from quartchat.server import reset_metrics_dir, sample_queues, sample_registry
-from quartchat.store import NewMessage, StoreError
+from quartchat.store import StoreError
 from quartchat.store.database import DatabaseStore
 
 from .conftest import wait_for
 from .fakes import Client
 from .redis_util import RedisServer, unique_prefix
+from .rooms import join as join_room
+from .rooms import payload_of, stored_elsewhere
 
 ROOM = "metrics-room"
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,10 +98,7 @@ def hub_factory(make_hub: Callable[..., Any]) -> Callable[..., Any]:
 
 
 async def join(hub: Hub, c: Client, room: str = ROOM, **kw: Any) -> None:
-    before = len(c.socket.of("joined"))
-    c.conn.rooms.add(room)
-    hub.submit(room, Join(c.conn, **kw))
-    await c.socket.next_of("joined", before + 1)
+    await join_room(hub, c, room, **kw)
 
 
 @pytest.fixture
@@ -134,24 +130,9 @@ def connect(app: Quart, sender: str = "alice") -> Any:
 
 
 async def _remote(hub: Hub, count: int) -> list[bytes]:
-    """``count`` messages another server stored; returns their broker payloads,
-    which the test delivers (or not) itself."""
-    other = DatabaseStore(hub.store.url)  # type: ignore[attr-defined]
-    await other.connect()
-    try:
-        answers = await other.append(ROOM, [
-            NewMessage(uuid.uuid4().hex, "remote", f"c{i}", None, 1_700_000_000_000)
-            for i in range(count)])
-    finally:
-        await other.close()
-    payloads = []
-    for answer in answers:
-        row = answer.row
-        frame = encode(message_frame(room_id=row.room_id, seq=row.seq, id=row.id,
-                                     sender_id=row.sender_id, content=row.content,
-                                     sent_at_ms=row.sent_at_ms, client_msg_id=None))
-        payloads.append(encode_events([MessageEvent(row.seq, row.sent_at_ms, frame)]))
-    return payloads
+    """``count`` messages another server stored; their broker payloads, which the
+    test delivers (or not) itself."""
+    return [payload_of(row) for row in await stored_elsewhere(hub, count, ROOM)]
 
 
 # ---- connections ----------------------------------------------------------------------

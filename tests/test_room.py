@@ -5,21 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
 
-from quartchat.events import MessageEvent, encode_events
 from quartchat.hub import Hub
-from quartchat.protocol import encode, message_frame
 from quartchat.room import History, Join, Leave, Publish
 from quartchat.store import Appended, NewMessage, StoredMessage, StoreError
 from quartchat.store.database import DatabaseStore
 
 from .conftest import wait_for
 from .fakes import Client
+from .rooms import join as join_room
+from .rooms import payload_of
+from .rooms import stored_elsewhere as _stored_elsewhere
 
 ROOM = "room101"
 
@@ -55,11 +55,11 @@ def hub_factory(make_hub: Callable[..., Any]) -> Callable[..., Any]:
 
 
 async def join(hub: Hub, c: Client, room: str = ROOM, **kw: Any) -> dict[str, Any]:
-    before = len(c.socket.of("joined"))
-    c.conn.rooms.add(room)
-    hub.submit(room, Join(c.conn, **kw))
-    frames = await c.socket.next_of("joined", before + 1)
-    return frames[-1]
+    return await join_room(hub, c, room, **kw)
+
+
+async def stored_elsewhere(hub: Hub, room: str, count: int) -> list[StoredMessage]:
+    return await _stored_elsewhere(hub, count, room)
 
 
 async def test_messages_are_stored_acked_and_delivered_in_seq_order(hub_factory: Any) -> None:
@@ -197,40 +197,19 @@ async def test_slow_subscriber_is_closed_with_4008_and_others_keep_receiving(hub
     assert slow.socket.closed_with == 4008
 
 
-def _event(row: StoredMessage) -> MessageEvent:
-    frame = encode(message_frame(room_id=row.room_id, seq=row.seq, id=row.id,
-                                 sender_id=row.sender_id, content=row.content,
-                                 sent_at_ms=row.sent_at_ms, client_msg_id=row.client_msg_id))
-    return MessageEvent(row.seq, row.sent_at_ms, frame)
-
-
-async def remote_posts(hub: Hub, count: int, room: str = ROOM) -> list[StoredMessage]:
-    """Messages another server stored (its own store object on the same database),
-    without any notification reaching this one."""
-    other = DatabaseStore(hub.store.url)  # type: ignore[attr-defined]
-    await other.connect()
-    try:
-        answers = await other.append(room, [
-            NewMessage(uuid.uuid4().hex, "remote", f"c{i}", None, 1_700_000_000_000 + i)
-            for i in range(count)])
-    finally:
-        await other.close()
-    return [a.row for a in answers]
-
-
 async def test_reorder_buffer_delivers_by_seq(hub_factory: Any) -> None:
     hub, client = await hub_factory(gap_timeout_s=5)
     bob = client("bob")
     await join(hub, bob)
     actor = hub.actors[ROOM]
-    rows = await remote_posts(hub, 3)
+    rows = await stored_elsewhere(hub, ROOM, 3)
     # Another server's messages arrive out of order: 3, 1, 2.
     for seq in (3, 1, 2):
-        actor.on_broker(encode_events([_event(rows[seq - 1])]))
+        actor.on_broker(payload_of(rows[seq - 1]))
     got = await bob.socket.next_of("message", 3)
     assert [m["seq"] for m in got] == [1, 2, 3]
     # A duplicate is dropped.
-    actor.on_broker(encode_events([_event(rows[1])]))
+    actor.on_broker(payload_of(rows[1]))
     await actor.settle()
     assert len(bob.socket.of("message")) == 3
 
@@ -240,8 +219,8 @@ async def test_gap_is_filled_from_the_store(hub_factory: Any) -> None:
     bob = client("bob")
     await join(hub, bob)
     # Seqs 1..3 reached the store, but only 3's notification reached us.
-    rows = await remote_posts(hub, 3)
-    hub.actors[ROOM].on_broker(encode_events([_event(rows[2])]))
+    rows = await stored_elsewhere(hub, ROOM, 3)
+    hub.actors[ROOM].on_broker(payload_of(rows[2]))
     got = await bob.socket.next_of("message", 3)
     assert [m["seq"] for m in got] == [1, 2, 3]
     assert [m["content"] for m in got] == ["c0", "c1", "c2"]
@@ -252,9 +231,9 @@ async def test_a_seq_the_store_does_not_hold_is_passed_over_after_a_complete_rea
     hub, client = await hub_factory(gap_timeout_s=0.05)
     bob = client("bob")
     await join(hub, bob)
-    rows = await remote_posts(hub, 2)
+    rows = await stored_elsewhere(hub, ROOM, 2)
     await sync_sql(f"DELETE FROM messages WHERE room_id = '{ROOM}' AND seq = 1")  # an operator
-    hub.actors[ROOM].on_broker(encode_events([_event(rows[1])]))
+    hub.actors[ROOM].on_broker(payload_of(rows[1]))
     got = await bob.socket.next_of("message", 1)
     assert [m["seq"] for m in got] == [2]
 
@@ -263,7 +242,7 @@ async def test_broker_loss_notice_backfills_from_the_store(hub_factory: Any) -> 
     hub, client = await hub_factory()
     bob = client("bob")
     await join(hub, bob)
-    await remote_posts(hub, 2)
+    await stored_elsewhere(hub, ROOM, 2)
     hub.actors[ROOM].on_broker(None)  # "you may have missed payloads"
     got = await bob.socket.next_of("message", 2)
     assert [m["seq"] for m in got] == [1, 2]
@@ -275,7 +254,7 @@ async def test_a_lost_last_message_is_found_by_the_position_check(hub_factory: A
     hub, client = await hub_factory(position_check_s=0.2)
     bob = client("bob")
     await join(hub, bob)
-    await remote_posts(hub, 1)  # stored; its publish was lost
+    await stored_elsewhere(hub, ROOM, 1)  # stored; its publish was lost
     got = await bob.socket.next_of("message", 1, timeout=3)
     assert [m["seq"] for m in got] == [1]
 

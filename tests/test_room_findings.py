@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,9 +13,8 @@ import pytest
 
 from quartchat import metrics
 from quartchat.broker.memory import MemoryBroker
-from quartchat.events import MessageEvent, encode_events
+from quartchat.errors import ChatError
 from quartchat.hub import Hub
-from quartchat.protocol import encode, message_frame
 from quartchat.room import History, Join, Leave, Publish
 from quartchat.room import replay as replay_module
 from quartchat.store import Appended, NewMessage, StoredMessage, StoreError
@@ -24,6 +22,9 @@ from quartchat.store.database import DatabaseStore
 
 from .conftest import wait_for
 from .fakes import Client
+from .rooms import join as join_room
+from .rooms import payload_of
+from .rooms import stored_elsewhere as _stored_elsewhere
 
 ROOM = "finding"
 
@@ -64,11 +65,7 @@ def hub_factory(make_hub: Callable[..., Any]) -> Callable[..., Any]:
 
 
 async def join(hub: Hub, c: Client, room: str = ROOM, **kw: Any) -> dict[str, Any]:
-    before = len(c.socket.of("joined"))
-    c.conn.rooms.add(room)
-    hub.submit(room, Join(c.conn, **kw))
-    frames = await c.socket.next_of("joined", before + 1)
-    return frames[-1]
+    return await join_room(hub, c, room, **kw)
 
 
 async def post_many(hub: Hub, c: Client, count: int, room: str = ROOM) -> None:
@@ -123,24 +120,8 @@ async def test_2_a_slow_commit_on_another_server_is_delivered_not_skipped(
 # -- 4: join with since_seq ahead of this server's delivery ------------------------------
 
 
-def _event(row: StoredMessage) -> bytes:
-    frame = encode(message_frame(room_id=row.room_id, seq=row.seq, id=row.id,
-                                 sender_id=row.sender_id, content=row.content,
-                                 sent_at_ms=row.sent_at_ms, client_msg_id=None))
-    return encode_events([MessageEvent(row.seq, row.sent_at_ms, frame)])
-
-
 async def stored_elsewhere(hub: Hub, count: int, room: str = ROOM) -> list[StoredMessage]:
-    """Messages another server stored; no notification reached this one."""
-    other = DatabaseStore(hub.store.url)  # type: ignore[attr-defined]
-    await other.connect()
-    try:
-        answers = await other.append(room, [
-            NewMessage(uuid.uuid4().hex, "remote", f"r{i}", None, 1_700_000_000_000)
-            for i in range(count)])
-    finally:
-        await other.close()
-    return [a.row for a in answers]
+    return await _stored_elsewhere(hub, count, room)
 
 
 async def test_4_join_since_seq_ahead_of_delivery_gets_no_duplicate(hub_factory: Any) -> None:
@@ -149,11 +130,11 @@ async def test_4_join_since_seq_ahead_of_delivery_gets_no_duplicate(hub_factory:
     await join(hub, bob)
     rows = await stored_elsewhere(hub, 2)
     actor = hub.actors[ROOM]
-    actor.on_broker(_event(rows[1]))  # 2 arrives first and is held behind 1
+    actor.on_broker(payload_of(rows[1]))  # 2 arrives first and is held behind 1
     await actor.settle()
     carol = client("carol")  # she saw 1 and 2 on another server
     await join(hub, carol, since_seq=2)
-    actor.on_broker(_event(rows[0]))
+    actor.on_broker(payload_of(rows[0]))
     await bob.socket.next_of("message", 2)
     await actor.settle()
     assert seqs_of(bob) == [1, 2]
@@ -326,19 +307,21 @@ async def test_13_a_full_room_refuses_joins_and_posts_but_never_leaves(hub_facto
     await join(hub, alice)
     store: GatedStore = hub.store  # type: ignore[assignment]
     store.gate = asyncio.Event()
-    refused = 0
-    for i in range(30):
-        try:
-            hub.submit(ROOM, Publish(alice.conn, f"m{i}", None))
-        except Exception as exc:  # ChatError(unavailable)
-            assert getattr(exc, "code", None) == "unavailable"
-            refused += 1
-    assert refused > 0
-    other = client("other")
-    with pytest.raises(Exception, match="overloaded"):
-        hub.submit(ROOM, Join(other.conn))
-    hub.submit(ROOM, Leave(alice.conn))  # always accepted
-    store.gate.set()
+    try:
+        refused = 0
+        for i in range(30):
+            try:
+                hub.submit(ROOM, Publish(alice.conn, f"m{i}", None))
+            except ChatError as exc:
+                assert exc.code == "unavailable"
+                refused += 1
+        assert refused > 0
+        other = client("other")
+        with pytest.raises(ChatError, match="overloaded"):
+            hub.submit(ROOM, Join(other.conn))
+        hub.submit(ROOM, Leave(alice.conn))  # always accepted
+    finally:
+        store.gate.set()
     await alice.socket.next_of("left")
 
 
