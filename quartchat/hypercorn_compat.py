@@ -22,7 +22,7 @@ import asyncio
 import logging
 from types import CodeType
 
-__all__ = ["ping_task_code", "cancel_ping_tasks"]
+__all__ = ["cancel_ping_tasks", "ping_task_code"]
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from hypercorn.asyncio.run import worker_serve
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.utils import wrap_app
 
-from .config import Settings
+from .config import Settings, load_env_file
 from .errors import ConfigError
 from .hypercorn_compat import cancel_ping_tasks
 
@@ -84,11 +84,13 @@ def hypercorn_settings_file(path: str | None = None,
                             env: Mapping[str, str] | None = None) -> Path | None:
     """The hypercorn settings file that overrides the defaults, if any.
 
-    ``path`` (or QUARTCHAT_HYPERCORN_CONFIG) names a file that must exist;
-    without either, ``hypercorn.toml`` in the working directory is used when
-    present.
+    ``path`` (or QUARTCHAT_HYPERCORN_CONFIG, from the environment or a
+    ``.env`` file in the working directory, like every setting) names a file
+    that must exist; without either, ``hypercorn.toml`` in the working
+    directory is used when present.
     """
-    env = os.environ if env is None else env
+    if env is None:
+        env = {**load_env_file(".env"), **os.environ}
     named = path or env.get(CONFIG_ENV, "").strip()
     if named:
         if not Path(named).is_file():

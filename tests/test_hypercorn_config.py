@@ -60,7 +60,9 @@ def test_a_local_hypercorn_toml_overrides_only_what_it_names(
 
 
 def test_the_named_file_wins_over_the_local_one(
-    empty_cwd: Path, tmp_path_factory: pytest.TempPathFactory, settings: Settings,
+    empty_cwd: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    settings: Settings,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     (empty_cwd / "hypercorn.toml").write_text("backlog = 10\n")
@@ -70,8 +72,17 @@ def test_the_named_file_wins_over_the_local_one(
     assert hypercorn_config(settings).backlog == 20
 
 
+def test_the_setting_may_come_from_a_dot_env_file(empty_cwd: Path, settings: Settings) -> None:
+    (empty_cwd / "etc").mkdir()
+    (empty_cwd / "etc" / "hc.toml").write_text("backlog = 30\n")
+    (empty_cwd / ".env").write_text(f"{CONFIG_ENV}=etc/hc.toml\n")
+    assert hypercorn_config(settings).backlog == 30
+
+
 def test_a_named_file_that_does_not_exist_is_a_config_error(
-    empty_cwd: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch,
+    empty_cwd: Path,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv(CONFIG_ENV, str(empty_cwd / "missing.toml"))

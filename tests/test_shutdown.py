@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -36,8 +37,10 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
 @pytest.fixture
 def server(workdir: Path, tmp_path: Path) -> Iterator[ServerProcess]:
     db = tmp_path / "chat.db"
-    srv = ServerProcess(workdir, {"QUARTCHAT_DATABASE_URL": f"sqlite+aiosqlite:///{db}",
-                                  "QUARTCHAT_RATE_PER_S": "0"})
+    srv = ServerProcess(
+        workdir,
+        {"QUARTCHAT_DATABASE_URL": f"sqlite+aiosqlite:///{db}", "QUARTCHAT_RATE_PER_S": "0"},
+    )
     # Nothing to override with: the package defaults must be enough.
     srv.env.pop("QUARTCHAT_HYPERCORN_CONFIG", None)
     srv.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -61,7 +64,7 @@ def sigterm_exit_time(srv: ServerProcess) -> float:
     srv.signal(signal.SIGTERM)
     try:
         code = srv.wait(timeout=30)
-    except Exception:
+    except subprocess.TimeoutExpired:
         pytest.fail(f"no exit 30 s after SIGTERM:\n{srv.log()}")
     took = time.monotonic() - started
     print(f"exit {code} {took:.2f}s after SIGTERM")
@@ -100,4 +103,3 @@ async def test_exits_fast_half_a_second_after_the_last_socket_closed(
     await asyncio.sleep(0.5)  # the scenario itself, not synchronisation
     took = sigterm_exit_time(server)
     assert took < EXIT_WITHIN_S, f"{took:.2f}s\n{server.log()}"
-
