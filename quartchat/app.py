@@ -145,7 +145,7 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics_route() -> Response:
-        body, content_type = metrics.render()
+        body, content_type = await metrics.render_async()  # off the event loop
         return Response(body, content_type=content_type)
 
     @app.get("/api/rooms")

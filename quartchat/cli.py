@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
 
             settings = attrs.evolve(settings, **overrides)
             settings.check()
+        if command == "serve":
+            from .server import hypercorn_config
+
+            hypercorn_config(settings)  # a named settings file that is missing stops here
     except ConfigError as exc:
         print(f"quartchat: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -19,6 +19,12 @@ counts (connections, rooms, queued frames), ``livemax``/``livemin`` for
 worst-case readings; ``live*`` modes drop a dead worker's value when the
 launcher calls ``mark_process_dead``.
 
+A scrape is rendered off the event loop (:func:`render_async`, one render
+at a time in a thread of its own): in multiprocess mode it reads and sums
+every worker's files, which would otherwise stall every socket of the worker
+the scrape reached. It is rendered afresh for each scrape (no cache), so a
+value is visible in the next scrape after it changed.
+
 Queue depths cost no more than a counter on the message path: the room inbox
 is observed once per command the actor takes, and the sockets' outbound
 queues are sampled every second (:func:`quartchat.server.sample_queues`).
@@ -26,7 +32,9 @@ queues are sampled every second (:func:`quartchat.server.sample_queues`).
 
 from __future__ import annotations
 
+import asyncio
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -53,6 +61,7 @@ __all__ = [
     "MULTIPROCESS",
     "CONTENT_TYPE_LATEST",
     "render",
+    "render_async",
     "CONNECTIONS_OPEN",
     "CONNECTIONS_OPENED",
     "CONNECTIONS_CLOSED",
@@ -286,3 +295,14 @@ def render() -> tuple[bytes, str]:
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+# One thread renders, so scrapes (however many at once) never stall the event
+# loop and never read the multiprocess files concurrently. Its thread starts
+# at the first scrape.
+_RENDERER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics-render")
+
+
+async def render_async() -> tuple[bytes, str]:
+    """:func:`render`, run in the renderer thread (for the ``/metrics`` route)."""
+    return await asyncio.get_running_loop().run_in_executor(_RENDERER, render)

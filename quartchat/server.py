@@ -3,7 +3,14 @@
 hypercorn's own SIGTERM handling cancels open websockets (clients see 1011)
 or, with a signal to the process group, lets workers die (1006). We install
 our own handlers and pass hypercorn a ``shutdown_trigger`` that first drains
-the hub: pending writes committed and acked, every socket closed with 1001.
+the hub: pending writes committed and acked, every socket closed with 1001,
+then releases hypercorn's lingering ping tasks (:mod:`quartchat.wsping`)
+so the exit does not wait ``graceful_timeout`` for connections already closed.
+
+It also owns hypercorn's settings: the production values are the package's
+defaults (:data:`HYPERCORN_DEFAULTS`), the same wherever ``quartchat serve``
+starts; ``hypercorn.toml`` in the working directory, or the file named by
+``QUARTCHAT_HYPERCORN_CONFIG``, only overrides them.
 
 This module must not import prometheus-client at import time (the app and
 the hub are imported when a worker starts serving): the launcher imports it
@@ -19,6 +26,8 @@ import logging
 import os
 import signal
 import sys
+import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,19 +35,23 @@ from hypercorn.asyncio.run import worker_serve
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.utils import wrap_app
 
-from .config import Settings
+from .config import Settings, load_env_file
+from .errors import ConfigError
+from .wsping import cancel_ping_tasks
 
 if TYPE_CHECKING:
     from .hub import Hub
 
 __all__ = [
+    "HYPERCORN_DEFAULTS",
+    "QUEUE_SAMPLE_S",
     "hypercorn_config",
-    "serve_worker",
-    "run_worker",
+    "hypercorn_settings_file",
     "reset_metrics_dir",
+    "run_worker",
     "sample_queues",
     "sample_registry",
-    "QUEUE_SAMPLE_S",
+    "serve_worker",
 ]
 
 log = logging.getLogger(__name__)
@@ -47,16 +60,58 @@ log = logging.getLogger(__name__)
 QUEUE_SAMPLE_S = 1.0
 
 
+# The production hypercorn settings: the package's defaults, wherever
+# `quartchat serve` is started. A settings file (``hypercorn.toml`` in the
+# working directory, or the one QUARTCHAT_HYPERCORN_CONFIG names) only
+# overrides them; the repository's hypercorn.toml documents each of them.
+HYPERCORN_DEFAULTS: dict[str, Any] = {
+    "bind": ["127.0.0.1:8080"],  # replaced by QUARTCHAT_BIND / --bind
+    "backlog": 4096,  # connect bursts overflow hypercorn's 100
+    # hypercorn waits this long for open requests after our drain has
+    # committed pending writes and closed every socket with 1001 (hypercorn: 10).
+    "graceful_timeout": 3.0,
+    "websocket_ping_interval": 20.0,  # notice half-open clients (hypercorn: none)
+    # hard cap hypercorn buffers per message; raised to 16 x our frame limit below
+    "websocket_max_message_size": 1048576,
+    "keep_alive_timeout": 60.0,
+    "accesslog": "-",  # access log lines for HTTP requests and handshakes
+}
+
+CONFIG_ENV = "QUARTCHAT_HYPERCORN_CONFIG"
+LOCAL_CONFIG = "hypercorn.toml"
+
+
+def hypercorn_settings_file(path: str | None = None,
+                            env: Mapping[str, str] | None = None) -> Path | None:
+    """The hypercorn settings file that overrides the defaults, if any.
+
+    ``path`` (or QUARTCHAT_HYPERCORN_CONFIG, from the environment or a
+    ``.env`` file in the working directory, like every setting) names a file
+    that must exist; without either, ``hypercorn.toml`` in the working
+    directory is used when present.
+    """
+    if env is None:
+        env = {**load_env_file(".env"), **os.environ}
+    named = path or env.get(CONFIG_ENV, "").strip()
+    if named:
+        if not Path(named).is_file():
+            raise ConfigError(f"{CONFIG_ENV}={named}: no such file (unset it to use the "
+                              f"built-in hypercorn settings)")
+        return Path(named)
+    local = Path(LOCAL_CONFIG)
+    return local if local.is_file() else None
+
+
 def hypercorn_config(settings: Settings, path: str | None = None) -> HypercornConfig:
-    """hypercorn settings from ``hypercorn.toml`` (if present), with our bind and limits."""
-    path = path or os.environ.get("QUARTCHAT_HYPERCORN_CONFIG", "hypercorn.toml")
-    if Path(path).is_file():
-        config = HypercornConfig.from_toml(path)
-    else:
-        config = HypercornConfig()
-        config.backlog = 4096
-        config.graceful_timeout = 10
-        config.websocket_ping_interval = 20
+    """hypercorn settings: our defaults, a settings file's overrides, our bind and limits."""
+    mapping = dict(HYPERCORN_DEFAULTS)
+    source = hypercorn_settings_file(path)
+    if source is not None:
+        try:
+            mapping.update(tomllib.loads(source.read_text()))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{CONFIG_ENV}: cannot read {source}: {exc}") from exc
+    config = HypercornConfig.from_mapping(mapping)
     config.bind = [settings.bind]
     config.workers = 1  # each process serves one; our launcher runs several
     # Two limits. Our own frame limit (settings.frame_limit, above max_content
@@ -138,6 +193,9 @@ async def serve_worker(settings: Settings, sockets: Any = None) -> None:
         await stop.wait()
         log.info("signal received: draining")
         await hub.drain()
+        # Every socket is closed now; hypercorn's ping tasks would still hold
+        # their connections (and the exit) for up to graceful_timeout.
+        cancel_ping_tasks()
 
     sampler = asyncio.create_task(_sample_loop(hub), name="queue-sampler")
     try:

@@ -21,15 +21,23 @@ itself on its stream, and ``handle`` cancels it once the stream is closed
 (a cancelled child is not an error for the task group). Pings of open sockets
 are unchanged. If hypercorn's stream does not look as expected (another
 version), nothing is patched and :func:`install` returns False.
+
+:func:`cancel_ping_tasks` is the shutdown's safety net: once the hub's drain
+has closed every socket, our shutdown trigger cancels any ping task still
+sleeping, so hypercorn's wait for its server tasks (``graceful_timeout``)
+ends at once. This module is the one place quartchat reaches into
+hypercorn's internals; ``tests/test_hypercorn_config.py`` pins that it still
+finds what it patches.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from types import CodeType
 from typing import Any
 
-__all__ = ["install", "installed"]
+__all__ = ["cancel_ping_tasks", "install", "installed", "ping_task_code"]
 
 log = logging.getLogger(__name__)
 
@@ -83,3 +91,36 @@ def install() -> bool:
     WSStream.handle = _handle  # type: ignore[method-assign]
     setattr(WSStream, _MARK, True)
     return True
+
+
+def ping_task_code() -> CodeType | None:
+    """The code object of hypercorn's per-WebSocket ping loop (None if it has none)."""
+    try:
+        from hypercorn.protocol.ws_stream import WSStream
+    except ImportError:  # pragma: no cover - a hypercorn without this module
+        return None
+    func = getattr(WSStream, "_send_pings", None)
+    code = getattr(func, "__code__", None)
+    return code if isinstance(code, CodeType) else None
+
+
+def cancel_ping_tasks() -> int:
+    """Cancel hypercorn's WebSocket ping tasks on this loop; how many were cancelled.
+
+    Only for shutdown, after every socket was closed: a ping task does nothing
+    else than ping, so cancelling one of a socket still open only stops its
+    pings; the socket's own request task still holds its connection.
+    """
+    code = ping_task_code()
+    if code is None:
+        log.warning("hypercorn has no WSStream._send_pings: shutdown may wait graceful_timeout")
+        return 0
+    cancelled = 0
+    for task in asyncio.all_tasks():
+        coro = task.get_coro()
+        if getattr(coro, "cr_code", None) is code and not task.done():
+            task.cancel()
+            cancelled += 1
+    if cancelled:
+        log.debug("shutdown: cancelled %d lingering WebSocket ping tasks", cancelled)
+    return cancelled

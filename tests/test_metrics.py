@@ -17,6 +17,8 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -493,6 +495,46 @@ async def test_metrics_route_serves_every_metric(app: Quart) -> None:
             assert re.search(rf"^# TYPE {metric._name}(_total)? ", text, re.MULTILINE), name
             assert metric._name.startswith("quartchat_"), name
             assert not set(metric._labelnames) & {"room_id", "sender_id", "room", "sender"}
+
+
+
+async def test_metrics_route_renders_off_the_event_loop(
+    app: Quart, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow render (many workers' files) does not stall the loop; values stay exact."""
+    real = metrics.generate_latest
+    render_threads: list[int] = []
+
+    def slow_generate_latest(registry: Any) -> bytes:
+        render_threads.append(threading.get_ident())
+        time.sleep(0.5)  # stands in for summing every worker's files
+        return real(registry)
+
+    monkeypatch.setattr(metrics, "generate_latest", slow_generate_latest)
+    stalls: list[float] = []
+
+    async def ticker() -> None:
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(0.01)
+            stalls.append(time.monotonic() - before)
+
+    client = app.test_client()
+    for _ in range(2):  # the second scrape sees what changed after the first
+        metrics.RATE_LIMITED.inc()
+        expected = value("quartchat_rate_limited_frames_total")
+        ticking = asyncio.create_task(ticker())
+        try:
+            response = await client.get("/metrics")
+        finally:
+            ticking.cancel()
+            await asyncio.gather(ticking, return_exceptions=True)
+        assert response.status_code == 200
+        text = (await response.get_data()).decode()
+        assert f"quartchat_rate_limited_frames_total {expected}" in text
+    print(f"longest event-loop stall during a 0.5 s render: {max(stalls):.3f}s")
+    assert max(stalls) < 0.25, f"the event loop stalled {max(stalls):.2f}s during a render"
+    assert render_threads and threading.get_ident() not in render_threads
 
 
 # ---- multiprocess mode ----------------------------------------------------------------

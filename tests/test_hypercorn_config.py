@@ -1,0 +1,129 @@
+"""hypercorn settings: package defaults, file overrides, and the ping-task release."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tomllib
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from quartchat import cli
+from quartchat.config import Settings
+from quartchat.errors import ConfigError
+from quartchat.server import CONFIG_ENV, HYPERCORN_DEFAULTS, hypercorn_config
+from quartchat.wsping import cancel_ping_tasks, ping_task_code
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings.from_env({}, env_file=None)
+
+
+@pytest.fixture
+def empty_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    return tmp_path
+
+
+def test_defaults_are_the_production_settings_anywhere(empty_cwd: Path, settings: Settings) -> None:
+    config = hypercorn_config(settings)
+    assert config.backlog == 4096
+    assert config.graceful_timeout == 3.0  # hypercorn's own default is 10
+    assert config.websocket_ping_interval == 20.0
+    assert config.keep_alive_timeout == 60.0
+    assert config.websocket_max_message_size >= 16 * settings.frame_limit
+    assert isinstance(config.accesslog, logging.Logger)
+    assert config.bind == [settings.bind]
+    assert config.workers == 1
+
+
+def test_the_repository_example_matches_the_defaults() -> None:
+    """hypercorn.toml documents the defaults: same keys, same values."""
+    example = tomllib.loads((ROOT / "hypercorn.toml").read_text())
+    assert example == HYPERCORN_DEFAULTS
+
+
+def test_a_local_hypercorn_toml_overrides_only_what_it_names(
+    empty_cwd: Path, settings: Settings
+) -> None:
+    (empty_cwd / "hypercorn.toml").write_text("graceful_timeout = 7\naccesslog = ''\n")
+    config = hypercorn_config(settings)
+    assert config.graceful_timeout == 7
+    assert config.accesslog is None
+    assert config.backlog == 4096 and config.websocket_ping_interval == 20.0
+
+
+def test_the_named_file_wins_over_the_local_one(
+    empty_cwd: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    (empty_cwd / "hypercorn.toml").write_text("backlog = 10\n")
+    named = tmp_path_factory.mktemp("etc") / "hc.toml"
+    named.write_text("backlog = 20\n")
+    monkeypatch.setenv(CONFIG_ENV, str(named))
+    assert hypercorn_config(settings).backlog == 20
+
+
+def test_the_setting_may_come_from_a_dot_env_file(empty_cwd: Path, settings: Settings) -> None:
+    (empty_cwd / "etc").mkdir()
+    (empty_cwd / "etc" / "hc.toml").write_text("backlog = 30\n")
+    (empty_cwd / ".env").write_text(f"{CONFIG_ENV}=etc/hc.toml\n")
+    assert hypercorn_config(settings).backlog == 30
+
+
+def test_a_named_file_that_does_not_exist_is_a_config_error(
+    empty_cwd: Path,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv(CONFIG_ENV, str(empty_cwd / "missing.toml"))
+    with pytest.raises(ConfigError, match=CONFIG_ENV):
+        hypercorn_config(settings)
+    monkeypatch.setenv("QUARTCHAT_DATABASE_URL", f"sqlite+aiosqlite:///{empty_cwd}/x.db")
+    assert cli.main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert f"{CONFIG_ENV}={empty_cwd / 'missing.toml'}: no such file" in err
+    assert not (empty_cwd / "x.db").exists(), "stopped before the migrations"
+
+
+def test_a_broken_file_is_a_config_error(empty_cwd: Path, settings: Settings) -> None:
+    (empty_cwd / "hypercorn.toml").write_text("backlog = [\n")
+    with pytest.raises(ConfigError, match="cannot read"):
+        hypercorn_config(settings)
+
+
+async def test_the_pinned_hypercorn_ping_task_is_found_and_cancelled() -> None:
+    """Runs hypercorn's own ping loop on a stand-in stream, as after a socket closed."""
+    from hypercorn.protocol.ws_stream import WSStream
+
+    assert ping_task_code() is WSStream._send_pings.__code__
+
+    async def no_send(_event: object) -> None:
+        return None
+
+    stream = SimpleNamespace(
+        closed=False,
+        config=SimpleNamespace(websocket_ping_interval=60.0),
+        context=SimpleNamespace(sleep=asyncio.sleep),
+        _send_wsproto_event=no_send,
+    )
+    pinger = asyncio.create_task(WSStream._send_pings(stream))  # type: ignore[arg-type]
+    bystander = asyncio.create_task(asyncio.sleep(60))
+    await asyncio.sleep(0)  # both now sleep
+    try:
+        assert cancel_ping_tasks() == 1
+        with pytest.raises(asyncio.CancelledError):
+            await pinger
+        assert not bystander.done()
+    finally:
+        bystander.cancel()
+        await asyncio.gather(bystander, return_exceptions=True)
