@@ -39,8 +39,8 @@ from .protocol import (
     valid_room_id,
     valid_sender_id,
 )
-from .validate import INT_MAX, parse_int
 from .room import History, Join, Leave, Publish
+from .validate import INT_MAX, parse_int
 from .webclient import load_static
 
 __all__ = ["create_app"]

@@ -19,7 +19,7 @@ from .errors import CLOSE_GOING_AWAY, CLOSE_SLOW_CONSUMER, ChatError
 from .fastsend import FastSender
 from .protocol import encode
 
-__all__ = ["Connection", "WebSocketLike", "TokenBucket", "SlowConsumerLog"]
+__all__ = ["Connection", "SlowConsumerLog", "TokenBucket", "WebSocketLike"]
 
 log = logging.getLogger(__name__)
 

@@ -25,23 +25,23 @@ from .validate import (
 
 __all__ = [
     "PROTOCOL_VERSION",
-    "SENDER_ID_RE",
     "ROOM_ID_RE",
+    "SENDER_ID_RE",
+    "Command",
+    "HistoryCmd",
     "JoinCmd",
     "LeaveCmd",
-    "PostCmd",
-    "HistoryCmd",
-    "PingCmd",
-    "RefreshCmd",
-    "Command",
     "Limits",
-    "parse_frame",
+    "PingCmd",
+    "PostCmd",
+    "RefreshCmd",
     "encode",
-    "message_frame",
     "format_sent_at",
+    "message_frame",
+    "parse_frame",
+    "refused",
     "valid_room_id",
     "valid_sender_id",
-    "refused",
 ]
 
 PROTOCOL_VERSION: Final = 1

@@ -14,21 +14,21 @@ import re
 from typing import Final
 
 __all__ = [
-    "INT_MAX",
-    "ID_PATTERN",
-    "SENDER_ID_PATTERN",
-    "ROOM_ID_RE",
-    "SENDER_ID_RE",
-    "valid_room_id",
-    "valid_sender_id",
-    "valid_name",
-    "valid_client_msg_id",
-    "check_int",
-    "parse_int",
     "DATABASE_SCHEMES",
+    "ID_PATTERN",
+    "INT_MAX",
     "REDIS_SCHEMES",
+    "ROOM_ID_RE",
+    "SENDER_ID_PATTERN",
+    "SENDER_ID_RE",
+    "check_int",
     "is_database_url",
     "is_redis_url",
+    "parse_int",
+    "valid_client_msg_id",
+    "valid_name",
+    "valid_room_id",
+    "valid_sender_id",
 ]
 
 # The largest integer every store keeps (BIGINT / SQLite INTEGER): 2**63 - 1.
