@@ -20,6 +20,7 @@ from .control import Control
 from .errors import ChatError
 from .hub import Hub
 from .protocol import encode, format_sent_at, valid_room_id, valid_sender_id
+from .validate import valid_client_msg_id
 from .store import StoredMessage
 
 __all__ = ["api_blueprint", "guard_read"]
@@ -125,7 +126,7 @@ def api_blueprint(hub: Hub, settings: Settings, control: Control) -> Blueprint:
         if len(content.encode("utf-8", "surrogatepass")) > settings.max_content:
             raise ChatError("too_large", f"content is larger than {settings.max_content} bytes")
         cmid = body.get("client_msg_id")
-        if cmid is not None and not (isinstance(cmid, str) and 1 <= len(cmid) <= 64):
+        if cmid is not None and not valid_client_msg_id(cmid):
             raise ChatError("invalid_field", "client_msg_id must be a string of 1..64 characters")
         row, created = await hub.post(room, sender, content, cmid)
         return _json(_message_json(row), 201 if created else 200)

@@ -35,10 +35,12 @@ from .protocol import (
     RefreshCmd,
     encode,
     parse_frame,
+    refused,
     valid_room_id,
     valid_sender_id,
 )
 from .room import History, Join, Leave, Publish
+from .validate import INT_MAX, parse_int
 from .webclient import load_static
 
 __all__ = ["create_app"]
@@ -50,6 +52,9 @@ log = logging.getLogger(__name__)
 _ABUSE_ERRORS = 200
 _ABUSE_WINDOW_S = 10.0
 _PONG = encode({"type": "pong"})
+# An oversized frame's envelope is parsed up to this many times the frame limit
+# (hypercorn's own cap, past which it closes with 1009, is 16 times it).
+_ENVELOPE_CAP = 16
 # How long a server-side close waits for the writer, then for the client's close frame.
 _CLOSE_WAIT_S = 2.0
 
@@ -170,7 +175,7 @@ def create_app(
         if not valid_room_id(room_id):
             return _json({"error": "invalid_field", "message": "bad room id"}, 400)
         try:
-            before_seq = _int_arg("before_seq", 1, None)
+            before_seq = _int_arg("before_seq", 1)
             limit = _int_arg("limit", 1, settings.history_max)
         except ValueError as exc:
             return _json({"error": "invalid_field", "message": str(exc)}, 400)
@@ -272,11 +277,15 @@ def create_app(
             if not conn.open:
                 continue  # closing: discard until the client's close frame arrives
             try:
+                # Refused before parsing, but still saying which request failed: the
+                # envelope (action, room_id, client_msg_id) is read by a bounded parse.
                 if not bucket.take():
                     metrics.RATE_LIMITED.inc()
-                    raise ChatError("rate_limited", "too many frames; slow down")
+                    raise refused("rate_limited", "too many frames; slow down", data, limits,
+                                  frame_limit)
                 if len(data) > frame_limit:
-                    raise ChatError("too_large", f"frame larger than {frame_limit} bytes")
+                    raise refused("too_large", f"frame larger than {frame_limit} bytes", data,
+                                  limits, _ENVELOPE_CAP * frame_limit)
                 command = parse_frame(data, limits)
                 _dispatch(conn, command, session)
             except ChatError as error:
@@ -363,15 +372,8 @@ def create_app(
     return app
 
 
-def _int_arg(name: str, lo: int, hi: int | None) -> int | None:
+def _int_arg(name: str, lo: int, hi: int = INT_MAX) -> int | None:
     raw = request.args.get(name)
     if raw is None or raw == "":
         return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be an integer") from None
-    if value < lo or (hi is not None and value > hi):
-        bound = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be {bound}")
-    return value
+    return parse_int(name, raw, lo, hi)  # ValueError saying why

@@ -19,26 +19,21 @@ from typing import Any, TypeVar
 import attrs
 
 from .errors import ConfigError
+from .validate import INT_MAX, is_database_url, is_redis_url, parse_int, valid_name
 
 __all__ = ["Settings", "SETTINGS_DOC", "load_env_file"]
 
 T = TypeVar("T")
 
-_BIND_RE = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
-_SERVER_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_BIND_RE = re.compile(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})")
 
 
-def _int(lo: int, hi: int | None = None) -> Callable[[str, str], int]:
+def _int(lo: int, hi: int = INT_MAX) -> Callable[[str, str], int]:
     def parse(name: str, raw: str) -> int:
         try:
-            value = int(raw.strip())
-        except ValueError:
-            raise ConfigError(f"{name}={raw!r}: expected an integer") from None
-        if value < lo or (hi is not None and value > hi):
-            bound = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-            raise ConfigError(f"{name}={raw!r}: must be {bound}")
-        return value
+            return parse_int(name, raw, lo, hi)
+        except ValueError as exc:
+            raise ConfigError(f"{name}={raw!r}: {exc}") from None
 
     return parse
 
@@ -68,7 +63,7 @@ def _bool(name: str, raw: str) -> bool:
 
 def _database_url(name: str, raw: str) -> str:
     url = raw.strip()
-    if url.startswith("sqlite+aiosqlite://") or url.startswith("mysql+aiomysql://"):
+    if is_database_url(url):
         return url
     if url.startswith(("mysql://", "mysql+pymysql://", "sqlite://")):
         raise ConfigError(
@@ -82,14 +77,14 @@ def _database_url(name: str, raw: str) -> str:
 
 def _broker_url(name: str, raw: str) -> str:
     url = raw.strip()
-    if url == "memory://" or url.startswith(("redis://", "rediss://", "unix://")):
+    if url == "memory://" or is_redis_url(url):
         return url
     raise ConfigError(f"{name}={raw!r}: unsupported broker URL (use memory:// or redis://host:port/db)")
 
 
 def _bind(name: str, raw: str) -> str:
     bind = raw.strip()
-    match = _BIND_RE.match(bind)
+    match = _BIND_RE.fullmatch(bind)
     if not match or not 0 <= int(match.group(2)) <= 65535:
         raise ConfigError(f"{name}={raw!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
     return bind
@@ -97,14 +92,14 @@ def _bind(name: str, raw: str) -> str:
 
 def _server_id(name: str, raw: str) -> str:
     value = raw.strip()
-    if not _SERVER_ID_RE.match(value):
+    if not valid_name(value):
         raise ConfigError(f"{name}={raw!r}: 1-64 characters of A-Z a-z 0-9 _ . : -")
     return value
 
 
 def _prefix(name: str, raw: str) -> str:
     value = raw.strip()
-    if not _PREFIX_RE.match(value):
+    if not valid_name(value):
         raise ConfigError(f"{name}={raw!r}: 1-64 characters of A-Z a-z 0-9 _ . : -")
     return value
 

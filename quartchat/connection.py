@@ -19,7 +19,7 @@ from .errors import CLOSE_GOING_AWAY, CLOSE_SLOW_CONSUMER, ChatError
 from .fastsend import FastSender
 from .protocol import encode
 
-__all__ = ["Connection", "WebSocketLike", "TokenBucket"]
+__all__ = ["Connection", "SlowConsumerLog", "TokenBucket", "WebSocketLike"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,48 @@ class TokenBucket:
         return False
 
 
+class SlowConsumerLog:
+    """At most one log line per ``interval`` s for 4008 closes, however many happen.
+
+    A room's fan-out may close thousands of sockets in one pass; a line each
+    would cost more than the fan-out. The first close of a quiet period is
+    logged at once; later ones are counted and summed up in one line when the
+    interval ends (metrics.SLOW_CONSUMER_CLOSES counts every one).
+    """
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self.pending = 0
+        self._last = -interval
+        self._flush: asyncio.TimerHandle | None = None
+
+    def closed(self, conn: Connection) -> None:
+        now = time.monotonic()
+        if self._flush is None and now - self._last >= self.interval:
+            self._last = now
+            log.warning("slow consumer closed (4008)",
+                        extra={"conn_id": conn.conn_id, "sender_id": conn.sender_id})
+            return
+        self.pending += 1
+        if self._flush is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # no loop (a unit test): the next close in a loop reports the count
+            self._flush = loop.call_later(max(0.0, self._last + self.interval - now), self._report)
+
+    def _report(self) -> None:
+        self._flush = None
+        if self.pending:
+            self._last = time.monotonic()
+            log.warning("%d more slow consumers closed (4008) in the last %.0f s",
+                        self.pending, self.interval)
+            self.pending = 0
+
+
+_SLOW_LOG = SlowConsumerLog()
+
+
 class Connection:
     """A client's socket as the rooms see it."""
 
@@ -89,7 +131,7 @@ class Connection:
             return False
         if len(self._frames) >= self.queue_size:
             metrics.SLOW_CONSUMER_CLOSES.inc()
-            log.warning("slow consumer closed", extra={"conn_id": self.conn_id, "sender_id": self.sender_id})
+            _SLOW_LOG.closed(self)  # a count, and at most one line a second
             self.close(CLOSE_SLOW_CONSUMER, "slow consumer: outbound queue overflowed")
             return False
         self._frames.append(frame)

@@ -22,15 +22,23 @@ __all__ = ["FastSender", "fast_sender_for"]
 class FastSender:
     """Writes many text frames to one hypercorn WebSocket stream at once."""
 
-    def __init__(self, stream: Any, message_cls: Any, data_cls: Any, connected: Any) -> None:
+    def __init__(self, stream: Any, message_cls: Any, data_cls: Any, connected: Any,
+                 ws_open: Any = None, protocol_error: type[Exception] = Exception) -> None:
         self._stream = stream
         self._message = message_cls
         self._data = data_cls
         self._connected = connected
+        self._ws_open = ws_open
+        self._protocol_error = protocol_error
 
     def usable(self) -> bool:
+        """The stream is open, and so is its WebSocket: hypercorn's stream stays
+        CONNECTED after wsproto has sent a close (LOCAL_CLOSING: its own 1009,
+        say), and wsproto refuses any frame then."""
         stream = self._stream
-        return not stream.closed and stream.state == self._connected
+        if stream.closed or stream.state != self._connected:
+            return False
+        return self._ws_open is None or stream.connection.state == self._ws_open
 
     async def send_many(self, frames: list[str]) -> bool:
         """Send the frames in order; False (nothing sent) when the stream is not open."""
@@ -39,7 +47,10 @@ class FastSender:
             return False
         build = stream.connection.send
         message = self._message
-        data = b"".join([build(message(data=frame)) for frame in frames])
+        try:
+            data = b"".join([build(message(data=frame)) for frame in frames])
+        except self._protocol_error:
+            return False  # closing after all: nothing was written
         await stream.send(self._data(stream_id=stream.stream_id, data=data))
         return True
 
@@ -49,7 +60,9 @@ def fast_sender_for(ws: Any) -> FastSender | None:
     try:
         from hypercorn.protocol.events import Data as StreamData
         from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
+        from wsproto.connection import ConnectionState
         from wsproto.events import Message
+        from wsproto.utilities import LocalProtocolError
     except ImportError:
         return None
     send = getattr(ws, "_send", None)
@@ -61,4 +74,5 @@ def fast_sender_for(ws: Any) -> FastSender | None:
     for attr in ("connection", "send", "stream_id", "closed", "state"):
         if not hasattr(stream, attr):
             return None
-    return FastSender(stream, Message, StreamData, ASGIWebsocketState.CONNECTED)
+    return FastSender(stream, Message, StreamData, ASGIWebsocketState.CONNECTED,
+                      ConnectionState.OPEN, LocalProtocolError)

@@ -14,7 +14,15 @@ import time
 
 import orjson
 
-__all__ = ["JsonFormatter", "RedactSecrets", "TextFormatter", "redact", "setup_logging"]
+__all__ = [
+    "EscapeControl",
+    "JsonFormatter",
+    "RedactSecrets",
+    "TextFormatter",
+    "escape_control",
+    "redact",
+    "setup_logging",
+]
 
 _FIELDS = ("conn_id", "sender_id", "room_id", "server_id")
 
@@ -73,6 +81,32 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+# Characters that end a line (or hide in one) for some reader: C0 controls, DEL,
+# C1 controls (NEL among them) and the Unicode line and paragraph separators.
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_control(text: str) -> str:
+    """``text`` with every control character written as a visible escape (``\\x0d``)."""
+    return _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                           else f"\\u{ord(m.group()):04x}", text)
+
+
+class EscapeControl(logging.Filter):
+    """A handler filter: a record's message is one line, whatever it quotes.
+
+    hypercorn's access log prints the request path percent-decoded, so a path
+    with ``%0D%0A`` or ``%00`` would otherwise write a forged second line or a
+    NUL. A traceback (``exc_info``) is formatted after this and keeps its lines.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if _CONTROL_RE.search(message) is not None:
+            record.msg, record.args = escape_control(message), None
+        return True
+
+
 class _DropHypercornCancellations(logging.Filter):
     """hypercorn leaves a closed WebSocket's ping task running for up to one ping
     interval; at shutdown it cancels it and asyncio logs the cancellation as an
@@ -89,6 +123,7 @@ def setup_logging(level: str = "INFO", json: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json else TextFormatter())
     handler.addFilter(RedactSecrets())
+    handler.addFilter(EscapeControl())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

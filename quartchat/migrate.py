@@ -17,6 +17,7 @@ from alembic.script import ScriptDirectory
 import sqlalchemy as sa
 
 from .config import Settings
+from .validate import is_redis_url
 
 __all__ = ["sync_url", "alembic_config", "upgrade", "upgrade_locked", "upgrade_async", "current_revision", "head_revision"]
 
@@ -80,7 +81,7 @@ def upgrade_locked(settings: Settings) -> None:
     Several processes or hosts starting at once then run the migrations exactly
     once; the others wait for the lock and find the schema already at head.
     """
-    if not settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
+    if not is_redis_url(settings.broker_url):
         upgrade(settings.database_url)
         return
     import redis

@@ -6,7 +6,6 @@ and which error code a bad one gets. It knows nothing of rooms or sockets.
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -14,30 +13,38 @@ import attrs
 import orjson
 
 from .errors import ChatError
+from .validate import (
+    INT_MAX,
+    ROOM_ID_RE,
+    SENDER_ID_RE,
+    check_int,
+    valid_client_msg_id,
+    valid_room_id,
+    valid_sender_id,
+)
 
 __all__ = [
     "PROTOCOL_VERSION",
-    "SENDER_ID_RE",
     "ROOM_ID_RE",
+    "SENDER_ID_RE",
+    "Command",
+    "HistoryCmd",
     "JoinCmd",
     "LeaveCmd",
-    "PostCmd",
-    "HistoryCmd",
-    "PingCmd",
-    "RefreshCmd",
-    "Command",
     "Limits",
-    "parse_frame",
+    "PingCmd",
+    "PostCmd",
+    "RefreshCmd",
     "encode",
-    "message_frame",
     "format_sent_at",
+    "message_frame",
+    "parse_frame",
+    "refused",
     "valid_room_id",
     "valid_sender_id",
 ]
 
 PROTOCOL_VERSION: Final = 1
-SENDER_ID_RE: Final = re.compile(r"^[A-Za-z0-9_.@:-]{1,64}$")
-ROOM_ID_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _ACTIONS: Final = frozenset({"join", "leave", "message", "history", "ping"})
 
 
@@ -99,30 +106,15 @@ class Limits:
     refresh: bool = False  # auth mode "jwt": the `refresh` action exists
 
 
-def valid_room_id(value: object) -> bool:
-    """True for a string matching the room id rule."""
-    return isinstance(value, str) and ROOM_ID_RE.match(value) is not None
-
-
-def valid_sender_id(value: object) -> bool:
-    """True for a string matching the sender id rule."""
-    return isinstance(value, str) and SENDER_ID_RE.match(value) is not None
-
-
-def _is_int(value: object) -> bool:
-    # bool is an int subclass; `true` is not a sequence number.
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 class _Echo:
     """Collects the well-formed fields an error for this frame must echo."""
 
-    def __init__(self, action: str, frame: dict[str, Any]) -> None:
+    def __init__(self, action: str | None, frame: dict[str, Any]) -> None:
         self.action = action
         room = frame.get("room_id")
-        self.room_id = room if valid_room_id(room) else None
+        self.room_id = room if action is not None and valid_room_id(room) else None
         cmid = frame.get("client_msg_id")
-        self.client_msg_id = cmid if isinstance(cmid, str) and 1 <= len(cmid) <= 64 else None
+        self.client_msg_id = cmid if action is not None and valid_client_msg_id(cmid) else None
 
     def error(self, code: str, message: str) -> ChatError:
         return ChatError(
@@ -144,16 +136,42 @@ def _room_id(frame: dict[str, Any], echo: _Echo) -> str:
     return room
 
 
-def _opt_int(frame: dict[str, Any], name: str, lo: int, hi: int | None, echo: _Echo) -> int | None:
+def _opt_int(frame: dict[str, Any], name: str, lo: int, hi: int, echo: _Echo) -> int | None:
     value = frame.get(name)
     if value is None:
         return None
-    if not _is_int(value):
-        raise echo.error("invalid_field", f"{name} must be an integer")
-    if value < lo or (hi is not None and value > hi):
-        bound = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-        raise echo.error("invalid_field", f"{name} must be {bound}")
-    return int(value)
+    try:
+        return check_int(name, value, lo, hi)
+    except ValueError as exc:
+        raise echo.error("invalid_field", str(exc)) from None
+
+
+def _known(action: object, limits: Limits) -> bool:
+    return isinstance(action, str) and (action in _ACTIONS or (action == "refresh" and limits.refresh))
+
+
+def refused(code: str, message: str, text: str | bytes, limits: Limits,
+            max_bytes: int) -> ChatError:
+    """The error for a frame refused before it is parsed (``rate_limited``, an
+    oversized frame's ``too_large``), echoing the frame's envelope.
+
+    The envelope is read cheaply: only a text frame of at most ``max_bytes``
+    characters is parsed, and only its ``action`` (when known), ``room_id`` and
+    ``client_msg_id`` (when well formed, by the same validators as
+    :func:`parse_frame`) are kept. Anything else echoes nothing.
+    """
+    echo = _Echo(None, {})
+    if isinstance(text, str) and len(text) <= max_bytes:
+        try:
+            frame = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            frame = None
+        if isinstance(frame, dict):
+            action = frame.get("action")
+            if _known(action, limits):
+                assert isinstance(action, str)
+                echo = _Echo(action, frame)
+    return echo.error(code, message)
 
 
 def parse_frame(text: str | bytes, limits: Limits) -> Command:
@@ -169,7 +187,7 @@ def parse_frame(text: str | bytes, limits: Limits) -> Command:
     action = frame.get("action")
     if not isinstance(action, str):
         raise ChatError("invalid_field", "action is required and must be a string")
-    if action not in _ACTIONS and not (action == "refresh" and limits.refresh):
+    if not _known(action, limits):
         raise ChatError("unknown_action", f"unknown action {action[:64]!r}", action=action[:64])
     echo = _Echo(action, frame)
 
@@ -183,18 +201,18 @@ def parse_frame(text: str | bytes, limits: Limits) -> Command:
         return RefreshCmd(token)
     room_id = _room_id(frame, echo)
     if action == "join":
-        since_seq = _opt_int(frame, "since_seq", 0, None, echo)
+        since_seq = _opt_int(frame, "since_seq", 0, INT_MAX, echo)
         history = _opt_int(frame, "history", 0, limits.history_max, echo)
         return JoinCmd(room_id, since_seq, history)
     if action == "leave":
         return LeaveCmd(room_id)
     if action == "history":
-        before_seq = _opt_int(frame, "before_seq", 1, None, echo)
+        before_seq = _opt_int(frame, "before_seq", 1, INT_MAX, echo)
         limit = _opt_int(frame, "limit", 1, limits.history_max, echo)
         return HistoryCmd(room_id, before_seq, 50 if limit is None else min(limit, 100))
     # action == "message"
     cmid = frame.get("client_msg_id")
-    if cmid is not None and not (isinstance(cmid, str) and 1 <= len(cmid) <= 64):
+    if cmid is not None and not valid_client_msg_id(cmid):
         raise echo.error("invalid_field", "client_msg_id must be a string of 1..64 characters")
     content = frame.get("content")
     if not isinstance(content, str):

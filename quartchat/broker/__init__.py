@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 from ..events import PresenceEvent, encode_events
 from ..protocol import encode
+from ..validate import is_redis_url
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -101,7 +102,7 @@ def create_broker(settings: Settings) -> Broker:
         from .memory import MemoryBroker
 
         return MemoryBroker()
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if is_redis_url(url):
         from .redis import RedisBroker
 
         return RedisBroker(url, prefix=settings.redis_prefix, server_id=settings.server_id,

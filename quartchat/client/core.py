@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,13 +40,12 @@ __all__ = ["ChatClient"]
 
 log = logging.getLogger(__name__)
 
-SENDER_ID_RE = re.compile(r"^[A-Za-z0-9_.@:-]{1,64}$")
-ROOM_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 CLOSE_NO_RECONNECT = 4003
 _RETRYABLE = frozenset({"rate_limited", "unavailable"})
 TokenSource = Callable[[], Awaitable[str]]
 
 
+from ..validate import ID_PATTERN, SENDER_ID_PATTERN, valid_room_id, valid_sender_id
 from .parts import Pace, Post, PostFailed, Room, backoff_delay
 
 
@@ -60,8 +58,8 @@ class ChatClient:
                  retry_initial: float = 0.25, refresh_margin: float = 30.0, open_timeout: float = 10.0,
                  inbox_size: int = 10_000, connect_options: dict[str, Any] | None = None,
                  on_message: Callable[[dict[str, Any]], None] | None = None) -> None:
-        if token is None and get_token is None and (sender_id is None or not SENDER_ID_RE.match(sender_id)):
-            raise ValueError(f"sender_id must match {SENDER_ID_RE.pattern}, got {sender_id!r}")
+        if token is None and get_token is None and (sender_id is None or not valid_sender_id(sender_id)):
+            raise ValueError(f"sender_id must match {SENDER_ID_PATTERN}, got {sender_id!r}")
         self.url = url
         self.sender_id = sender_id
         self.token = token
@@ -123,8 +121,8 @@ class ChatClient:
 
     async def join(self, room_id: str, *, history: int | None = None, timeout: float = 10.0) -> None:
         """Join a room (now and after every reconnect); returns once joined."""
-        if not ROOM_ID_RE.match(room_id):
-            raise ValueError(f"room_id must match {ROOM_ID_RE.pattern}, got {room_id!r}")
+        if not valid_room_id(room_id):
+            raise ValueError(f"room_id must match {ID_PATTERN}, got {room_id!r}")
         room = self._rooms.get(room_id)
         if room is None:
             room = self._rooms[room_id] = Room(room_id, self.history_size if history is None else history)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import re
 from collections.abc import Awaitable, Callable
 
 import attrs
@@ -16,8 +15,6 @@ __all__ = ["Pace", "Post", "PostFailed", "Room", "backoff_delay"]
 
 log = logging.getLogger(__name__)
 
-SENDER_ID_RE = re.compile(r"^[A-Za-z0-9_.@:-]{1,64}$")
-ROOM_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 CLOSE_NO_RECONNECT = 4003
 _RETRYABLE = frozenset({"rate_limited", "unavailable"})
 TokenSource = Callable[[], Awaitable[str]]

@@ -17,6 +17,8 @@ from typing import Protocol
 
 import attrs
 
+from ..validate import is_database_url
+
 __all__ = [
     "Appended",
     "DuplicateError",
@@ -108,7 +110,7 @@ class Store(Protocol):
 
 def create_store(url: str, *, op_timeout: float = 5.0) -> Store:
     """The store for ``url``, by scheme; every operation is bounded by ``op_timeout`` s."""
-    if url.startswith(("sqlite+aiosqlite://", "mysql+aiomysql://")):
+    if is_database_url(url):
         from .database import DatabaseStore
 
         return DatabaseStore(url, op_timeout=op_timeout)

@@ -1,0 +1,93 @@
+"""One validator per kind of value: ids, bounded integers, store and broker URLs.
+
+Every check here is a full match: ``re.fullmatch`` (``$`` would accept a
+trailing newline, so ``"room\\n"`` would pass as a room id). Integers are
+bounded to what every store accepts (a signed 64-bit column, and SQLite's
+driver raises ``OverflowError`` past it). The callers turn a refusal into
+their own error (``ChatError`` for clients, ``ConfigError`` for settings).
+It imports nothing of quartchat, so every module (client included) may use it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+__all__ = [
+    "DATABASE_SCHEMES",
+    "ID_PATTERN",
+    "INT_MAX",
+    "REDIS_SCHEMES",
+    "ROOM_ID_RE",
+    "SENDER_ID_PATTERN",
+    "SENDER_ID_RE",
+    "check_int",
+    "is_database_url",
+    "is_redis_url",
+    "parse_int",
+    "valid_client_msg_id",
+    "valid_name",
+    "valid_room_id",
+    "valid_sender_id",
+]
+
+# The largest integer every store keeps (BIGINT / SQLite INTEGER): 2**63 - 1.
+INT_MAX: Final = 2**63 - 1
+
+ID_PATTERN: Final = "[A-Za-z0-9_.:-]{1,64}"  # room ids, server ids, key prefixes
+SENDER_ID_PATTERN: Final = "[A-Za-z0-9_.@:-]{1,64}"
+ROOM_ID_RE: Final = re.compile(ID_PATTERN)
+SENDER_ID_RE: Final = re.compile(SENDER_ID_PATTERN)
+# An integer as text: an optional minus and ASCII digits only (int() would also
+# take spaces, underscores, "+" and non-ASCII digits). 20 digits is past INT_MAX.
+_INT_TEXT: Final = re.compile(r"-?[0-9]{1,20}")
+
+DATABASE_SCHEMES: Final = ("sqlite+aiosqlite://", "mysql+aiomysql://")
+REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://")
+
+
+def valid_room_id(value: object) -> bool:
+    """True for a string that is entirely a room id (``[A-Za-z0-9_.:-]{1,64}``)."""
+    return isinstance(value, str) and ROOM_ID_RE.fullmatch(value) is not None
+
+
+def valid_name(value: object) -> bool:
+    """Same rule as a room id: server ids and Redis key prefixes."""
+    return valid_room_id(value)
+
+
+def valid_sender_id(value: object) -> bool:
+    """True for a string that is entirely a sender id (``[A-Za-z0-9_.@:-]{1,64}``)."""
+    return isinstance(value, str) and SENDER_ID_RE.fullmatch(value) is not None
+
+
+def valid_client_msg_id(value: object) -> bool:
+    """True for a ``client_msg_id``: a string of 1..64 characters."""
+    return isinstance(value, str) and 1 <= len(value) <= 64
+
+
+def check_int(name: str, value: object, lo: int = 0, hi: int = INT_MAX) -> int:
+    """``value`` if it is an int (not a bool) in ``lo..hi``; else ValueError saying why."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer")
+    if value < lo or value > min(hi, INT_MAX):
+        raise ValueError(f"{name} must be {lo}..{min(hi, INT_MAX)}")
+    return value
+
+
+def parse_int(name: str, raw: str, lo: int = 0, hi: int = INT_MAX) -> int:
+    """An integer written as text (a query parameter, a setting), checked like :func:`check_int`."""
+    text = raw.strip()
+    if _INT_TEXT.fullmatch(text) is None:
+        raise ValueError(f"{name} must be an integer")
+    return check_int(name, int(text), lo, hi)
+
+
+def is_database_url(url: str) -> bool:
+    """True for a URL of a store we have (the async drivers, written explicitly)."""
+    return url.startswith(DATABASE_SCHEMES)
+
+
+def is_redis_url(url: str) -> bool:
+    """True for a Redis broker URL."""
+    return url.startswith(REDIS_SCHEMES)
