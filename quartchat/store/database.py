@@ -25,7 +25,6 @@ acquire, so the store recovers by itself when the database comes back.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import warnings
 from collections import deque
@@ -39,6 +38,7 @@ from databases.interfaces import ConnectionBackend
 
 from . import Appended, DuplicateError, NewMessage, StoredMessage, StoreError
 from .append import Request, append_in, reply, row_of
+from .counters import CounterReader
 from .dialect import Dialect
 from .sqlite_pool import SqlitePool
 
@@ -56,7 +56,6 @@ _GROUP_ROWS = 2000  # most rows one grouped transaction carries
 _SQLITE_CLOSE_WAIT = 2.0  # seconds a failed operation waits for its SQLite connection to close
 _KNOWN_ROOMS_MAX = 100_000  # rooms whose counter row this process knows exists (then forgets all)
 _DEADLOCK_RETRIES = 3
-_COUNTER_BATCH = 500  # rooms per counter query
 
 
 def _is_deadlock(exc: BaseException) -> bool:
@@ -94,8 +93,7 @@ class DatabaseStore:
         self._queue: deque[Request] = deque()
         self._group_writer: asyncio.Task[None] | None = None
         self._known_rooms: set[str] = set()
-        self._counter_waiters: dict[str, list[asyncio.Future[int]]] = {}
-        self._counter_reader: asyncio.Task[None] | None = None
+        self._counters = CounterReader(self.last_seqs)
         # SQLite connections being closed after a failure (the close may queue
         # behind a statement still running in aiosqlite's thread): awaited by close().
         self._closing: set[asyncio.Task[None]] = set()
@@ -112,9 +110,7 @@ class DatabaseStore:
                 await self.dialect.fetch(raw, "PRAGMA journal_mode=WAL", ())
 
     async def close(self) -> None:
-        if self._counter_reader is not None:
-            self._counter_reader.cancel()
-            await asyncio.gather(self._counter_reader, return_exceptions=True)
+        await self._counters.close()
         if self._group_writer is not None and not self._group_writer.done():
             # Let queued writes finish (bounded), then stop the writer.
             try:
@@ -246,31 +242,8 @@ class DatabaseStore:
             await self.dialect.fetch(raw, "SELECT 1", ())
 
     async def max_seq(self, room_id: str) -> int:
-        """The room's counter. Concurrent calls (a thousand rooms starting at once, or
-        catching up after a broker reconnect) are answered by one query per 500 rooms."""
-        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._counter_waiters.setdefault(room_id, []).append(waiter)
-        if self._counter_reader is None or self._counter_reader.done():
-            self._counter_reader = asyncio.create_task(self._read_counters(),
-                                                       name="store-counters")
-        return await waiter
-
-    async def _read_counters(self) -> None:
-        while self._counter_waiters:
-            rooms = list(itertools.islice(self._counter_waiters, _COUNTER_BATCH))
-            waiters = {room: self._counter_waiters.pop(room) for room in rooms}
-            try:
-                found = await self.last_seqs(rooms)
-            except StoreError as exc:
-                for futures in waiters.values():
-                    for future in futures:
-                        if not future.done():
-                            future.set_exception(exc)
-                continue
-            for room, futures in waiters.items():
-                for future in futures:
-                    if not future.done():
-                        future.set_result(found.get(room, 0))
+        """The room's counter; concurrent calls share one query (:mod:`.counters`)."""
+        return await self._counters.read(room_id)
 
     async def last_seqs(self, room_ids: Sequence[str]) -> dict[str, int]:
         if not room_ids:
