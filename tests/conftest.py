@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import faulthandler
+import os
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,34 @@ from .fakes import Client
 
 # Every test gets a hard time limit (pytest-timeout); awaits inside tests carry their own.
 TIMEOUT = 5.0
+# pytest-timeout does not cover pytest-asyncio's event-loop teardown, where a
+# task that ignores cancellation hangs the run for good (a CI run once hung
+# there for 90 minutes). This watchdog covers a test's whole protocol (setup,
+# call, every teardown): past it, all threads' stacks are dumped and the run
+# exits at once, failed.
+HARD_LIMIT_S = 300
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, None, None]:
+    watchdog = threading.Timer(HARD_LIMIT_S, _hung, args=(item,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        yield
+    finally:
+        watchdog.cancel()
+
+
+def _hung(item: pytest.Item) -> None:
+    capman = item.config.pluginmanager.getplugin("capturemanager")
+    if capman is not None:
+        capman.suspend_global_capture(in_=True)  # write to the real stderr
+    print(f"\n{item.nodeid}: still running after {HARD_LIMIT_S} s, outside pytest-timeout's reach; "
+          "every thread's stack follows, then the run stops, failed", file=sys.stderr, flush=True)
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    sys.stderr.flush()
+    os._exit(3)
 
 
 def sqlite_url(path: Path) -> str:
