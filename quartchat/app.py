@@ -11,7 +11,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from quart import Quart, Response, request, websocket
 
@@ -223,7 +223,7 @@ def create_app(
             return _refuse(400, "invalid_field", "sender_id must match ^[A-Za-z0-9_.@:-]{1,64}$")
 
         await websocket.accept()
-        ws: Any = websocket._get_current_object()  # the tasks below outlive the context
+        ws: Any = cast(Any, websocket)._get_current_object()  # the tasks below outlive the context
         conn = Connection(uuid.uuid4().hex, sender_id, queue_size=settings.outbound_queue)
         hub.connected(conn)
         welcome = {

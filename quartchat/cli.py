@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import Any
 
 from .config import Settings, _bind
 from .errors import ConfigError
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         return _token(args)
     try:
         settings = Settings.from_env()
-        overrides = {}
+        overrides: dict[str, Any] = {}
         if command == "serve" and args.bind:
             overrides["bind"] = _bind("--bind", args.bind)
         if command == "serve" and args.workers is not None:

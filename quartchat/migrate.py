@@ -7,6 +7,7 @@ same from the CLI, from app start-up and from async tests.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 from pathlib import Path
 
@@ -35,8 +36,9 @@ def sync_url(url: str) -> str:
 
 
 def _script_location() -> str:
-    from . import migrations
-
+    # The top-level migrations/ folder is installed as quartchat.migrations
+    # (pyproject's package mapping), so it is not a module mypy can see.
+    migrations = importlib.import_module(f"{__package__}.migrations")
     assert migrations.__file__ is not None
     return str(Path(migrations.__file__).parent)
 

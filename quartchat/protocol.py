@@ -225,8 +225,8 @@ def parse_frame(text: str | bytes, limits: Limits) -> Command:
     return PostCmd(room_id, content, cmid)
 
 
-def encode(frame: dict[str, Any]) -> str:
-    """Encode one server frame as JSON text."""
+def encode(frame: dict[str, Any] | str) -> str:
+    """Encode one server frame (or one JSON string value) as JSON text."""
     return orjson.dumps(frame).decode()
 
 

@@ -29,7 +29,7 @@ def to_ms(value: Any) -> int:
         value = datetime.fromisoformat(value)
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
-    return round(value.timestamp() * 1000)
+    return int(round(value.timestamp() * 1000))
 
 
 class Dialect:
