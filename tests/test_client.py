@@ -83,6 +83,14 @@ async def test_server_killed_and_restarted_nothing_missed_nothing_twice(make_ser
     srv = make_server(port)
     seen, on_message = collector()
     reader = await ChatClient(srv.url, sender_id="reader", on_message=on_message, backoff_max=0.5).start()
+    try:
+        await reader_sees_restart(reader, seen, srv, make_server, port, tmp_path)
+    finally:
+        await reader.close()
+
+
+async def reader_sees_restart(reader: ChatClient, seen: list[dict[str, Any]], srv: ServerProcess,
+                              make_server: Callable[..., ServerProcess], port: int, tmp_path: Path) -> None:
     await reader.join("r")
     async with ChatClient(srv.url, sender_id="writer") as writer:
         await writer.join("r")
@@ -114,7 +122,6 @@ async def test_server_killed_and_restarted_nothing_missed_nothing_twice(make_ser
     stored = rows(tmp_path / "chat.db", "r")
     assert len(stored) == 31
     assert [r[2] for r in stored].count("written while the server was down") == 1
-    await reader.close()
 
 
 async def test_rate_limited_posts_are_retried_until_stored_once(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -166,6 +173,29 @@ def welcome(sub: str, **extra: Any) -> str:
     return json.dumps({"type": "welcome", "sender_id": sub, "connection_id": "c", "server_id": "fake",
                        "protocol": 1, "limits": {"max_content": 4096, "max_rooms": 100, "rate_per_s": 20},
                        **extra})
+
+
+async def test_cancelling_the_sender_as_it_wakes_ends_it() -> None:
+    """A cancel landing as the sender's wake-up completes must end the sender.
+
+    Python 3.11's ``asyncio.wait_for`` swallowed it there: the sender looped on
+    for ever, ``close()`` (and asyncio.run's teardown) waited for it for ever,
+    and a CI run hung for 90 minutes on a failed test's unclosed client."""
+    async def script(ws: Any, query: dict[str, list[str]], fake: FakeServer) -> None:
+        await ws.send(welcome(query["sender_id"][0]))
+        await ws.wait_closed()
+
+    async with FakeServer(script) as fake:
+        client = await ChatClient(fake.url, sender_id="alice").start()
+        try:
+            await asyncio.sleep(0.05)  # the sender is parked in its wait  # noqa: ASYNC251
+            (sender,) = [t for t in asyncio.all_tasks() if t.get_name() == "quartchat-client:sender"]
+            client._wake.set()
+            sender.cancel()
+            done, _ = await asyncio.wait([sender], timeout=3)
+            assert done, "the sender swallowed its cancellation"
+        finally:
+            await asyncio.wait_for(client.close(), 5)
 
 
 async def test_close_4003_is_final() -> None:

@@ -46,7 +46,7 @@ TokenSource = Callable[[], Awaitable[str]]
 
 from ..validate import ID_PATTERN, SENDER_ID_PATTERN, valid_room_id, valid_sender_id
 from .frames import FrameHandling
-from .parts import Pace, Post, PostFailed, Room, backoff_delay
+from .parts import Pace, Post, PostFailed, Room, backoff_delay, stop_task
 
 
 class ChatClient(FrameHandling):
@@ -102,11 +102,10 @@ class ChatClient(FrameHandling):
         self._stopping = True
         if self._ws is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._ws.close(), 2)
+                async with asyncio.timeout(2):
+                    await self._ws.close()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
             self._task = None
         self.state = "closed"
         self._pulse()
@@ -291,9 +290,7 @@ class ChatClient(FrameHandling):
         finally:
             for task in (sender, refresher):
                 if task is not None:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+                    await stop_task(task)
         return welcomed
 
     def _on_welcome(self, frame: dict[str, Any]) -> None:
@@ -362,8 +359,11 @@ class ChatClient(FrameHandling):
                                        "content": post.content, "client_msg_id": post.client_msg_id}):
                     post.attempts += 1
                     post.sent_at, post.retry_at = loop.time(), None
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a
+            # cancel that lands as the wait completes, and this loop never ends.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, next_due - loop.time()))
+                async with asyncio.timeout(max(0.0, next_due - loop.time())):
+                    await self._wake.wait()
 
     async def _refresher(self, expires_at: str) -> None:
         assert self.get_token is not None

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 import attrs
 
-__all__ = ["Pace", "Post", "PostFailed", "Room", "backoff_delay"]
+__all__ = ["Pace", "Post", "PostFailed", "Room", "backoff_delay", "stop_task"]
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,19 @@ def backoff_delay(attempt: int, initial: float, maximum: float, rnd: Callable[[]
     """Exponential backoff with equal jitter: in [cap/2, cap], cap = min(maximum, initial * 2**attempt)."""
     cap = min(maximum, initial * 2 ** min(attempt, 30))
     return float(cap / 2 + rnd() * cap / 2)
+
+
+async def stop_task(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait for it to end.
+
+    Unlike ``cancel(); with suppress(CancelledError): await task``, a
+    cancellation of the *caller* while it waits is not swallowed: it still
+    reaches the caller, so a client task cancelled from outside really ends.
+    """
+    task.cancel()
+    await asyncio.wait([task])
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("quartchat client: %s ended with %r", task.get_name(), task.exception())
 
 
 class PostFailed(Exception):
