@@ -23,13 +23,12 @@ def to_datetime(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, UTC).replace(tzinfo=None)
 
 
-def to_ms(value: Any) -> int:
+def to_ms(value: datetime | str) -> int:
     """A stored datetime (naive UTC, or SQLite's text form) back to epoch milliseconds."""
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return int(round(value.timestamp() * 1000))
+    stamp = datetime.fromisoformat(value) if isinstance(value, str) else value
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=UTC)
+    return round(stamp.timestamp() * 1000)
 
 
 class Dialect:
