@@ -20,8 +20,8 @@ from .control import Control
 from .errors import ChatError
 from .hub import Hub
 from .protocol import encode, format_sent_at, valid_room_id, valid_sender_id
-from .validate import valid_client_msg_id
 from .store import StoredMessage
+from .validate import valid_client_msg_id
 
 __all__ = ["api_blueprint", "guard_read"]
 
@@ -36,8 +36,9 @@ def _error(status: int, code: str, message: str) -> Response:
     return _json({"error": code, "message": message}, status)
 
 
-def guard_read(settings: Settings, verifier: TokenVerifier | None,
-               room_id: str | None) -> Response | None:
+def guard_read(
+    settings: Settings, verifier: TokenVerifier | None, room_id: str | None
+) -> Response | None:
     """Who may use the read routes in jwt mode: the API key, or (for one room) a bearer
     token whose ``rooms`` allow it. None means go ahead; otherwise the refusal.
 

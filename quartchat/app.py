@@ -93,8 +93,11 @@ def create_app(
     verifier = TokenVerifier.from_settings(settings) if settings.auth == "jwt" else None
     control = Control(hub)
     app.register_blueprint(api_blueprint(hub, settings, control))
-    limits = Limits(max_content=settings.max_content, history_max=settings.history_max,
-                    refresh=verifier is not None)
+    limits = Limits(
+        max_content=settings.max_content,
+        history_max=settings.history_max,
+        refresh=verifier is not None,
+    )
     frame_limit = settings.frame_limit
     welcome_limits = {
         "max_content": settings.max_content,
@@ -110,8 +113,12 @@ def create_app(
             await upgrade_async(settings)
         await hub.start()
         await control.start()
-        log.info("quartchat serving as %s (store %s, broker %s)", settings.server_id,
-                 settings.database_url.split("://", 1)[0], settings.broker_url.split("://", 1)[0])
+        log.info(
+            "quartchat serving as %s (store %s, broker %s)",
+            settings.server_id,
+            settings.database_url.split("://", 1)[0],
+            settings.broker_url.split("://", 1)[0],
+        )
 
     @app.after_serving
     async def _stop() -> None:
@@ -128,14 +135,16 @@ def create_app(
             page = static.page()
             page.headers["Vary"] = "Accept"
             return page
-        return _json({
-            "status": "draining" if hub.draining else "ok",
-            "service": "quartchat",
-            "server_id": settings.server_id,
-            "protocol": PROTOCOL_VERSION,
-            "connections": len(hub.connections),
-            "rooms": len(hub.actors),
-        })
+        return _json(
+            {
+                "status": "draining" if hub.draining else "ok",
+                "service": "quartchat",
+                "server_id": settings.server_id,
+                "protocol": PROTOCOL_VERSION,
+                "connections": len(hub.connections),
+                "rooms": len(hub.actors),
+            }
+        )
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -208,8 +217,9 @@ def create_app(
             token = websocket.args.get("token")
             token = bearer(websocket.headers) if token is None else token
             if token is None:
-                return _refuse(401, "unauthorized", "a token is required (?token= or "
-                               "Authorization: Bearer)")
+                return _refuse(
+                    401, "unauthorized", "a token is required (?token= or Authorization: Bearer)"
+                )
             try:
                 grant = verifier.verify(token)
             except AuthError as exc:
@@ -237,13 +247,15 @@ def create_app(
         session = None
         if verifier is not None and grant is not None:
             welcome["expires_at"] = grant.expires_at
-            session = Session(verifier, grant,
-                              lambda: conn.close(CLOSE_TOKEN_EXPIRED, "token expired"))
+            session = Session(
+                verifier, grant, lambda: conn.close(CLOSE_TOKEN_EXPIRED, "token expired")
+            )
         conn.send_frame(welcome)
         fast = fast_sender_for(ws) if settings.fast_writes else None
         writer = asyncio.create_task(conn.run_writer(ws, fast), name=f"writer:{conn.conn_id}")
-        reader = asyncio.create_task(_read_loop(ws.receive, conn, session),
-                                     name=f"reader:{conn.conn_id}")
+        reader = asyncio.create_task(
+            _read_loop(ws.receive, conn, session), name=f"reader:{conn.conn_id}"
+        )
         try:
             await asyncio.wait([reader, writer], return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -267,8 +279,9 @@ def create_app(
                 await asyncio.gather(reader, writer, return_exceptions=True)
         return None
 
-    async def _read_loop(receive: Callable[[], Awaitable[str | bytes]], conn: Connection,
-                         session: Session | None) -> None:
+    async def _read_loop(
+        receive: Callable[[], Awaitable[str | bytes]], conn: Connection, session: Session | None
+    ) -> None:
         bucket = TokenBucket(settings.rate_per_s, settings.rate_burst)
         errors: list[float] = []
         loop = asyncio.get_running_loop()
@@ -281,11 +294,17 @@ def create_app(
                 # envelope (action, room_id, client_msg_id) is read by a bounded parse.
                 if not bucket.take():
                     metrics.RATE_LIMITED.inc()
-                    raise refused("rate_limited", "too many frames; slow down", data, limits,
-                                  frame_limit)
+                    raise refused(
+                        "rate_limited", "too many frames; slow down", data, limits, frame_limit
+                    )
                 if len(data) > frame_limit:
-                    raise refused("too_large", f"frame larger than {frame_limit} bytes", data,
-                                  limits, _ENVELOPE_CAP * frame_limit)
+                    raise refused(
+                        "too_large",
+                        f"frame larger than {frame_limit} bytes",
+                        data,
+                        limits,
+                        _ENVELOPE_CAP * frame_limit,
+                    )
                 command = parse_frame(data, limits)
                 _dispatch(conn, command, session)
             except ChatError as error:
@@ -297,15 +316,27 @@ def create_app(
                 while errors and errors[0] < now - _ABUSE_WINDOW_S:
                     errors.pop(0)
                 if len(errors) >= _ABUSE_ERRORS:
-                    log.warning("closing abusive connection", extra={"conn_id": conn.conn_id,
-                                                                     "sender_id": conn.sender_id})
+                    log.warning(
+                        "closing abusive connection",
+                        extra={"conn_id": conn.conn_id, "sender_id": conn.sender_id},
+                    )
                     conn.close(CLOSE_POLICY, "too many errors")
 
-    def _forbid(session: Session | None, allowed: bool, action: str, room_id: str,
-                client_msg_id: str | None = None) -> None:
+    def _forbid(
+        session: Session | None,
+        allowed: bool,
+        action: str,
+        room_id: str,
+        client_msg_id: str | None = None,
+    ) -> None:
         if session is not None and not allowed:
-            raise ChatError("forbidden", f"the token does not allow {action} in this room",
-                            action=action, room_id=room_id, client_msg_id=client_msg_id)
+            raise ChatError(
+                "forbidden",
+                f"the token does not allow {action} in this room",
+                action=action,
+                room_id=room_id,
+                client_msg_id=client_msg_id,
+            )
 
     def _dispatch(conn: Connection, command: Any, session: Session | None = None) -> None:
         grant = session.grant if session is not None else None
@@ -314,11 +345,21 @@ def create_app(
             conn.send(_PONG)
         elif isinstance(command, PostCmd):
             metrics.FRAMES_RECEIVED.labels(action="message").inc()
-            _forbid(session, grant is not None and grant.may_post(command.room_id), "message",
-                    command.room_id, command.client_msg_id)
+            _forbid(
+                session,
+                grant is not None and grant.may_post(command.room_id),
+                "message",
+                command.room_id,
+                command.client_msg_id,
+            )
             if command.room_id not in conn.rooms:
-                raise ChatError("not_joined", "join the room before posting", action="message",
-                                room_id=command.room_id, client_msg_id=command.client_msg_id)
+                raise ChatError(
+                    "not_joined",
+                    "join the room before posting",
+                    action="message",
+                    room_id=command.room_id,
+                    client_msg_id=command.client_msg_id,
+                )
             try:
                 hub.submit(command.room_id, Publish(conn, command.content, command.client_msg_id))
             except ChatError as error:
@@ -327,11 +368,19 @@ def create_app(
                 raise
         elif isinstance(command, JoinCmd):
             metrics.FRAMES_RECEIVED.labels(action="join").inc()
-            _forbid(session, grant is not None and grant.may_read(command.room_id), "join",
-                    command.room_id)
+            _forbid(
+                session,
+                grant is not None and grant.may_read(command.room_id),
+                "join",
+                command.room_id,
+            )
             if command.room_id not in conn.rooms and len(conn.rooms) >= settings.max_rooms:
-                raise ChatError("too_many_rooms", f"at most {settings.max_rooms} rooms per connection",
-                                action="join", room_id=command.room_id)
+                raise ChatError(
+                    "too_many_rooms",
+                    f"at most {settings.max_rooms} rooms per connection",
+                    action="join",
+                    room_id=command.room_id,
+                )
             try:
                 hub.submit(command.room_id, Join(conn, command.since_seq, command.history))
             except ChatError as error:
@@ -341,14 +390,19 @@ def create_app(
         elif isinstance(command, LeaveCmd):
             metrics.FRAMES_RECEIVED.labels(action="leave").inc()
             if command.room_id not in conn.rooms:
-                raise ChatError("not_joined", "not joined to this room", action="leave",
-                                room_id=command.room_id)
+                raise ChatError(
+                    "not_joined", "not joined to this room", action="leave", room_id=command.room_id
+                )
             conn.rooms.discard(command.room_id)
             hub.submit(command.room_id, Leave(conn))
         elif isinstance(command, HistoryCmd):
             metrics.FRAMES_RECEIVED.labels(action="history").inc()
-            _forbid(session, grant is not None and grant.may_read(command.room_id), "history",
-                    command.room_id)
+            _forbid(
+                session,
+                grant is not None and grant.may_read(command.room_id),
+                "history",
+                command.room_id,
+            )
             try:
                 hub.submit(command.room_id, History(conn, command.before_seq, command.limit))
             except ChatError as error:

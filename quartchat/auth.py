@@ -124,8 +124,10 @@ def _load_public_key(path: str) -> Any:
     except OSError as exc:
         raise ConfigError(f"{var}={path!r}: cannot read the key file ({exc.strerror})") from None
     if b"PRIVATE KEY" in data:
-        raise ConfigError(f"{var}={path!r}: this is a private key; give the PEM public key "
-                          "(the server only verifies tokens)")
+        raise ConfigError(
+            f"{var}={path!r}: this is a private key; give the PEM public key "
+            "(the server only verifies tokens)"
+        )
     try:
         return load_pem_public_key(data)
     except (ValueError, TypeError):
@@ -137,13 +139,17 @@ def _check_algorithms(algorithms: tuple[str, ...], key: Any) -> None:
     for alg in algorithms:
         if key is None:
             if alg not in HMAC_ALGORITHMS:
-                raise ConfigError(f"{var}: {alg} needs QUARTCHAT_JWT_PUBLIC_KEY; with "
-                                  f"QUARTCHAT_JWT_SECRET use one of {sorted(HMAC_ALGORITHMS)}")
+                raise ConfigError(
+                    f"{var}: {alg} needs QUARTCHAT_JWT_PUBLIC_KEY; with "
+                    f"QUARTCHAT_JWT_SECRET use one of {sorted(HMAC_ALGORITHMS)}"
+                )
             continue
         if alg in HMAC_ALGORITHMS:
-            raise ConfigError(f"{var}: {alg} is an HMAC algorithm and a public key is "
-                              "configured (algorithm confusion); use "
-                              f"{sorted(KEY_ALGORITHMS)}")
+            raise ConfigError(
+                f"{var}: {alg} is an HMAC algorithm and a public key is "
+                "configured (algorithm confusion); use "
+                f"{sorted(KEY_ALGORITHMS)}"
+            )
         if not isinstance(key, KEY_ALGORITHMS[alg]):
             raise ConfigError(f"{var}: {alg} does not fit the key in QUARTCHAT_JWT_PUBLIC_KEY")
         curve = _EC_CURVES.get(alg)
@@ -164,9 +170,16 @@ def _default_algorithm(key: Any) -> str:
 class TokenVerifier:
     """Verifies tokens against the configured key, algorithms, audience, issuer and leeway."""
 
-    def __init__(self, *, secret: str | None, public_key_path: str | None,
-                 algorithms: tuple[str, ...], audience: str | None, issuer: str | None,
-                 leeway_s: float) -> None:
+    def __init__(
+        self,
+        *,
+        secret: str | None,
+        public_key_path: str | None,
+        algorithms: tuple[str, ...],
+        audience: str | None,
+        issuer: str | None,
+        leeway_s: float,
+    ) -> None:
         if (secret is None) == (public_key_path is None):
             raise ConfigError(
                 "QUARTCHAT_AUTH=jwt needs exactly one key: set QUARTCHAT_JWT_SECRET (HS256) "
@@ -174,8 +187,9 @@ class TokenVerifier:
                 + ("both are set" if secret is not None else "neither is set")
             )
         if secret is not None and len(secret.encode()) < MIN_SECRET_BYTES:
-            raise ConfigError(f"QUARTCHAT_JWT_SECRET: at least {MIN_SECRET_BYTES} bytes "
-                              "(RFC 7518 3.2)")
+            raise ConfigError(
+                f"QUARTCHAT_JWT_SECRET: at least {MIN_SECRET_BYTES} bytes (RFC 7518 3.2)"
+            )
         self._key: Any = secret if secret is not None else _load_public_key(str(public_key_path))
         public = None if secret is not None else self._key
         algs = algorithms or (_default_algorithm(public),)
@@ -183,8 +197,10 @@ class TokenVerifier:
         if secret is not None:
             need = max(_HMAC_MIN_BYTES[a] for a in algs)
             if len(secret.encode()) < need:
-                raise ConfigError(f"QUARTCHAT_JWT_SECRET: at least {need} bytes for "
-                                  f"{', '.join(algs)} (RFC 7518 3.2)")
+                raise ConfigError(
+                    f"QUARTCHAT_JWT_SECRET: at least {need} bytes for "
+                    f"{', '.join(algs)} (RFC 7518 3.2)"
+                )
         self.algorithms = list(algs)
         self.audience = audience
         self.issuer = issuer
@@ -193,9 +209,14 @@ class TokenVerifier:
     @classmethod
     def from_settings(cls, settings: Settings) -> TokenVerifier:
         """The verifier for jwt mode; raises ConfigError naming a bad setting."""
-        return cls(secret=settings.jwt_secret, public_key_path=settings.jwt_public_key,
-                   algorithms=settings.jwt_algorithms, audience=settings.jwt_audience,
-                   issuer=settings.jwt_issuer, leeway_s=settings.jwt_leeway_s)
+        return cls(
+            secret=settings.jwt_secret,
+            public_key_path=settings.jwt_public_key,
+            algorithms=settings.jwt_algorithms,
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+            leeway_s=settings.jwt_leeway_s,
+        )
 
     def verify(self, token: str) -> Grant:
         """The grant of a valid token, or :class:`AuthError` saying why not."""
@@ -269,10 +290,19 @@ def api_key_matches(configured: str | None, given: str | None) -> bool:
     return hmac.compare_digest(configured.encode(), given.encode())
 
 
-def mint_token(secret: str, sub: str, *, ttl_s: int = 3600, rooms: list[str] | None = None,
-               publish: list[str] | None = None, algorithm: str = "HS256",
-               audience: str | None = None, issuer: str | None = None,
-               now: float | None = None, extra: Mapping[str, Any] | None = None) -> str:
+def mint_token(
+    secret: str,
+    sub: str,
+    *,
+    ttl_s: int = 3600,
+    rooms: list[str] | None = None,
+    publish: list[str] | None = None,
+    algorithm: str = "HS256",
+    audience: str | None = None,
+    issuer: str | None = None,
+    now: float | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> str:
     """An HMAC-signed token (``quartchat token``, the load tool, tests)."""
     issued = int(time.time() if now is None else now)
     claims: dict[str, Any] = {"sub": sub, "iat": issued, "exp": issued + ttl_s}
@@ -291,8 +321,9 @@ def mint_token(secret: str, sub: str, *, ttl_s: int = 3600, rooms: list[str] | N
 class Session:
     """A jwt connection's current grant and its one expiry timer (not a scan)."""
 
-    def __init__(self, verifier: TokenVerifier, grant: Grant,
-                 on_expire: Callable[[], None]) -> None:
+    def __init__(
+        self, verifier: TokenVerifier, grant: Grant, on_expire: Callable[[], None]
+    ) -> None:
         self._verifier = verifier
         self._on_expire = on_expire
         self.grant = grant

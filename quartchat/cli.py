@@ -24,13 +24,20 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--bind", help="HOST:PORT (overrides QUARTCHAT_BIND)")
     serve.add_argument("--workers", type=int, help="worker processes (overrides QUARTCHAT_WORKERS)")
     sub.add_parser("migrate", help="alembic upgrade head on QUARTCHAT_DATABASE_URL")
-    token = sub.add_parser("token", help="print a development token signed with "
-                           "QUARTCHAT_JWT_SECRET (auth mode jwt)")
+    token = sub.add_parser(
+        "token", help="print a development token signed with QUARTCHAT_JWT_SECRET (auth mode jwt)"
+    )
     token.add_argument("sub", help="the sender id the token names")
-    token.add_argument("--rooms", help="comma-separated room patterns to join and read "
-                       "(e.g. 'team-1:*'; default: every room)")
-    token.add_argument("--publish", help="comma-separated room patterns to post to "
-                       "(default: same as --rooms; '' for read-only)")
+    token.add_argument(
+        "--rooms",
+        help="comma-separated room patterns to join and read "
+        "(e.g. 'team-1:*'; default: every room)",
+    )
+    token.add_argument(
+        "--publish",
+        help="comma-separated room patterns to post to "
+        "(default: same as --rooms; '' for read-only)",
+    )
     token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires (3600)")
     return parser
 
@@ -48,15 +55,23 @@ def _token(args: argparse.Namespace) -> int:
     try:
         settings = Settings.from_env({**os.environ, "QUARTCHAT_AUTH": "jwt"})
         if settings.jwt_secret is None:
-            raise ConfigError("QUARTCHAT_JWT_SECRET is not set: `quartchat token` signs with "
-                              "the HMAC secret (with a public key, tokens come from your backend)")
+            raise ConfigError(
+                "QUARTCHAT_JWT_SECRET is not set: `quartchat token` signs with "
+                "the HMAC secret (with a public key, tokens come from your backend)"
+            )
         if args.ttl < 1:
             raise ConfigError(f"--ttl={args.ttl}: must be >= 1")
         algorithm = settings.jwt_algorithms[0] if settings.jwt_algorithms else "HS256"
-        token = mint_token(settings.jwt_secret, args.sub, ttl_s=args.ttl,
-                           rooms=_patterns(args.rooms), publish=_patterns(args.publish),
-                           algorithm=algorithm, audience=settings.jwt_audience,
-                           issuer=settings.jwt_issuer)
+        token = mint_token(
+            settings.jwt_secret,
+            args.sub,
+            ttl_s=args.ttl,
+            rooms=_patterns(args.rooms),
+            publish=_patterns(args.publish),
+            algorithm=algorithm,
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+        )
         from .auth import TokenVerifier
 
         TokenVerifier.from_settings(settings).verify(token)  # e.g. a sub the server refuses

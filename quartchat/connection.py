@@ -75,8 +75,10 @@ class SlowConsumerLog:
         now = time.monotonic()
         if self._flush is None and now - self._last >= self.interval:
             self._last = now
-            log.warning("slow consumer closed (4008)",
-                        extra={"conn_id": conn.conn_id, "sender_id": conn.sender_id})
+            log.warning(
+                "slow consumer closed (4008)",
+                extra={"conn_id": conn.conn_id, "sender_id": conn.sender_id},
+            )
             return
         self.pending += 1
         if self._flush is None:
@@ -90,8 +92,11 @@ class SlowConsumerLog:
         self._flush = None
         if self.pending:
             self._last = time.monotonic()
-            log.warning("%d more slow consumers closed (4008) in the last %.0f s",
-                        self.pending, self.interval)
+            log.warning(
+                "%d more slow consumers closed (4008) in the last %.0f s",
+                self.pending,
+                self.interval,
+            )
             self.pending = 0
 
 

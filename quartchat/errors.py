@@ -9,15 +9,15 @@ from __future__ import annotations
 from typing import Final
 
 __all__ = [
-    "ERROR_CODES",
-    "CLOSE_NORMAL",
+    "CLOSE_DISCONNECTED",
     "CLOSE_GOING_AWAY",
-    "CLOSE_POLICY",
-    "CLOSE_TOO_BIG",
     "CLOSE_INTERNAL",
+    "CLOSE_NORMAL",
+    "CLOSE_POLICY",
     "CLOSE_SLOW_CONSUMER",
     "CLOSE_TOKEN_EXPIRED",
-    "CLOSE_DISCONNECTED",
+    "CLOSE_TOO_BIG",
+    "ERROR_CODES",
     "ChatError",
     "ConfigError",
 ]

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 
 import attrs
 
-__all__ = ["MessageEvent", "SkipEvent", "PresenceEvent", "Event", "encode_events", "decode_events"]
+__all__ = ["Event", "MessageEvent", "PresenceEvent", "SkipEvent", "decode_events", "encode_events"]
 
 
 @attrs.frozen

@@ -22,8 +22,15 @@ __all__ = ["FastSender", "fast_sender_for"]
 class FastSender:
     """Writes many text frames to one hypercorn WebSocket stream at once."""
 
-    def __init__(self, stream: Any, message_cls: Any, data_cls: Any, connected: Any,
-                 ws_open: Any = None, protocol_error: type[Exception] = Exception) -> None:
+    def __init__(
+        self,
+        stream: Any,
+        message_cls: Any,
+        data_cls: Any,
+        connected: Any,
+        ws_open: Any = None,
+        protocol_error: type[Exception] = Exception,
+    ) -> None:
         self._stream = stream
         self._message = message_cls
         self._data = data_cls
@@ -74,5 +81,11 @@ def fast_sender_for(ws: Any) -> FastSender | None:
     for attr in ("connection", "send", "stream_id", "closed", "state"):
         if not hasattr(stream, attr):
             return None
-    return FastSender(stream, Message, StreamData, ASGIWebsocketState.CONNECTED,
-                      ConnectionState.OPEN, LocalProtocolError)
+    return FastSender(
+        stream,
+        Message,
+        StreamData,
+        ASGIWebsocketState.CONNECTED,
+        ConnectionState.OPEN,
+        LocalProtocolError,
+    )

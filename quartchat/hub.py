@@ -91,8 +91,10 @@ class Hub:
         broker: Broker | None = None,
     ) -> None:
         self.settings = settings
-        self.store = store if store is not None else create_store(
-            settings.database_url, op_timeout=settings.db_timeout_s
+        self.store = (
+            store
+            if store is not None
+            else create_store(settings.database_url, op_timeout=settings.db_timeout_s)
         )
         self.broker = broker if broker is not None else create_broker(settings)
         self.room_config = RoomConfig(
@@ -154,13 +156,18 @@ class Hub:
         del self.actors[actor.room_id]
         task = actor.task
         error = None if task is None or task.cancelled() else task.exception()
-        log.error("room actor ended unexpectedly", exc_info=error,
-                  extra={"room_id": actor.room_id})
+        log.error("room actor ended unexpectedly", exc_info=error, extra={"room_id": actor.room_id})
         for member in list(actor.members):
             conn = member.conn
             conn.rooms.discard(actor.room_id)
-            conn.send_error(ChatError("internal", "room failed; join again with since_seq",
-                                      action="join", room_id=actor.room_id))
+            conn.send_error(
+                ChatError(
+                    "internal",
+                    "room failed; join again with since_seq",
+                    action="join",
+                    room_id=actor.room_id,
+                )
+            )
             conn.send_frame({"type": "left", "room_id": actor.room_id, "reason": "error"})
 
     def _retire(self, actor: RoomActor) -> bool:
@@ -186,28 +193,35 @@ class Hub:
             return
         if isinstance(command, Leave) and room_id not in self.actors:
             if not command.quiet:
-                command.conn.send_error(ChatError("not_joined", "not joined to this room",
-                                                  action="leave", room_id=room_id))
+                command.conn.send_error(
+                    ChatError(
+                        "not_joined", "not joined to this room", action="leave", room_id=room_id
+                    )
+                )
             return
         self.actor(room_id).offer(command)
 
-    async def post(self, room_id: str, sender_id: str, content: str,
-                   client_msg_id: str | None) -> tuple[StoredMessage, bool]:
+    async def post(
+        self, room_id: str, sender_id: str, content: str, client_msg_id: str | None
+    ) -> tuple[StoredMessage, bool]:
         """Post as ``sender_id`` (the server API): stored, then delivered like any
         post. Returns the row and whether this call stored it (False: a retry)."""
         if self.draining:
             raise ChatError("unavailable", "server is shutting down; retry elsewhere")
         reply: asyncio.Future[tuple[StoredMessage, bool]] = (
-            asyncio.get_running_loop().create_future())
-        self.actor(room_id).offer(Publish(None, content, client_msg_id, sender_id=sender_id,
-                                          reply=reply))
+            asyncio.get_running_loop().create_future()
+        )
+        self.actor(room_id).offer(
+            Publish(None, content, client_msg_id, sender_id=sender_id, reply=reply)
+        )
         try:
             # The writer answers within a store operation or two; a lost answer is unavailable.
             async with asyncio.timeout(self.settings.db_timeout_s * 3 + 5):
                 return await reply
         except TimeoutError:
-            raise ChatError("unavailable", "storage did not answer; retry with the same "
-                            "client_msg_id") from None
+            raise ChatError(
+                "unavailable", "storage did not answer; retry with the same client_msg_id"
+            ) from None
 
     def _history(self, room_id: str, cmd: History) -> None:
         async def read() -> None:
@@ -219,8 +233,14 @@ class Hub:
                 except StoreError as exc:
                     metrics.STORE_ERRORS.labels(op="history").inc()
                     log.warning("history failed: %s", exc, extra={"room_id": room_id})
-                    cmd.conn.send_error(ChatError("unavailable", "storage unavailable; retry "
-                                                  "later", action="history", room_id=room_id))
+                    cmd.conn.send_error(
+                        ChatError(
+                            "unavailable",
+                            "storage unavailable; retry later",
+                            action="history",
+                            room_id=room_id,
+                        )
+                    )
                     return
             cmd.conn.send(page_json(room_id, rows, has_more, frame_type="history"))
 
@@ -236,7 +256,7 @@ class Hub:
             await asyncio.sleep(self.settings.position_check_s)
             rooms = [a.room_id for a in self.actors.values() if a.delivered is not None]
             for start in range(0, len(rooms), _POSITION_BATCH):
-                chunk = rooms[start:start + _POSITION_BATCH]
+                chunk = rooms[start : start + _POSITION_BATCH]
                 try:
                     counters = await self.store.last_seqs(chunk)
                 except StoreError as exc:

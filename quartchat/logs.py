@@ -61,8 +61,10 @@ class TextFormatter(logging.Formatter):
 
 # A token in a query string (hypercorn's access log prints the request line,
 # `GET /chat?token=...`) or in an Authorization header value.
-_SECRET_RE = re.compile(r"((?:[?&]|\b)(?:token|access_token|api_key)=)[^&\s\"']+|"
-                        r"(\b[Bb]earer\s+)[^\s\"',]+")
+_SECRET_RE = re.compile(
+    r"((?:[?&]|\b)(?:token|access_token|api_key)=)[^&\s\"']+|"
+    r"(\b[Bb]earer\s+)[^\s\"',]+"
+)
 
 
 def redact(text: str) -> str:
@@ -88,8 +90,12 @@ _CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 def escape_control(text: str) -> str:
     """``text`` with every control character written as a visible escape (``\\x0d``)."""
-    return _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
-                           else f"\\u{ord(m.group()):04x}", text)
+    return _CONTROL_RE.sub(
+        lambda m: (
+            f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}"
+        ),
+        text,
+    )
 
 
 class EscapeControl(logging.Filter):

@@ -11,16 +11,24 @@ import importlib
 import logging
 from pathlib import Path
 
+import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-import sqlalchemy as sa
 
 from .config import Settings
 from .validate import is_redis_url
 
-__all__ = ["sync_url", "alembic_config", "upgrade", "upgrade_locked", "upgrade_async", "current_revision", "head_revision"]
+__all__ = [
+    "alembic_config",
+    "current_revision",
+    "head_revision",
+    "sync_url",
+    "upgrade",
+    "upgrade_async",
+    "upgrade_locked",
+]
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +98,9 @@ def upgrade_locked(settings: Settings) -> None:
 
     client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5)
     try:
-        with client.lock(f"{settings.redis_prefix}:lock:migrate", timeout=600,
-                         blocking_timeout=600):
+        with client.lock(
+            f"{settings.redis_prefix}:lock:migrate", timeout=600, blocking_timeout=600
+        ):
             upgrade(settings.database_url)
     finally:
         client.close()

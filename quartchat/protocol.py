@@ -147,11 +147,14 @@ def _opt_int(frame: dict[str, Any], name: str, lo: int, hi: int, echo: _Echo) ->
 
 
 def _known(action: object, limits: Limits) -> bool:
-    return isinstance(action, str) and (action in _ACTIONS or (action == "refresh" and limits.refresh))
+    return isinstance(action, str) and (
+        action in _ACTIONS or (action == "refresh" and limits.refresh)
+    )
 
 
-def refused(code: str, message: str, text: str | bytes, limits: Limits,
-            max_bytes: int) -> ChatError:
+def refused(
+    code: str, message: str, text: str | bytes, limits: Limits, max_bytes: int
+) -> ChatError:
     """The error for a frame refused before it is parsed (``rate_limited``, an
     oversized frame's ``too_large``), echoing the frame's envelope.
 
@@ -196,8 +199,9 @@ def parse_frame(text: str | bytes, limits: Limits) -> Command:
     if action == "refresh":
         token = frame.get("token")
         if not isinstance(token, str) or not token:
-            raise ChatError("invalid_field", "token is required and must be a string",
-                            action="refresh")
+            raise ChatError(
+                "invalid_field", "token is required and must be a string", action="refresh"
+            )
         return RefreshCmd(token)
     room_id = _room_id(frame, echo)
     if action == "join":
@@ -220,7 +224,10 @@ def parse_frame(text: str | bytes, limits: Limits) -> Command:
     if not content:
         raise echo.error("invalid_field", "content must not be empty")
     # Cheap bound first: a str of n code points has at least n UTF-8 bytes.
-    if len(content) > limits.max_content or len(content.encode("utf-8", "surrogatepass")) > limits.max_content:
+    if (
+        len(content) > limits.max_content
+        or len(content.encode("utf-8", "surrogatepass")) > limits.max_content
+    ):
         raise echo.error("too_large", f"content is larger than {limits.max_content} bytes")
     return PostCmd(room_id, content, cmid)
 

@@ -81,8 +81,9 @@ CONFIG_ENV = "QUARTCHAT_HYPERCORN_CONFIG"
 LOCAL_CONFIG = "hypercorn.toml"
 
 
-def hypercorn_settings_file(path: str | None = None,
-                            env: Mapping[str, str] | None = None) -> Path | None:
+def hypercorn_settings_file(
+    path: str | None = None, env: Mapping[str, str] | None = None
+) -> Path | None:
     """The hypercorn settings file that overrides the defaults, if any.
 
     ``path`` (or QUARTCHAT_HYPERCORN_CONFIG, from the environment or a
@@ -95,8 +96,10 @@ def hypercorn_settings_file(path: str | None = None,
     named = path or env.get(CONFIG_ENV, "").strip()
     if named:
         if not Path(named).is_file():
-            raise ConfigError(f"{CONFIG_ENV}={named}: no such file (unset it to use the "
-                              f"built-in hypercorn settings)")
+            raise ConfigError(
+                f"{CONFIG_ENV}={named}: no such file (unset it to use the "
+                f"built-in hypercorn settings)"
+            )
         return Path(named)
     local = Path(LOCAL_CONFIG)
     return local if local.is_file() else None

@@ -49,10 +49,16 @@ class StaticFiles:
         """The file (200), 304 when the client's ETag matches, or a JSON 404."""
         f = self.files.get(name)
         if f is None:
-            return Response('{"error": "not_found", "message": "no such file"}', status=404,
-                            content_type="application/json")
-        headers = {"ETag": f.etag, "Cache-Control": cache_control,
-                   "X-Content-Type-Options": "nosniff"}
+            return Response(
+                '{"error": "not_found", "message": "no such file"}',
+                status=404,
+                content_type="application/json",
+            )
+        headers = {
+            "ETag": f.etag,
+            "Cache-Control": cache_control,
+            "X-Content-Type-Options": "nosniff",
+        }
         if f.etag in request.headers.get("If-None-Match", ""):
             return Response(b"", status=304, headers=headers)
         return Response(f.body, content_type=f.content_type, headers=headers)

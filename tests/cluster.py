@@ -19,8 +19,14 @@ from .servers import ServerProcess
 class Cluster:
     """N servers x W workers on one Redis (own prefix) and one MariaDB database (own name)."""
 
-    def __init__(self, workdir: Path, *, redis_url: str | None = None,
-                 database_url: str | None = None, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        redis_url: str | None = None,
+        database_url: str | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.workdir = workdir
         if redis_url is None:
             check_shared_redis()
@@ -43,19 +49,31 @@ class Cluster:
             **self.extra_env,
         }
 
-    def start(self, count: int, *, workers: int = 2, database_url: str | None = None) -> list[ServerProcess]:
+    def start(
+        self, count: int, *, workers: int = 2, database_url: str | None = None
+    ) -> list[ServerProcess]:
         started = []
         for i in range(count):
-            s = ServerProcess(self.workdir, self.env(database_url), workers=workers,
-                              name=f"server{len(self.servers)}")
+            s = ServerProcess(
+                self.workdir,
+                self.env(database_url),
+                workers=workers,
+                name=f"server{len(self.servers)}",
+            )
             self.servers.append(s)
             started.append(s.start())
         return started
 
     def stored(self, room: str) -> dict[int, str]:
         url = make_url(self.db_for_checks)
-        conn = pymysql.connect(host=url.host, port=url.port or 3306, user=url.username,
-                               password=url.password or "", database=url.database, connect_timeout=5)
+        conn = pymysql.connect(
+            host=url.host,
+            port=url.port or 3306,
+            user=url.username,
+            password=url.password or "",
+            database=url.database,
+            connect_timeout=5,
+        )
         try:
             with conn.cursor() as cur:
                 cur.execute("SELECT seq, id FROM messages WHERE room_id = %s", (room,))
@@ -76,8 +94,10 @@ class Cluster:
 
 
 def summary(report: dict[str, Any]) -> str:
-    return ("sent={sent} acked={acked} stored={stored} lost={lost} duplicates={duplicates} "
-            "out_of_order={out_of_order} missing={missing} delivered={delivered}").format(**report)
+    return (
+        "sent={sent} acked={acked} stored={stored} lost={lost} duplicates={duplicates} "
+        "out_of_order={out_of_order} missing={missing} delivered={delivered}"
+    ).format(**report)
 
 
 async def eventually(fetch: Callable[[], Any], expected: Any, timeout: float = 5.0) -> None:

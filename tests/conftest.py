@@ -47,8 +47,12 @@ def _hung(item: pytest.Item) -> None:
     capman = item.config.pluginmanager.getplugin("capturemanager")
     if capman is not None:
         capman.suspend_global_capture(in_=True)  # write to the real stderr
-    print(f"\n{item.nodeid}: still running after {HARD_LIMIT_S} s, outside pytest-timeout's reach; "
-          "every thread's stack follows, then the run stops, failed", file=sys.stderr, flush=True)
+    print(
+        f"\n{item.nodeid}: still running after {HARD_LIMIT_S} s, outside pytest-timeout's reach; "
+        "every thread's stack follows, then the run stops, failed",
+        file=sys.stderr,
+        flush=True,
+    )
     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
     sys.stderr.flush()
     os._exit(3)
@@ -70,7 +74,7 @@ def sync_sql(db_url: str) -> Callable[[str], Any]:
     """Run one SQL statement on the test's database, around the store (as an operator would)."""
     import sqlite3
 
-    path = db_url[len("sqlite+aiosqlite:///"):]
+    path = db_url[len("sqlite+aiosqlite:///") :]
 
     async def run(sql: str) -> None:
         def call() -> None:
@@ -85,8 +89,9 @@ def sync_sql(db_url: str) -> Callable[[str], Any]:
 @pytest.fixture
 def make_settings(db_url: str) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
-        base = Settings.from_env({"QUARTCHAT_DATABASE_URL": db_url, "QUARTCHAT_SERVER_ID": "test-1"},
-                                 env_file=None)
+        base = Settings.from_env(
+            {"QUARTCHAT_DATABASE_URL": db_url, "QUARTCHAT_SERVER_ID": "test-1"}, env_file=None
+        )
         return attrs.evolve(base, **overrides)
 
     return make
@@ -116,11 +121,15 @@ async def make_hub(make_settings: Callable[..., Settings]) -> AsyncIterator[Call
     hubs: list[Hub] = []
     clients: list[Client] = []
 
-    async def make(*, store_cls: type[DatabaseStore] = DatabaseStore, broker: Any = None,
-                   **overrides: Any) -> tuple[Hub, Callable[..., Client]]:
+    async def make(
+        *, store_cls: type[DatabaseStore] = DatabaseStore, broker: Any = None, **overrides: Any
+    ) -> tuple[Hub, Callable[..., Client]]:
         settings = make_settings(**overrides)
-        hub = Hub(settings, store=store_cls(settings.database_url),
-                  broker=broker if broker is not None else MemoryBroker())
+        hub = Hub(
+            settings,
+            store=store_cls(settings.database_url),
+            broker=broker if broker is not None else MemoryBroker(),
+        )
         await hub.start()
         hubs.append(hub)
         counter = iter(range(10_000))

@@ -36,7 +36,9 @@ class FakeSocket:
             async with self._arrived:
                 await self._arrived.wait_for(lambda: predicate(self))
 
-    async def next_of(self, type_: str, count: int = 1, timeout: float = 5.0) -> list[dict[str, Any]]:
+    async def next_of(
+        self, type_: str, count: int = 1, timeout: float = 5.0
+    ) -> list[dict[str, Any]]:
         await self.wait(lambda s: len(s.of(type_)) >= count, timeout)
         return self.of(type_)
 
@@ -47,8 +49,9 @@ class FakeSocket:
 class Client:
     """A real Connection wired to a FakeSocket, with its writer task running."""
 
-    def __init__(self, sender_id: str, conn_id: str, *, queue_size: int = 1000,
-                 stalled: bool = False) -> None:
+    def __init__(
+        self, sender_id: str, conn_id: str, *, queue_size: int = 1000, stalled: bool = False
+    ) -> None:
         self.conn = Connection(conn_id, sender_id, queue_size=queue_size)
         self.socket = FakeSocket(stalled=stalled)
         self.writer = asyncio.create_task(self.conn.run_writer(self.socket))

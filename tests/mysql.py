@@ -29,12 +29,12 @@ from quartchat.migrate import upgrade
 __all__ = [
     "DEFAULT_SERVER_URL",
     "MySQLUnavailable",
-    "server_url",
     "create_database",
     "drop_database",
-    "with_host",
     "mysql_server_url",
     "mysql_url",
+    "server_url",
+    "with_host",
 ]
 
 DEFAULT_SERVER_URL = "mysql+aiomysql://root@127.0.0.1:3306"
@@ -92,9 +92,7 @@ def create_database(server: str | None = None) -> str:
     conn = _admin_connect(base)
     try:
         with conn.cursor() as cur:
-            cur.execute(
-                f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
-            )
+            cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
     except pymysql.MySQLError as exc:
         raise MySQLUnavailable(f"cannot create test database {name}: {exc}") from exc
     finally:

@@ -224,8 +224,9 @@ class TcpProxy:
 class ThreadedProxy:
     """A :class:`TcpProxy` in its own event loop on a daemon thread; blocking methods."""
 
-    def __init__(self, target_host: str, target_port: int, *, timeout: float = 10.0,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, target_host: str, target_port: int, *, timeout: float = 10.0, **kwargs: Any
+    ) -> None:
         self.timeout = timeout
         self._kwargs = kwargs
         self._target = (target_host, target_port)

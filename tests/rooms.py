@@ -31,9 +31,13 @@ async def stored_elsewhere(hub: Hub, count: int, room: str) -> list[StoredMessag
     other = DatabaseStore(hub.store.url)  # type: ignore[attr-defined]
     await other.connect()
     try:
-        answers = await other.append(room, [
-            NewMessage(uuid.uuid4().hex, "remote", f"c{i}", None, 1_700_000_000_000 + i)
-            for i in range(count)])
+        answers = await other.append(
+            room,
+            [
+                NewMessage(uuid.uuid4().hex, "remote", f"c{i}", None, 1_700_000_000_000 + i)
+                for i in range(count)
+            ],
+        )
     finally:
         await other.close()
     return [a.row for a in answers]

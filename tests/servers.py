@@ -28,15 +28,25 @@ def free_port() -> int:
 class ServerProcess:
     """One `quartchat serve` in its own process group, logging to a file."""
 
-    def __init__(self, workdir: Path, env: dict[str, str], *, port: int | None = None,
-                 workers: int = 1, name: str = "server") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        env: dict[str, str],
+        *,
+        port: int | None = None,
+        workers: int = 1,
+        name: str = "server",
+    ) -> None:
         self.workdir = workdir
         self.port = port or free_port()
         self.workers = workers
         self.name = name
-        self.env = {**os.environ, **env,
-                    "QUARTCHAT_HYPERCORN_CONFIG": str(ROOT / "hypercorn.toml"),
-                    "QUARTCHAT_SERVER_ID": env.get("QUARTCHAT_SERVER_ID", name)}
+        self.env = {
+            **os.environ,
+            **env,
+            "QUARTCHAT_HYPERCORN_CONFIG": str(ROOT / "hypercorn.toml"),
+            "QUARTCHAT_SERVER_ID": env.get("QUARTCHAT_SERVER_ID", name),
+        }
         self.log_path = workdir / f"{name}-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -51,9 +61,20 @@ class ServerProcess:
     def start(self, timeout: float = 30.0) -> ServerProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "quartchat", "serve", "--bind", f"127.0.0.1:{self.port}",
-             "--workers", str(self.workers)],
-            cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "quartchat",
+                "serve",
+                "--bind",
+                f"127.0.0.1:{self.port}",
+                "--workers",
+                str(self.workers),
+            ],
+            cwd=self.workdir,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         log.close()
@@ -109,8 +130,9 @@ class ChatClient:
         self._changed = asyncio.Event()
 
     async def connect(self) -> ChatClient:
-        self.ws = await websockets.connect(self.url, ping_interval=None, compression=None,
-                                           open_timeout=10)
+        self.ws = await websockets.connect(
+            self.url, ping_interval=None, compression=None, open_timeout=10
+        )
         self._reader = asyncio.create_task(self._read())
         await self.wait_for(lambda: any(f["type"] == "welcome" for f in self.frames))
         return self
@@ -142,7 +164,11 @@ class ChatClient:
         return self._reader is not None and self._reader.done()
 
     def of(self, type_: str, room: str | None = None) -> list[dict[str, Any]]:
-        return [f for f in self.frames if f["type"] == type_ and (room is None or f.get("room_id") == room)]
+        return [
+            f
+            for f in self.frames
+            if f["type"] == type_ and (room is None or f.get("room_id") == room)
+        ]
 
     async def join(self, room: str, **kw: Any) -> dict[str, Any]:
         n = len(self.of("joined", room))
@@ -251,8 +277,14 @@ class ReliableClient:
     async def _post(self, cmid: str, content: str) -> None:
         assert self.client is not None
         try:
-            await self.client.send({"action": "message", "room_id": self.room,
-                                    "content": content, "client_msg_id": cmid})
+            await self.client.send(
+                {
+                    "action": "message",
+                    "room_id": self.room,
+                    "content": content,
+                    "client_msg_id": cmid,
+                }
+            )
         except Exception:
             pass  # closed: the run loop reconnects and resends
 
@@ -266,7 +298,9 @@ class ReliableClient:
             if self.client.closed:
                 await self._reconnect()
             if loop.time() > deadline:
-                raise AssertionError(f"{self.sender}: at seq {self.last_seq}, expected {expected_last_seq}")
+                raise AssertionError(
+                    f"{self.sender}: at seq {self.last_seq}, expected {expected_last_seq}"
+                )
             await asyncio.sleep(0.01)
 
     async def close(self) -> None:
@@ -278,9 +312,16 @@ def check_room(members: list[ReliableClient], stored: dict[int, str]) -> dict[st
     """Guarantees 1-4 over what every member saw and what the store holds."""
     acked = {cmid: ack for m in members for cmid, ack in m.acked.items()}
     lost = [a for a in acked.values() if stored.get(a["seq"]) != a["id"]]
-    report: dict[str, Any] = {"sent": sum(m.sent for m in members), "acked": len(acked),
-                              "stored": len(stored), "lost": len(lost), "delivered": {},
-                              "out_of_order": 0, "duplicates": 0, "missing": 0}
+    report: dict[str, Any] = {
+        "sent": sum(m.sent for m in members),
+        "acked": len(acked),
+        "stored": len(stored),
+        "lost": len(lost),
+        "delivered": {},
+        "out_of_order": 0,
+        "duplicates": 0,
+        "missing": 0,
+    }
     all_seqs = sorted(stored)
     for m in members:
         seqs = [f["seq"] for f in m.received]

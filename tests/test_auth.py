@@ -31,8 +31,9 @@ SECRET = "s3cret-for-tests-only-0123456789abcdef"
 API_KEY = "api-key-for-tests-0123456789"
 
 
-def token(sub: Any = "alice", ttl: float = 60, *, secret: str = SECRET, alg: str = "HS256",
-          **claims: Any) -> str:
+def token(
+    sub: Any = "alice", ttl: float = 60, *, secret: str = SECRET, alg: str = "HS256", **claims: Any
+) -> str:
     now = int(time.time())
     body: dict[str, Any] = {"sub": sub, "iat": now, "exp": int(now + ttl), **claims}
     for name in [k for k, v in body.items() if v is None]:
@@ -54,8 +55,13 @@ def forged(header: dict[str, Any], claims: dict[str, Any], key: bytes | None) ->
 @pytest.fixture
 def jwt_settings(make_settings: Callable[..., Settings]) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
-        base: dict[str, Any] = {"auth": "jwt", "jwt_secret": SECRET, "api_key": API_KEY,
-                                "rate_per_s": 0, "jwt_leeway_s": 0.5}
+        base: dict[str, Any] = {
+            "auth": "jwt",
+            "jwt_secret": SECRET,
+            "api_key": API_KEY,
+            "rate_per_s": 0,
+            "jwt_leeway_s": 0.5,
+        }
         return make_settings(**{**base, **overrides})
 
     return make
@@ -89,8 +95,11 @@ def rsa_key() -> rsa.RSAPrivateKey:
 
 
 def pem(public: Any) -> bytes:
-    return bytes(public.public_bytes(serialization.Encoding.PEM,
-                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    return bytes(
+        public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
 
 
 HANDSHAKE_ATTACKS: dict[str, Callable[[], str]] = {
@@ -101,16 +110,19 @@ HANDSHAKE_ATTACKS: dict[str, Callable[[], str]] = {
     "not yet valid (nbf)": lambda: token(nbf=int(time.time()) + 60),
     "issued in the future (iat)": lambda: token(iat=int(time.time()) + 60),
     "aud without a configured audience": lambda: token(aud="chat"),
-    "alg none": lambda: forged({"alg": "none", "typ": "JWT"},
-                               {"sub": "alice", "exp": int(time.time()) + 60}, None),
+    "alg none": lambda: forged(
+        {"alg": "none", "typ": "JWT"}, {"sub": "alice", "exp": int(time.time()) + 60}, None
+    ),
     "alg none, no signature part": lambda: forged(
-        {"alg": "none"}, {"sub": "alice", "exp": int(time.time()) + 60}, None).rstrip("."),
+        {"alg": "none"}, {"sub": "alice", "exp": int(time.time()) + 60}, None
+    ).rstrip("."),
     "sub outside the pattern": lambda: token(sub="bad id!"),
     "sub not a string": lambda: token(sub=42),
     "no sub": lambda: token(sub=None),
     "no exp": lambda: jwt.encode({"sub": "alice"}, SECRET, algorithm="HS256"),
-    "exp not a number": lambda: jwt.encode({"sub": "alice", "exp": "soon"}, SECRET,
-                                           algorithm="HS256"),
+    "exp not a number": lambda: jwt.encode(
+        {"sub": "alice", "exp": "soon"}, SECRET, algorithm="HS256"
+    ),
     "rooms not a list": lambda: token(rooms="team-1:*"),
     "rooms not strings": lambda: token(rooms=[1, 2]),
     "publish not a list": lambda: token(publish={"a": 1}),
@@ -138,9 +150,12 @@ async def test_missing_token_is_401_and_sender_id_does_not_help(app: Quart) -> N
 async def test_audience_and_issuer_when_configured(jwt_settings: Callable[..., Settings]) -> None:
     app = create_app(jwt_settings(jwt_audience="chat", jwt_issuer="https://backend"))
     async with app.test_app():
-        for bad in (token(iss="https://backend"), token(aud="chat"),
-                    token(aud="other", iss="https://backend"),
-                    token(aud="chat", iss="https://evil")):
+        for bad in (
+            token(iss="https://backend"),
+            token(aud="chat"),
+            token(aud="other", iss="https://backend"),
+            token(aud="chat", iss="https://evil"),
+        ):
             status, body = await refused(app, f"/chat?token={bad}")
             assert (status, body["error"]) == (401, "unauthorized")
         async with chat(app, token(aud="chat", iss="https://backend")) as raw:
@@ -150,7 +165,9 @@ async def test_audience_and_issuer_when_configured(jwt_settings: Callable[..., S
 
 
 async def test_algorithm_confusion_hs256_against_an_rs256_key(
-    jwt_settings: Callable[..., Settings], tmp_path: Path, rsa_key: rsa.RSAPrivateKey,
+    jwt_settings: Callable[..., Settings],
+    tmp_path: Path,
+    rsa_key: rsa.RSAPrivateKey,
 ) -> None:
     key_file = tmp_path / "pub.pem"
     public_pem = pem(rsa_key.public_key())
@@ -159,11 +176,14 @@ async def test_algorithm_confusion_hs256_against_an_rs256_key(
     claims = {"sub": "alice", "exp": int(time.time()) + 60}
     async with app.test_app():
         # The classic attack: HMAC-sign with the public key's PEM text as the secret.
-        attacks = [forged({"alg": "HS256", "typ": "JWT"}, claims, public_pem),
-                   forged({"alg": "HS256", "typ": "JWT"}, claims, SECRET.encode()),
-                   forged({"alg": "none"}, claims, None),
-                   jwt.encode(claims, rsa.generate_private_key(public_exponent=65537,
-                                                               key_size=2048), "RS256")]
+        attacks = [
+            forged({"alg": "HS256", "typ": "JWT"}, claims, public_pem),
+            forged({"alg": "HS256", "typ": "JWT"}, claims, SECRET.encode()),
+            forged({"alg": "none"}, claims, None),
+            jwt.encode(
+                claims, rsa.generate_private_key(public_exponent=65537, key_size=2048), "RS256"
+            ),
+        ]
         for attack in attacks:
             status, body = await refused(app, f"/chat?token={attack}")
             assert (status, body["error"]) == (401, "unauthorized"), attack
@@ -173,10 +193,14 @@ async def test_algorithm_confusion_hs256_against_an_rs256_key(
 
 
 @pytest.mark.parametrize("kind", ["ES256", "EdDSA"])
-async def test_ec_and_eddsa_keys(jwt_settings: Callable[..., Settings], tmp_path: Path,
-                                 kind: str) -> None:
-    private: Any = (ec.generate_private_key(ec.SECP256R1()) if kind == "ES256"
-                    else ed25519.Ed25519PrivateKey.generate())
+async def test_ec_and_eddsa_keys(
+    jwt_settings: Callable[..., Settings], tmp_path: Path, kind: str
+) -> None:
+    private: Any = (
+        ec.generate_private_key(ec.SECP256R1())
+        if kind == "ES256"
+        else ed25519.Ed25519PrivateKey.generate()
+    )
     (tmp_path / "k.pem").write_bytes(pem(private.public_key()))
     app = create_app(jwt_settings(jwt_secret=None, jwt_public_key=str(tmp_path / "k.pem")))
     claims = {"sub": "bob", "exp": int(time.time()) + 60}
@@ -195,7 +219,9 @@ async def test_header_token_and_query_wins(app: Quart) -> None:
         welcome = await WS(raw).expect("welcome")
         assert welcome["sender_id"] == "alice"
         assert welcome["expires_at"].endswith("Z") and len(welcome["expires_at"]) == 24
-    status, _ = await refused(app, f"/chat?token={bad}", headers={"Authorization": f"Bearer {good}"})
+    status, _ = await refused(
+        app, f"/chat?token={bad}", headers={"Authorization": f"Bearer {good}"}
+    )
     assert status == 401, "the query parameter is used when both are present"
     async with app.test_client().websocket(
         f"/chat?token={good}&sender_id=mallory", headers={"Authorization": f"Bearer {bad}"}
@@ -229,10 +255,11 @@ async def test_claims_forbid_join_history_and_post_and_store_nothing(app: Quart)
     async with chat(app, token(rooms=["team-1:*", "lobby"], publish=["team-1:*"])) as raw:
         ws = WS(raw)
         await ws.expect("welcome")
-        for frame in ({"action": "join", "room_id": "other"},
-                      {"action": "history", "room_id": "other"},
-                      {"action": "message", "room_id": "other", "content": "hi",
-                       "client_msg_id": "m1"}):
+        for frame in (
+            {"action": "join", "room_id": "other"},
+            {"action": "history", "room_id": "other"},
+            {"action": "message", "room_id": "other", "content": "hi", "client_msg_id": "m1"},
+        ):
             await ws.send(frame)
             err = await ws.expect("error")
             assert err["code"] == "forbidden" and err["action"] == frame["action"], err
@@ -322,9 +349,13 @@ async def test_bad_refresh_is_unauthorized_and_changes_nothing(app: Quart) -> No
         await ws.expect("welcome")
         await ws.send({"action": "join", "room_id": "a"})
         await ws.expect("joined")
-        for bad in (token("bob", ttl=60), token(ttl=-60), "garbage",
-                    token(ttl=60, secret="not-the-secret-but-long-enough-00000"),
-                    forged({"alg": "none"}, {"sub": "alice", "exp": exp + 60}, None)):
+        for bad in (
+            token("bob", ttl=60),
+            token(ttl=-60),
+            "garbage",
+            token(ttl=60, secret="not-the-secret-but-long-enough-00000"),
+            forged({"alg": "none"}, {"sub": "alice", "exp": exp + 60}, None),
+        ):
             await ws.send({"action": "refresh", "token": bad})
             err = await ws.expect("error")
             assert (err["code"], err["action"]) == ("unauthorized", "refresh"), err
@@ -427,7 +458,9 @@ async def test_api_rooms_is_401_in_jwt_mode_without_an_api_key(
         for credential in (None, token(), "anything"):
             headers = {"Authorization": f"Bearer {credential}"} if credential else {}
             assert (await client.get("/api/rooms", headers=headers)).status_code == 401
-        ok = await client.get("/api/rooms/x/members", headers={"Authorization": f"Bearer {token()}"})
+        ok = await client.get(
+            "/api/rooms/x/members", headers={"Authorization": f"Bearer {token()}"}
+        )
         assert ok.status_code == 200
 
 
@@ -442,9 +475,13 @@ def test_bad_auth_settings_stop_the_start(tmp_path: Path, rsa_key: rsa.RSAPrivat
     public = tmp_path / "pub.pem"
     public.write_bytes(pem(rsa_key.public_key()))
     private = tmp_path / "key.pem"
-    private.write_bytes(rsa_key.private_bytes(serialization.Encoding.PEM,
-                                              serialization.PrivateFormat.PKCS8,
-                                              serialization.NoEncryption()))
+    private.write_bytes(
+        rsa_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     (tmp_path / "junk.pem").write_text("hello")
     cases: list[tuple[dict[str, str], str]] = [
         (env(), "QUARTCHAT_JWT_SECRET"),
@@ -477,8 +514,9 @@ def test_bad_auth_settings_stop_the_start(tmp_path: Path, rsa_key: rsa.RSAPrivat
     assert Settings.from_env({}, env_file=None).auth == "none"
 
 
-def test_quartchat_token_command(monkeypatch: pytest.MonkeyPatch,
-                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_quartchat_token_command(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from quartchat.cli import main
 
     monkeypatch.chdir(Path(__file__).parent)  # no .env here
@@ -489,7 +527,9 @@ def test_quartchat_token_command(monkeypatch: pytest.MonkeyPatch,
     assert claims["sub"] == "alice" and claims["rooms"] == ["team-1:*"]
     assert 590 <= claims["exp"] - time.time() <= 601 and "publish" not in claims
     assert main(["token", "bob", "--rooms", "news", "--publish", ""]) == 0
-    assert jwt.decode(capsys.readouterr().out.strip(), SECRET, algorithms=["HS256"])["publish"] == []
+    assert (
+        jwt.decode(capsys.readouterr().out.strip(), SECRET, algorithms=["HS256"])["publish"] == []
+    )
     assert main(["token", "bad id"]) == 2
     monkeypatch.delenv("QUARTCHAT_JWT_SECRET")
     assert main(["token", "alice"]) == 2
@@ -504,9 +544,15 @@ def test_log_filter_redacts_query_tokens_and_bearer_credentials() -> None:
     from quartchat.logs import RedactSecrets, TextFormatter
 
     tok = token()
-    record = logging.LogRecord("hypercorn.access", logging.INFO, __file__, 1,
-                               '%s "GET %s" auth=%s', ("127.0.0.1", f"/chat?token={tok}&x=1",
-                                                       f"Bearer {API_KEY}"), None)
+    record = logging.LogRecord(
+        "hypercorn.access",
+        logging.INFO,
+        __file__,
+        1,
+        '%s "GET %s" auth=%s',
+        ("127.0.0.1", f"/chat?token={tok}&x=1", f"Bearer {API_KEY}"),
+        None,
+    )
     assert RedactSecrets().filter(record)
     line = TextFormatter().format(record)
     assert tok not in line and API_KEY not in line

@@ -62,8 +62,9 @@ async def test_a_burst_of_publishes_and_presence_changes_all_succeed() -> None:
         inbox = Inbox()
         for room_id in rooms:
             await receiver.subscribe(room_id, inbox)
-        results = await asyncio.gather(*(sender.publish(r, f"p-{r}".encode()) for r in rooms),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(sender.publish(r, f"p-{r}".encode()) for r in rooms), return_exceptions=True
+        )
         failures = [repr(r) for r in results if isinstance(r, BaseException)]
         assert not failures, f"{len(failures)} of 1000 publishes failed, e.g. {failures[:2]}"
         await inbox.wait(1000, timeout=30)
@@ -150,15 +151,18 @@ async def test_an_outage_longer_than_the_dead_window_reaps_no_live_member(
             return [e for e in presence_events(watch.items) if e[0] == "leave"]
 
         try:
-            took = await until(lambda: ("leave", "carol") in heard(watch_a), 15,
-                               "the failed removal applied")
+            took = await until(
+                lambda: ("leave", "carol") in heard(watch_a), 15, "the failed removal applied"
+            )
             print(f"carol's leave applied {took:.1f} s after Redis came back")
         except AssertionError as exc:
             print(exc)
         # Watch for false leaves until well past the point where a reaper may act.
         await asyncio.sleep(max(0.0, resumed + b.presence.dead_after_s + 7 - time.monotonic()))
         print("leaves heard:", heard(watch_a), heard(watch_b))
-        assert heard(watch_a) == [("leave", "carol")], "carol's leave applied, no live member reaped"
+        assert heard(watch_a) == [("leave", "carol")], (
+            "carol's leave applied, no live member reaped"
+        )
         assert heard(watch_b) == [("leave", "carol")]
         assert await a.presence.members("r") == ["alice", "bob"]
         assert await b.presence.members("r") == ["alice", "bob"]
@@ -192,8 +196,11 @@ async def test_a_live_process_whose_members_were_reaped_announces_them_again() -
         assert await b.presence.members("r") == []
         await a.presence._beat()  # a is back
         await watch.wait(3)
-        assert presence_events(watch.items) == [("join", "alice"), ("leave", "alice"),
-                                                ("join", "alice")]
+        assert presence_events(watch.items) == [
+            ("join", "alice"),
+            ("leave", "alice"),
+            ("join", "alice"),
+        ]
         assert await b.presence.members("r") == ["alice"]
         await a.presence._beat()
         await watch.stays_at(3)

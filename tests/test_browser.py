@@ -29,17 +29,26 @@ from quartchat.client import ChatClient
 from .proxy import TcpProxy
 from .servers import ServerProcess, free_port
 
-
 CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 WAIT_MS = 20_000
 
 
 @pytest.fixture
 async def browser() -> AsyncIterator[Any]:
     if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"{CHROMIUM} is missing: run `bash ops/ensure-services.sh` (apt-get install chromium)")
+        pytest.fail(
+            f"{CHROMIUM} is missing: run `bash ops/ensure-services.sh` (apt-get install chromium)"
+        )
     async with playwright_api.async_playwright() as p:
         # launch() gives every browser a fresh, temporary user data dir.
         b = await p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
@@ -54,8 +63,11 @@ def make_server(tmp_path: Path) -> Any:
     servers: list[ServerProcess] = []
 
     async def make(port: int | None = None, **env: str) -> ServerProcess:
-        s = ServerProcess(tmp_path, {"QUARTCHAT_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/chat.db",
-                                     **env}, port=port)
+        s = ServerProcess(
+            tmp_path,
+            {"QUARTCHAT_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/chat.db", **env},
+            port=port,
+        )
         servers.append(s)
         return await asyncio.to_thread(s.start)
 
@@ -81,8 +93,13 @@ def publish_shot(path: Path) -> None:
 
 def stored(db: Path, room: str) -> list[tuple[int, str, str, str | None]]:
     with sqlite3.connect(db) as conn:
-        return list(conn.execute("SELECT seq, sender_id, content, client_msg_id FROM messages "
-                                 "WHERE room_id = ? ORDER BY seq", (room,)))
+        return list(
+            conn.execute(
+                "SELECT seq, sender_id, content, client_msg_id FROM messages "
+                "WHERE room_id = ? ORDER BY seq",
+                (room,),
+            )
+        )
 
 
 class Page:
@@ -110,7 +127,10 @@ class Page:
         await self.page.fill("#join-room", room)
         await self.page.press("#join-room", "Enter")
         await self.page.wait_for_function(
-            "r => window.quartchatApp.client.rooms.get(r)?.joined === true", arg=room, timeout=WAIT_MS)
+            "r => window.quartchatApp.client.rooms.get(r)?.joined === true",
+            arg=room,
+            timeout=WAIT_MS,
+        )
 
     async def select(self, room: str) -> None:
         await self.page.click(f'#my-rooms button:has-text("{room}")')
@@ -126,19 +146,25 @@ class Page:
                  seq: Number(li.dataset.seq), sender: li.querySelector('.sender').textContent,
                  content: li.querySelector('.body').textContent, own: li.classList.contains('own'),
                  time: li.querySelector('time')?.textContent ?? null, state: li.querySelector('.state')?.textContent ?? null}))""",
-            room)
+            room,
+        )
 
     async def wait_shown(self, room: str, n: int) -> list[dict[str, Any]]:
         await self.page.wait_for_function(
-            "([room, n]) => document.querySelectorAll(`ol.messages[data-room=\"${room}\"] li.msg[data-seq]`).length >= n",
-            arg=[room, n], timeout=WAIT_MS)
+            '([room, n]) => document.querySelectorAll(`ol.messages[data-room="${room}"] li.msg[data-seq]`).length >= n',
+            arg=[room, n],
+            timeout=WAIT_MS,
+        )
         return await self.shown(room)
 
 
-async def test_two_users_chat_in_two_rooms_and_see_the_same_order(browser: Any, make_server: Any,
-                                                                   shots: Callable[[str], Path]) -> None:
+async def test_two_users_chat_in_two_rooms_and_see_the_same_order(
+    browser: Any, make_server: Any, shots: Callable[[str], Path]
+) -> None:
     srv = await make_server()
-    alice = await Page.open(browser, f"{srv.http}/?sender_id=alice&room=lobby", viewport={"width": 1000, "height": 640})
+    alice = await Page.open(
+        browser, f"{srv.http}/?sender_id=alice&room=lobby", viewport={"width": 1000, "height": 640}
+    )
     bob = await Page.open(browser, f"{srv.http}/?sender_id=bob&room=lobby")
     await alice.connected()
     await bob.connected()
@@ -159,8 +185,12 @@ async def test_two_users_chat_in_two_rooms_and_see_the_same_order(browser: Any, 
         key = [(m["seq"], m["sender"].replace(" (you)", ""), m["content"]) for m in a]
         assert key == [(m["seq"], m["sender"].replace(" (you)", ""), m["content"]) for m in b], room
         assert [m["seq"] for m in a] == [1, 2, 3, 4, 5, 6]
-        assert sorted(m["content"] for m in a) == sorted(f"{u} {room} {i}" for u in ("alice", "bob") for i in range(3))
-        assert all(m["own"] == m["content"].startswith("alice") for m in a), "own messages styled as own"
+        assert sorted(m["content"] for m in a) == sorted(
+            f"{u} {room} {i}" for u in ("alice", "bob") for i in range(3)
+        )
+        assert all(m["own"] == m["content"].startswith("alice") for m in a), (
+            "own messages styled as own"
+        )
         assert all(m["time"] for m in a), "every message shows its time"
         views[room] = key
     print("order seen by both:", views)
@@ -181,8 +211,9 @@ async def test_two_users_chat_in_two_rooms_and_see_the_same_order(browser: Any, 
     assert alice.errors == [] and bob.errors == []
 
 
-async def test_server_killed_and_restarted_page_shows_all_25_in_order_once(browser: Any, make_server: Any,
-                                                                            shots: Callable[[str], Path]) -> None:
+async def test_server_killed_and_restarted_page_shows_all_25_in_order_once(
+    browser: Any, make_server: Any, shots: Callable[[str], Path]
+) -> None:
     port = free_port()
     srv = await make_server(port)
     async with TcpProxy("127.0.0.1", port) as proxy:
@@ -212,14 +243,16 @@ async def test_server_killed_and_restarted_page_shows_all_25_in_order_once(brows
             await carol.page.screenshot(path=shots("recovered.png"))
     assert [m["seq"] for m in shown] == list(range(1, 30))
     assert [m["content"] for m in shown] == (
-        [f"before {i}" for i in range(3)] + [f"after {i}" for i in range(25)] + ["live again"])
+        [f"before {i}" for i in range(3)] + [f"after {i}" for i in range(25)] + ["live again"]
+    )
     cue = await carol.page.locator("li.sys.recovered").all_text_contents()
     assert cue == ["Reconnected: 25 missed messages recovered"]
     assert carol.errors == []
 
 
 async def test_a_post_made_while_disconnected_is_sent_after_reconnecting_and_stored_once(
-        browser: Any, make_server: Any, tmp_path: Path, shots: Callable[[str], Path]) -> None:
+    browser: Any, make_server: Any, tmp_path: Path, shots: Callable[[str], Path]
+) -> None:
     srv = await make_server()
     async with TcpProxy("127.0.0.1", srv.port) as proxy:
         base = f"http://127.0.0.1:{proxy.port}"
@@ -235,7 +268,9 @@ async def test_a_post_made_while_disconnected_is_sent_after_reconnecting_and_sto
         await proxy.restore()
         shown = await erin.wait_shown("r", 1)
         await erin.page.wait_for_selector("li.msg.pending", state="detached", timeout=WAIT_MS)
-        assert [(m["content"], m["own"], m["state"]) for m in shown] == [("written offline", True, "✓ sent")]
+        assert [(m["content"], m["own"], m["state"]) for m in shown] == [
+            ("written offline", True, "✓ sent")
+        ]
         rows = stored(tmp_path / "chat.db", "r")
         assert [(r[1], r[2]) for r in rows] == [("erin", "written offline")]
         # Name and rooms are remembered across a reload without any parameter.
@@ -248,7 +283,9 @@ async def test_a_post_made_while_disconnected_is_sent_after_reconnecting_and_sto
     assert erin.errors == []
 
 
-async def test_five_posts_in_one_millisecond_are_five_messages(browser: Any, make_server: Any, tmp_path: Path) -> None:
+async def test_five_posts_in_one_millisecond_are_five_messages(
+    browser: Any, make_server: Any, tmp_path: Path
+) -> None:
     srv = await make_server()
     ctx = await browser.new_context()
     # As on any plain-http host but localhost: no crypto.randomUUID.
@@ -278,12 +315,18 @@ async def test_five_posts_in_one_millisecond_are_five_messages(browser: Any, mak
     assert page.errors == []
 
 
-async def test_360px_viewport_has_no_horizontal_scroll(browser: Any, make_server: Any,
-                                                        shots: Callable[[str], Path]) -> None:
+async def test_360px_viewport_has_no_horizontal_scroll(
+    browser: Any, make_server: Any, shots: Callable[[str], Path]
+) -> None:
     srv = await make_server()
-    phone = await Page.open(browser, f"{srv.http}/?sender_id=gus&room=lobby",
-                            viewport={"width": 360, "height": 740}, is_mobile=True, has_touch=True,
-                            device_scale_factor=2)
+    phone = await Page.open(
+        browser,
+        f"{srv.http}/?sender_id=gus&room=lobby",
+        viewport={"width": 360, "height": 740},
+        is_mobile=True,
+        has_touch=True,
+        device_scale_factor=2,
+    )
     await phone.connected()
     await phone.join("a-room-with-a-rather-long-name.for-layout:checks")
     await phone.select("lobby")
@@ -383,7 +426,8 @@ async def test_load_older_pages_back_through_history(browser: Any, make_server: 
 
 
 async def test_jwt_mode_a_token_link_chats_in_its_rooms_and_is_refused_others(
-        browser: Any, make_server: Any, tmp_path: Path) -> None:
+    browser: Any, make_server: Any, tmp_path: Path
+) -> None:
     """The README's jwt lines: serve with a secret, `quartchat token alice --rooms 'team-1:*'`,
     open the web client with the token: chat in team-1:general, refused in `other`."""
     import subprocess
@@ -392,14 +436,22 @@ async def test_jwt_mode_a_token_link_chats_in_its_rooms_and_is_refused_others(
     secret = "a-development-secret-of-32-bytes-or-more"
     srv = await make_server(QUARTCHAT_AUTH="jwt", QUARTCHAT_JWT_SECRET=secret)
     env = {**os.environ, "QUARTCHAT_AUTH": "jwt", "QUARTCHAT_JWT_SECRET": secret}
-    token = subprocess.run([sys.executable, "-m", "quartchat", "token", "alice", "--rooms", "team-1:*"],
-                           env=env, cwd=tmp_path, capture_output=True, text=True, check=True,
-                           timeout=30).stdout.strip()
+    token = subprocess.run(
+        [sys.executable, "-m", "quartchat", "token", "alice", "--rooms", "team-1:*"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.strip()
     alice = await Page.open(browser, f"{srv.http}/?token={token}&room=team-1:general")
     await alice.connected()
     await alice.page.wait_for_function(
-        "r => window.quartchatApp.client.rooms.get(r)?.joined === true", arg="team-1:general",
-        timeout=WAIT_MS)
+        "r => window.quartchatApp.client.rooms.get(r)?.joined === true",
+        arg="team-1:general",
+        timeout=WAIT_MS,
+    )
     await alice.say("hello from a token")
     shown = await alice.wait_shown("team-1:general", 1)
     assert [(m["content"], m["own"]) for m in shown] == [("hello from a token", True)]
@@ -407,10 +459,10 @@ async def test_jwt_mode_a_token_link_chats_in_its_rooms_and_is_refused_others(
     await alice.page.fill("#join-room", "other")
     await alice.page.press("#join-room", "Enter")
     await alice.page.wait_for_function(
-        "document.getElementById('problem').textContent.includes('forbidden')", timeout=WAIT_MS)
+        "document.getElementById('problem').textContent.includes('forbidden')", timeout=WAIT_MS
+    )
     assert stored(tmp_path / "chat.db", "other") == []
     # Without a token the page cannot connect: the handshake is refused with 401.
     anon = await Page.open(browser, f"{srv.http}/?sender_id=mallory&room=team-1:general")
-    await anon.page.wait_for_function(
-        "!document.getElementById('problem').hidden", timeout=WAIT_MS)
+    await anon.page.wait_for_function("!document.getElementById('problem').hidden", timeout=WAIT_MS)
     assert alice.errors == []

@@ -62,8 +62,10 @@ _COUNTS = (*_ZERO, "asyncio_tasks", "threads", "registry_samples_total")
 def _gauges(server: ServerProcess) -> dict[str, float]:
     with urllib.request.urlopen(server.http + "/metrics", timeout=5) as r:
         text = r.read().decode()
-    return {m[1]: float(m[2])
-            for m in re.finditer(r"^quartchat_(\w+) ([0-9.e+-]+)$", text, re.MULTILINE)}
+    return {
+        m[1]: float(m[2])
+        for m in re.finditer(r"^quartchat_(\w+) ([0-9.e+-]+)$", text, re.MULTILINE)
+    }
 
 
 def _rss(server: ServerProcess) -> float:
@@ -77,8 +79,9 @@ async def _counts(server: ServerProcess) -> dict[str, float]:
     return {k: v for k, v in (await asyncio.to_thread(_gauges, server)).items() if k in _COUNTS}
 
 
-async def _settled(server: ServerProcess, idle_tasks: float, idle_threads: float,
-                   timeout: float = SETTLE_S) -> dict[str, float]:
+async def _settled(
+    server: ServerProcess, idle_tasks: float, idle_threads: float, timeout: float = SETTLE_S
+) -> dict[str, float]:
     """Wait (bounded) until nothing of the churn is left; the last gauges read.
 
     Only samples taken after the call count (the gauges are refreshed every
@@ -88,9 +91,12 @@ async def _settled(server: ServerProcess, idle_tasks: float, idle_threads: float
     while True:
         g = await _counts(server)
         fresh = g.get("registry_samples_total", first + 2) >= first + 2
-        if (fresh and all(g.get(k, 0) == 0 for k in _ZERO)
-                and g.get("asyncio_tasks", 0) <= idle_tasks
-                and g.get("threads", 0) <= idle_threads):
+        if (
+            fresh
+            and all(g.get(k, 0) == 0 for k in _ZERO)
+            and g.get("asyncio_tasks", 0) <= idle_tasks
+            and g.get("threads", 0) <= idle_threads
+        ):
             return g
         if time.monotonic() > deadline:
             return g
@@ -104,12 +110,16 @@ async def _idle(server: ServerProcess) -> dict[str, float]:
 
 
 async def test_connection_churn_leaves_no_memory_and_no_objects(tmp_path: Path) -> None:
-    server = ServerProcess(tmp_path, {
-        "QUARTCHAT_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/churn.db",
-        "QUARTCHAT_RATE_PER_S": "0",
-        "QUARTCHAT_ROOM_IDLE_S": "1",
-        "QUARTCHAT_LOG_LEVEL": "warning",
-    }, name="churn").start()
+    server = ServerProcess(
+        tmp_path,
+        {
+            "QUARTCHAT_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/churn.db",
+            "QUARTCHAT_RATE_PER_S": "0",
+            "QUARTCHAT_ROOM_IDLE_S": "1",
+            "QUARTCHAT_LOG_LEVEL": "warning",
+        },
+        name="churn",
+    ).start()
     try:
         urls = [server.url]
         idle = await _idle(server)
@@ -122,8 +132,10 @@ async def test_connection_churn_leaves_no_memory_and_no_objects(tmp_path: Path) 
         rss_after = _rss(server)
         g = await _settled(server, idle.get("asyncio_tasks", 0), idle.get("threads", 0))
         rss_retired = _rss(server)
-        print(f"churn: {result}; RSS MB after warm-up {rss_start}, after churn {rss_after}, "
-              f"after rooms retired {rss_retired}; idle gauges {idle}; settled gauges {g}")
+        print(
+            f"churn: {result}; RSS MB after warm-up {rss_start}, after churn {rss_after}, "
+            f"after rooms retired {rss_retired}; idle gauges {idle}; settled gauges {g}"
+        )
 
         assert result["ok"] == CYCLES and result["errors"] == 0, result
         assert rss_after - rss_start <= RSS_BOUND_MB, (rss_start, rss_after)
@@ -138,10 +150,14 @@ async def test_connection_churn_leaves_no_memory_and_no_objects(tmp_path: Path) 
 
 async def test_a_closed_socket_is_freed_at_once_not_after_a_ping_interval(tmp_path: Path) -> None:
     """hypercorn.toml pings every 20 s; a closed socket's tasks are gone within seconds."""
-    server = ServerProcess(tmp_path, {
-        "QUARTCHAT_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/ping.db",
-        "QUARTCHAT_ROOM_IDLE_S": "0.5",
-    }, name="ping").start()
+    server = ServerProcess(
+        tmp_path,
+        {
+            "QUARTCHAT_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/ping.db",
+            "QUARTCHAT_ROOM_IDLE_S": "0.5",
+        },
+        name="ping",
+    ).start()
     try:
         idle = await _idle(server)
         result = await churn.churn([server.url], 20, 10, 2, prefix="ping")

@@ -22,8 +22,13 @@ from .servers import ServerProcess, free_port
 
 def rows(db: Path, room: str) -> list[tuple[int, str, str, str | None]]:
     with sqlite3.connect(db) as conn:
-        return list(conn.execute("SELECT seq, sender_id, content, client_msg_id FROM messages "
-                                 "WHERE room_id = ? ORDER BY seq", (room,)))
+        return list(
+            conn.execute(
+                "SELECT seq, sender_id, content, client_msg_id FROM messages "
+                "WHERE room_id = ? ORDER BY seq",
+                (room,),
+            )
+        )
 
 
 @pytest.fixture
@@ -31,8 +36,15 @@ def make_server(tmp_path: Path):  # type: ignore[no-untyped-def]
     servers: list[ServerProcess] = []
 
     def make(port: int | None = None, **env: str) -> ServerProcess:
-        s = ServerProcess(tmp_path, {"QUARTCHAT_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/chat.db",
-                                     "QUARTCHAT_RATE_PER_S": "0", **env}, port=port)
+        s = ServerProcess(
+            tmp_path,
+            {
+                "QUARTCHAT_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/chat.db",
+                "QUARTCHAT_RATE_PER_S": "0",
+                **env,
+            },
+            port=port,
+        )
         servers.append(s)
         return s.start()
 
@@ -60,8 +72,10 @@ def test_a_bad_sender_id_is_refused_before_connecting() -> None:
 async def test_post_ack_delivery_history_and_members(make_server) -> None:  # type: ignore[no-untyped-def]
     srv = make_server()
     bob_seen, on_bob = collector()
-    async with ChatClient(srv.url, sender_id="alice") as alice, \
-               ChatClient(srv.url, sender_id="bob", on_message=on_bob) as bob:
+    async with (
+        ChatClient(srv.url, sender_id="alice") as alice,
+        ChatClient(srv.url, sender_id="bob", on_message=on_bob) as bob,
+    ):
         await alice.join("room1")
         await bob.join("room1")
         await alice.wait_for(lambda: "bob" in alice.members("room1"))
@@ -78,19 +92,29 @@ async def test_post_ack_delivery_history_and_members(make_server) -> None:  # ty
         assert failed.value.code == "too_large"
 
 
-async def test_server_killed_and_restarted_nothing_missed_nothing_twice(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_server_killed_and_restarted_nothing_missed_nothing_twice(
+    make_server, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     port = free_port()
     srv = make_server(port)
     seen, on_message = collector()
-    reader = await ChatClient(srv.url, sender_id="reader", on_message=on_message, backoff_max=0.5).start()
+    reader = await ChatClient(
+        srv.url, sender_id="reader", on_message=on_message, backoff_max=0.5
+    ).start()
     try:
         await reader_sees_restart(reader, seen, srv, make_server, port, tmp_path)
     finally:
         await reader.close()
 
 
-async def reader_sees_restart(reader: ChatClient, seen: list[dict[str, Any]], srv: ServerProcess,
-                              make_server: Callable[..., ServerProcess], port: int, tmp_path: Path) -> None:
+async def reader_sees_restart(
+    reader: ChatClient,
+    seen: list[dict[str, Any]],
+    srv: ServerProcess,
+    make_server: Callable[..., ServerProcess],
+    port: int,
+    tmp_path: Path,
+) -> None:
     await reader.join("r")
     async with ChatClient(srv.url, sender_id="writer") as writer:
         await writer.join("r")
@@ -124,7 +148,9 @@ async def reader_sees_restart(reader: ChatClient, seen: list[dict[str, Any]], sr
     assert [r[2] for r in stored].count("written while the server was down") == 1
 
 
-async def test_rate_limited_posts_are_retried_until_stored_once(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_rate_limited_posts_are_retried_until_stored_once(
+    make_server, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     srv = make_server(QUARTCHAT_RATE_PER_S="5", QUARTCHAT_RATE_BURST="3")
     async with ChatClient(srv.url, sender_id="fast", retry_initial=0.2) as fast:
         await fast.join("r")
@@ -170,9 +196,17 @@ class FakeServer:
 
 
 def welcome(sub: str, **extra: Any) -> str:
-    return json.dumps({"type": "welcome", "sender_id": sub, "connection_id": "c", "server_id": "fake",
-                       "protocol": 1, "limits": {"max_content": 4096, "max_rooms": 100, "rate_per_s": 20},
-                       **extra})
+    return json.dumps(
+        {
+            "type": "welcome",
+            "sender_id": sub,
+            "connection_id": "c",
+            "server_id": "fake",
+            "protocol": 1,
+            "limits": {"max_content": 4096, "max_rooms": 100, "rate_per_s": 20},
+            **extra,
+        }
+    )
 
 
 async def test_cancelling_the_sender_as_it_wakes_ends_it() -> None:
@@ -181,6 +215,7 @@ async def test_cancelling_the_sender_as_it_wakes_ends_it() -> None:
     Python 3.11's ``asyncio.wait_for`` swallowed it there: the sender looped on
     for ever, ``close()`` (and asyncio.run's teardown) waited for it for ever,
     and a CI run hung for 90 minutes on a failed test's unclosed client."""
+
     async def script(ws: Any, query: dict[str, list[str]], fake: FakeServer) -> None:
         await ws.send(welcome(query["sender_id"][0]))
         await ws.wait_closed()
@@ -188,8 +223,10 @@ async def test_cancelling_the_sender_as_it_wakes_ends_it() -> None:
     async with FakeServer(script) as fake:
         client = await ChatClient(fake.url, sender_id="alice").start()
         try:
-            await asyncio.sleep(0.05)  # the sender is parked in its wait  # noqa: ASYNC251
-            (sender,) = [t for t in asyncio.all_tasks() if t.get_name() == "quartchat-client:sender"]
+            await asyncio.sleep(0.05)  # the sender is parked in its wait
+            (sender,) = [
+                t for t in asyncio.all_tasks() if t.get_name() == "quartchat-client:sender"
+            ]
             client._wake.set()
             sender.cancel()
             done, _ = await asyncio.wait([sender], timeout=3)
@@ -206,7 +243,7 @@ async def test_close_4003_is_final() -> None:
     async with FakeServer(script) as fake:
         client = await ChatClient(fake.url, sender_id="alice", backoff_initial=0.01).start()
         await client.wait_for(lambda: client.state == "closed")
-        await asyncio.sleep(0.2)  # several backoff periods: nothing more may happen  # noqa: ASYNC251
+        await asyncio.sleep(0.2)  # several backoff periods: nothing more may happen
         assert len(fake.queries) == 1 and client.close_codes == [4003]
         await client.close()
 
@@ -225,7 +262,9 @@ async def test_jwt_token_in_query_refresh_before_expiry_and_new_token_after_4001
             frame = await fake.recv(ws)
             assert frame["action"] == "refresh"
             later = (datetime.now(UTC) + timedelta(hours=1)).isoformat(timespec="milliseconds")
-            await ws.send(json.dumps({"type": "refreshed", "expires_at": later.replace("+00:00", "Z")}))
+            await ws.send(
+                json.dumps({"type": "refreshed", "expires_at": later.replace("+00:00", "Z")})
+            )
             await ws.close(4001, "token expired")
         else:
             await ws.wait_closed()
@@ -236,7 +275,9 @@ async def test_jwt_token_in_query_refresh_before_expiry_and_new_token_after_4001
         assert client.sender_id == "sub-1"
         await client.wait_for(lambda: len(fake.queries) == 2 and client.state == "open")
         assert fake.queries[0]["token"] == ["tok1"]
-        assert [f for f in fake.frames if f["action"] == "refresh"] == [{"action": "refresh", "token": "tok2"}]
+        assert [f for f in fake.frames if f["action"] == "refresh"] == [
+            {"action": "refresh", "token": "tok2"}
+        ]
         assert fake.queries[1]["token"] == ["tok3"], "a fresh token after 4001"
         assert client.close_codes == [4001]
         await client.close()
@@ -244,8 +285,13 @@ async def test_jwt_token_in_query_refresh_before_expiry_and_new_token_after_4001
 
 async def test_a_refused_handshake_is_recorded_and_retried(make_server) -> None:  # type: ignore[no-untyped-def]
     srv = make_server(QUARTCHAT_ALLOWED_ORIGINS="https://chat.example")
-    client = ChatClient(srv.url, sender_id="alice", backoff_initial=0.05, backoff_max=0.1,
-                        connect_options={"origin": "https://evil.example"})
+    client = ChatClient(
+        srv.url,
+        sender_id="alice",
+        backoff_initial=0.05,
+        backoff_max=0.1,
+        connect_options={"origin": "https://evil.example"},
+    )
     task = asyncio.create_task(client.start())
     try:
         await client.wait_for(lambda: len(client.errors) >= 2, timeout=10)

@@ -33,10 +33,12 @@ async def test_room_spanning_servers_same_order_retries_and_reconnects(cluster: 
     # Cluster-wide presence: every member is listed by both servers.
     names = sorted(m.sender for m in members)
     for server in (a, b):
-        await eventually(lambda s=server: s.http_get(f"/api/rooms/{room}/members")["members"],
-                         names)
-    await eventually(lambda: {"room_id": room, "members": 6} in b.http_get("/api/rooms")["rooms"],
-                     True)
+        await eventually(
+            lambda s=server: s.http_get(f"/api/rooms/{room}/members")["members"], names
+        )
+    await eventually(
+        lambda: {"room_id": room, "members": 6} in b.http_get("/api/rooms")["rooms"], True
+    )
 
     # Publishers on every server at once.
     loop = asyncio.get_running_loop()
@@ -47,7 +49,9 @@ async def test_room_spanning_servers_same_order_retries_and_reconnects(cluster: 
     report = check_room(members, stored)
     print("cluster:", summary(report))
     assert report["acked"] == 240 and report["stored"] == 240
-    assert report["lost"] == report["duplicates"] == report["out_of_order"] == report["missing"] == 0
+    assert (
+        report["lost"] == report["duplicates"] == report["out_of_order"] == report["missing"] == 0
+    )
     orders = {tuple(f["id"] for f in m.received) for m in members}
     assert len(orders) == 1, "every member sees the identical order"
 
@@ -55,10 +59,14 @@ async def test_room_spanning_servers_same_order_retries_and_reconnects(cluster: 
     retry = await ChatClient(b.url, "m0").connect()
     await retry.join(room)
     first_ack = members[0].acked["m0-0"]
-    await retry.send({"action": "message", "room_id": room, "content": "m0 #0",
-                      "client_msg_id": "m0-0"})
+    await retry.send(
+        {"action": "message", "room_id": room, "content": "m0 #0", "client_msg_id": "m0-0"}
+    )
     await retry.wait_for(lambda: bool(retry.of("ack")))
-    assert retry.of("ack")[0]["seq"] == first_ack["seq"] and retry.of("ack")[0]["id"] == first_ack["id"]
+    assert (
+        retry.of("ack")[0]["seq"] == first_ack["seq"]
+        and retry.of("ack")[0]["id"] == first_ack["id"]
+    )
     await asyncio.sleep(0.3)
     assert retry.of("message") == [], "a retry is not delivered again"
     assert len(cluster.stored(room)) == 240

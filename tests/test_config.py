@@ -15,8 +15,13 @@ def test_defaults_are_the_embedded_mode() -> None:
     assert s.database_url == "sqlite+aiosqlite:///./quartchat.db"
     assert s.broker_url == "memory://"
     assert s.bind == "127.0.0.1:8080"
-    assert (s.max_content, s.max_rooms, s.rate_per_s, s.rate_burst, s.outbound_queue) == \
-        (4096, 100, 20.0, 40, 1000)
+    assert (s.max_content, s.max_rooms, s.rate_per_s, s.rate_burst, s.outbound_queue) == (
+        4096,
+        100,
+        20.0,
+        40,
+        1000,
+    )
     assert s.server_id
 
 
@@ -46,8 +51,9 @@ def test_bad_values_name_the_variable_and_value(var: str, value: str) -> None:
 def test_memory_broker_with_several_workers_is_refused() -> None:
     with pytest.raises(ConfigError, match="QUARTCHAT_WORKERS=2.*memory://"):
         Settings.from_env({"QUARTCHAT_WORKERS": "2"}, env_file=None)
-    s = Settings.from_env({"QUARTCHAT_WORKERS": "2", "QUARTCHAT_BROKER_URL": "redis://h:6379/0"},
-                          env_file=None)
+    s = Settings.from_env(
+        {"QUARTCHAT_WORKERS": "2", "QUARTCHAT_BROKER_URL": "redis://h:6379/0"}, env_file=None
+    )
     assert s.workers == 2
 
 

@@ -24,8 +24,13 @@ def server(tmp_path: Path):  # type: ignore[no-untyped-def]
     servers: list[ServerProcess] = []
 
     def make() -> ServerProcess:
-        s = ServerProcess(tmp_path, {"QUARTCHAT_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/chat.db",
-                                     "QUARTCHAT_RATE_PER_S": "0"})
+        s = ServerProcess(
+            tmp_path,
+            {
+                "QUARTCHAT_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/chat.db",
+                "QUARTCHAT_RATE_PER_S": "0",
+            },
+        )
         servers.append(s)
         return s.start()
 
@@ -40,9 +45,14 @@ async def chatter(client: ChatClient, room: str, stop: asyncio.Event) -> int:
     try:
         while not stop.is_set() and not client.closed:
             if sent - len(client.of("ack")) - len(client.of("error")) < 20:
-                await client.send({"action": "message", "room_id": room,
-                                   "content": f"{client.sender} {sent}",
-                                   "client_msg_id": f"{client.sender}-{sent}"})
+                await client.send(
+                    {
+                        "action": "message",
+                        "room_id": room,
+                        "content": f"{client.sender} {sent}",
+                        "client_msg_id": f"{client.sender}-{sent}",
+                    }
+                )
                 sent += 1
             else:
                 await asyncio.sleep(0.002)
@@ -52,7 +62,9 @@ async def chatter(client: ChatClient, room: str, stop: asyncio.Event) -> int:
 
 
 @pytest.mark.parametrize("group", [False, True], ids=["sigterm-process", "sigterm-group"])
-async def test_sigterm_under_traffic_loses_no_acked_message(server, tmp_path: Path, group: bool) -> None:  # type: ignore[no-untyped-def]
+async def test_sigterm_under_traffic_loses_no_acked_message(
+    server, tmp_path: Path, group: bool
+) -> None:  # type: ignore[no-untyped-def]
     srv = server()
     clients = [await ChatClient(srv.url, f"user{i}").connect() for i in range(6)]
     rooms = ["alpha", "beta"]
@@ -128,8 +140,14 @@ async def test_oversized_frame_is_refused_without_a_reset(server) -> None:  # ty
 
 @pytest.mark.parametrize("fast", ["true", "false"])
 async def test_fast_and_plain_write_paths_deliver_the_same(tmp_path: Path, fast: str) -> None:
-    srv = ServerProcess(tmp_path, {"QUARTCHAT_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/f.db",
-                                   "QUARTCHAT_RATE_PER_S": "0", "QUARTCHAT_FAST_WRITES": fast}).start()
+    srv = ServerProcess(
+        tmp_path,
+        {
+            "QUARTCHAT_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/f.db",
+            "QUARTCHAT_RATE_PER_S": "0",
+            "QUARTCHAT_FAST_WRITES": fast,
+        },
+    ).start()
     try:
         a = await ChatClient(srv.url, "a").connect()
         b = await ChatClient(srv.url, "b").connect()
@@ -151,12 +169,16 @@ async def test_the_python_client_rides_a_graceful_restart(tmp_path: Path) -> Non
     """quartchat.client through SIGTERM (1001) and a restart on the same port: every post
     acked and stored once, the reader sees every seq once, in order."""
     port = free_port()
-    env = {"QUARTCHAT_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/chat.db", "QUARTCHAT_RATE_PER_S": "0"}
+    env = {
+        "QUARTCHAT_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/chat.db",
+        "QUARTCHAT_RATE_PER_S": "0",
+    }
     srv = ServerProcess(tmp_path, env, port=port).start()
     seen: list[dict] = []  # type: ignore[type-arg]
     try:
-        reader = await ReconnectingClient(srv.url, sender_id="reader", on_message=seen.append,
-                                          backoff_max=0.5).start()
+        reader = await ReconnectingClient(
+            srv.url, sender_id="reader", on_message=seen.append, backoff_max=0.5
+        ).start()
         writer = await ReconnectingClient(srv.url, sender_id="writer", backoff_max=0.5).start()
         await reader.join("r")
         await writer.join("r")

@@ -18,8 +18,9 @@ from .servers import ChatClient, ReliableClient, check_room
 ROOM = "faulty"
 
 
-async def run_members(members: list[ReliableClient], count: int, rate: float,
-                      fault_after: float, fault: object) -> None:
+async def run_members(
+    members: list[ReliableClient], count: int, rate: float, fault_after: float, fault: object
+) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 90
     runs = [asyncio.create_task(m.run(count, rate=rate, deadline=deadline)) for m in members]
@@ -58,8 +59,10 @@ async def test_redis_restarted_empty_mid_stream(tmp_path: Path) -> None:
         await settle_and_check(cluster, members, "redis restart")
         # Recovered: ready again, presence re-listed, new posts flow across servers.
         assert a.http_get("/readyz")["status"] == "ready"
-        await eventually(lambda: sorted(b.http_get(f"/api/rooms/{ROOM}/members")["members"]),
-                         ["r0", "r1", "r2", "r3"])
+        await eventually(
+            lambda: sorted(b.http_get(f"/api/rooms/{ROOM}/members")["members"]),
+            ["r0", "r1", "r2", "r3"],
+        )
         await members[0].run(61, rate=30, deadline=asyncio.get_running_loop().time() + 20)
         for m in members:
             await m.settle(max(cluster.stored(ROOM)))
@@ -106,8 +109,10 @@ async def test_server_killed_with_sigkill(tmp_path: Path) -> None:
     try:
         a, b = cluster.start(2, workers=2)
         # Chatting members: half on a (they fail over to b), half on b.
-        members = [ReliableClient([a.url, b.url] if i % 2 == 0 else [b.url], f"k{i}", ROOM)
-                   for i in range(4)]
+        members = [
+            ReliableClient([a.url, b.url] if i % 2 == 0 else [b.url], f"k{i}", ROOM)
+            for i in range(4)
+        ]
         for m in members:
             await m.connect()
         # Members that were only ever on a, and a watcher on b who sees them go.

@@ -40,12 +40,16 @@ LINE_RE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ")
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     workdir = tmp_path_factory.mktemp("fuzz")
-    proc = ServerProcess(workdir, {
-        "QUARTCHAT_DATABASE_URL": f"sqlite+aiosqlite:///{workdir / 'chat.db'}",
-        "QUARTCHAT_RATE_PER_S": "0",
-        "QUARTCHAT_MAX_CONTENT": str(MAX_CONTENT),
-        "QUARTCHAT_LOG_JSON": "false",
-    }, name="fuzz").start()
+    proc = ServerProcess(
+        workdir,
+        {
+            "QUARTCHAT_DATABASE_URL": f"sqlite+aiosqlite:///{workdir / 'chat.db'}",
+            "QUARTCHAT_RATE_PER_S": "0",
+            "QUARTCHAT_MAX_CONTENT": str(MAX_CONTENT),
+            "QUARTCHAT_LOG_JSON": "false",
+        },
+        name="fuzz",
+    ).start()
     try:
         yield proc
     finally:
@@ -75,8 +79,12 @@ def _log_problems(text: str) -> list[str]:
 
 def test_access_log_lines_cannot_be_forged(server: ServerProcess) -> None:
     start = server.log_path.stat().st_size
-    paths = ["/api/rooms/room%0D%0AX-Injected:%201/members", "/healthz%00zero",
-             "/x%0Aforged%20line", "/api/rooms/r%E2%80%A8s/messages?q=%0D%0Ay"]
+    paths = [
+        "/api/rooms/room%0D%0AX-Injected:%201/members",
+        "/healthz%00zero",
+        "/x%0Aforged%20line",
+        "/api/rooms/r%E2%80%A8s/messages?q=%0D%0Ay",
+    ]
     for path in paths:
         _status(server, path)
     assert _status(server, "/healthz") == 200
@@ -87,8 +95,26 @@ def test_access_log_lines_cannot_be_forged(server: ServerProcess) -> None:
 
 # ---- the generator ----------------------------------------------------------------------
 
-_WEIRD = ["\n", "\r\n", "\x00", "\t", "\u2028", "\x85", "é", "😀", "\ud7ff", "\\", '"', " ",
-          "%0A", "@", "/", "?", "&", "#"]
+_WEIRD = [
+    "\n",
+    "\r\n",
+    "\x00",
+    "\t",
+    "\u2028",
+    "\x85",
+    "é",
+    "😀",
+    "\ud7ff",
+    "\\",
+    '"',
+    " ",
+    "%0A",
+    "@",
+    "/",
+    "?",
+    "&",
+    "#",
+]
 
 
 def _weird_text(rng: random.Random, n: int = 8) -> str:
@@ -105,20 +131,44 @@ def _room(rng: random.Random) -> Any:
         return rng.choice(ROOMS)
     if r < 0.8:
         return rng.choice(ROOMS) + rng.choice(["\n", "\r", "\x00", " ", "@"])
-    return rng.choice([_weird_text(rng), "x" * rng.choice([64, 65, 1000]), 5, None, [], {},
-                       True, ""])
+    return rng.choice(
+        [_weird_text(rng), "x" * rng.choice([64, 65, 1000]), 5, None, [], {}, True, ""]
+    )
 
 
 def _number(rng: random.Random) -> Any:
-    return rng.choice([0, 1, -1, 7, 2**31, 2**63 - 1, 2**63, 2**64, 10**30, -(2**63), 1.5,
-                       1e308, "5", True, None, [], float("inf")])
+    return rng.choice(
+        [
+            0,
+            1,
+            -1,
+            7,
+            2**31,
+            2**63 - 1,
+            2**63,
+            2**64,
+            10**30,
+            -(2**63),
+            1.5,
+            1e308,
+            "5",
+            True,
+            None,
+            [],
+            float("inf"),
+        ]
+    )
 
 
 def _frame(rng: random.Random, n: int) -> tuple[Any, dict[str, Any] | None]:
     """(what to send: str or bytes, the decoded frame when it is a message post)."""
     if rng.random() < 0.5:  # a clean post, so the rooms see traffic (acks, fan-out)
-        frame = {"action": "message", "room_id": rng.choice(ROOMS), "content": f"post {n}",
-                 "client_msg_id": f"m{n}"}
+        frame = {
+            "action": "message",
+            "room_id": rng.choice(ROOMS),
+            "content": f"post {n}",
+            "client_msg_id": f"m{n}",
+        }
         return json.dumps(frame), frame
     r = rng.random()
     if r < 0.004:
@@ -126,22 +176,34 @@ def _frame(rng: random.Random, n: int) -> tuple[Any, dict[str, Any] | None]:
     if r < 0.03:
         return rng.randbytes(rng.randint(0, 40)), None
     if r < 0.06:
-        return rng.choice(["", "{", "[]", "null", "1", '"x"', "{'a': 1}", "\x00", "{\"action\""]), None
+        return rng.choice(
+            ["", "{", "[]", "null", "1", '"x"', "{'a': 1}", "\x00", '{"action"']
+        ), None
     if r < 0.08:
         return "x" * rng.choice([70_000, 200_000]), None  # over the frame limit: too_large
-    action = rng.choice(["message"] * 5 + ["join"] * 3 + ["leave", "history", "ping", "refresh",
-                                                          "nope", "", 3, None])
+    action = rng.choice(
+        ["message"] * 5
+        + ["join"] * 3
+        + ["leave", "history", "ping", "refresh", "nope", "", 3, None]
+    )
     frame: dict[str, Any] = {"action": action}
     if rng.random() < 0.95:
         frame["room_id"] = _room(rng)
     if action == "message":
         c = rng.random()
-        frame["content"] = (f"post {n} " + _weird_text(rng, 20) if c < 0.8 else
-                            rng.choice(["", None, 5, ["x"], "y" * (MAX_CONTENT + 1),
-                                        "é" * (MAX_CONTENT // 2 + 1)]))
+        frame["content"] = (
+            f"post {n} " + _weird_text(rng, 20)
+            if c < 0.8
+            else rng.choice(
+                ["", None, 5, ["x"], "y" * (MAX_CONTENT + 1), "é" * (MAX_CONTENT // 2 + 1)]
+            )
+        )
         if rng.random() < 0.8:
-            frame["client_msg_id"] = (f"m{n}" if rng.random() < 0.9 else
-                                      rng.choice(["", "z" * 65, 5, None, _weird_text(rng)]))
+            frame["client_msg_id"] = (
+                f"m{n}"
+                if rng.random() < 0.9
+                else rng.choice(["", "z" * 65, 5, None, _weird_text(rng)])
+            )
     if action == "join" and rng.random() < 0.5:
         frame[rng.choice(["since_seq", "history"])] = _number(rng)
     if action == "history":
@@ -154,7 +216,7 @@ def _frame(rng: random.Random, n: int) -> tuple[Any, dict[str, Any] | None]:
         text = json.dumps({k: v for k, v in frame.items() if v != float("inf")})
     if rng.random() < 0.05:  # mutate: cut or flip one character
         i = rng.randrange(len(text))
-        text = text[:i] + rng.choice(["", "}", "\x00", "\ud800"[:0] + "\x7f"]) + text[i + 1:]
+        text = text[:i] + rng.choice(["", "}", "\x00", "\ud800"[:0] + "\x7f"]) + text[i + 1 :]
     try:  # the post as the server will read it (after any mutation)
         sent = json.loads(text)
     except ValueError:
@@ -164,10 +226,13 @@ def _frame(rng: random.Random, n: int) -> tuple[Any, dict[str, Any] | None]:
 
 def _valid_post(frame: dict[str, Any]) -> bool:
     room, content, cmid = frame.get("room_id"), frame.get("content"), frame.get("client_msg_id")
-    return (isinstance(room, str) and ROOM_RE.fullmatch(room) is not None
-            and isinstance(content, str) and 0 < len(content.encode("utf-8", "surrogatepass"))
-            <= MAX_CONTENT
-            and (cmid is None or (isinstance(cmid, str) and 1 <= len(cmid) <= 64)))
+    return (
+        isinstance(room, str)
+        and ROOM_RE.fullmatch(room) is not None
+        and isinstance(content, str)
+        and 0 < len(content.encode("utf-8", "surrogatepass")) <= MAX_CONTENT
+        and (cmid is None or (isinstance(cmid, str) and 1 <= len(cmid) <= 64))
+    )
 
 
 class _Run:
@@ -180,14 +245,20 @@ class _Run:
         self.welcomed = 0
 
 
-async def _session(url: str, sender: str, rng: random.Random, count: int, run: _Run,
-                   base: int) -> None:
+async def _session(
+    url: str, sender: str, rng: random.Random, count: int, run: _Run, base: int
+) -> None:
     """``count`` frames from one sender; a socket the server closes (1008 after too many
     errors, 1009 for a frame past hypercorn's cap) is replaced and the rooms joined again."""
     sent = 0
     while sent < count:
-        ws = await websockets.connect(f"{url}?sender_id={sender}", ping_interval=None,
-                                      compression=None, open_timeout=10, max_size=None)
+        ws = await websockets.connect(
+            f"{url}?sender_id={sender}",
+            ping_interval=None,
+            compression=None,
+            open_timeout=10,
+            max_size=None,
+        )
 
         async def read(ws: Any = ws) -> None:
             try:
@@ -224,20 +295,36 @@ async def _handshake(url: str, rng: random.Random, run: _Run) -> None:
     r = rng.random()
     if r < 0.4:
         sender = rng.choice(["alice", "bob", "c.d@e:f-g_h"])
-        query = f"sender_id={quote(sender + rng.choice(['', '', chr(10), chr(13), chr(0)]), safe='')}"
+        query = (
+            f"sender_id={quote(sender + rng.choice(['', '', chr(10), chr(13), chr(0)]), safe='')}"
+        )
     elif r < 0.8:
         query = "sender_id=" + quote(_weird_text(rng, 70), safe=rng.choice(["", "@:"]))
     else:
-        query = rng.choice(["", "sender_id=", "sender_id=a&sender_id=b", "token=abc",
-                            "sender_id=a%ZZ", "sender_id=" + "a" * 65, "sender_id=%E2%80%A8",
-                            "x=1&sender_id=ok&y=%00", "sender_id=a+b"])
+        query = rng.choice(
+            [
+                "",
+                "sender_id=",
+                "sender_id=a&sender_id=b",
+                "token=abc",
+                "sender_id=a%ZZ",
+                "sender_id=" + "a" * 65,
+                "sender_id=%E2%80%A8",
+                "x=1&sender_id=ok&y=%00",
+                "sender_id=a+b",
+            ]
+        )
     pairs = parse_qsl(query, keep_blank_values=True)
     expected = next((v for k, v in pairs if k == "sender_id"), None)
     valid = expected is not None and SENDER_RE.fullmatch(expected) is not None
     run.handshakes += 1
     try:
-        ws = await websockets.connect(f"{url}?{query}" if query else url, ping_interval=None,
-                                      compression=None, open_timeout=10)
+        ws = await websockets.connect(
+            f"{url}?{query}" if query else url,
+            ping_interval=None,
+            compression=None,
+            open_timeout=10,
+        )
     except websockets.InvalidStatus as exc:
         assert exc.response.status_code == 400, (query, exc.response.status_code)
         assert not valid, f"valid handshake {query!r} refused"
@@ -285,8 +372,10 @@ def test_fuzz_frames_and_handshakes(server: ServerProcess) -> None:
     assert run.frames >= 3000 and run.handshakes >= 600, (run.frames, run.handshakes)
     assert run.welcomed > 100
     assert 1011 not in run.close_codes, run.close_codes
-    print(f"fuzz: {run.frames} frames, {run.handshakes} handshakes ({run.welcomed} welcomed), "
-          f"{len(run.acked)} acks, close codes {sorted(set(map(str, run.close_codes)))}")
+    print(
+        f"fuzz: {run.frames} frames, {run.handshakes} handshakes ({run.welcomed} welcomed), "
+        f"{len(run.acked)} acks, close codes {sorted(set(map(str, run.close_codes)))}"
+    )
     assert _status(server, "/healthz") == 200
 
     # Nothing stored but valid posts; every acked post stored.

@@ -41,7 +41,8 @@ async def limited_app(make_settings: Callable[..., Settings]) -> AsyncIterator[Q
 
 
 async def test_pipelined_posts_past_the_rate_limit_each_error_names_its_post(
-        limited_app: Quart) -> None:
+    limited_app: Quart,
+) -> None:
     """Acceptance 3: every rate_limited error is matched to its post by client_msg_id."""
     async with limited_app.test_client().websocket("/chat?sender_id=alice") as ws:
         assert (await _recv(ws))["type"] == "welcome"
@@ -49,8 +50,11 @@ async def test_pipelined_posts_past_the_rate_limit_each_error_names_its_post(
         assert (await _recv(ws))["type"] == "joined"
         ids = [f"post-{i}" for i in range(30)]
         for cmid in ids:  # pipelined: no wait between posts
-            await ws.send(orjson.dumps({"action": "message", "room_id": "r1",
-                                        "content": cmid, "client_msg_id": cmid}).decode())
+            await ws.send(
+                orjson.dumps(
+                    {"action": "message", "room_id": "r1", "content": cmid, "client_msg_id": cmid}
+                ).decode()
+            )
         acked: set[str] = set()
         limited: list[dict[str, Any]] = []
         while len(acked) + len(limited) < len(ids):
@@ -74,22 +78,33 @@ async def test_refused_frames_echo_only_well_formed_fields(limited_app: Quart) -
     async with limited_app.test_client().websocket("/chat?sender_id=bob") as ws:
         assert (await _recv(ws))["type"] == "welcome"
         # A frame over the frame limit: too_large, still naming the post.
-        big = {"action": "message", "room_id": "r1", "client_msg_id": "big-1",
-               "content": "x" * (settings.frame_limit + 10)}
+        big = {
+            "action": "message",
+            "room_id": "r1",
+            "client_msg_id": "big-1",
+            "content": "x" * (settings.frame_limit + 10),
+        }
         await ws.send(orjson.dumps(big).decode())
         error = await _recv(ws)
         assert error["code"] == "too_large"
         assert (error.get("action"), error.get("room_id"), error.get("client_msg_id")) == (
-            "message", "r1", "big-1"), error
+            "message",
+            "r1",
+            "big-1",
+        ), error
         for _ in range(10):  # spend the burst
             await ws.send('{"action": "ping"}')
-        bad = [{"action": "message", "room_id": "r1\n", "client_msg_id": "c" * 65},
-               {"action": "nope", "room_id": "r1"}, "not json", ["a", "list"]]
+        bad = [
+            {"action": "message", "room_id": "r1\n", "client_msg_id": "c" * 65},
+            {"action": "nope", "room_id": "r1"},
+            "not json",
+            ["a", "list"],
+        ]
         for frame in bad:
             await ws.send(frame if isinstance(frame, str) else orjson.dumps(frame).decode())
         # One answer per frame, in order: 10 to the pings, then the four bad frames.
         answers = [await _recv(ws) for _ in range(10 + len(bad))]
-        seen = answers[-len(bad):]
+        seen = answers[-len(bad) :]
         assert all(f["code"] == "rate_limited" for f in seen), seen
         assert seen[0].get("action") == "message"
         assert "room_id" not in seen[0] and "client_msg_id" not in seen[0], seen[0]
@@ -102,8 +117,10 @@ async def test_refused_frames_echo_only_well_formed_fields(limited_app: Quart) -
 
 @pytest.mark.parametrize("room", ["room\n", "room\r", "\nroom"])
 def test_room_id_with_a_newline_is_invalid_field(room: str) -> None:
-    for frame in ({"action": "join", "room_id": room},
-                  {"action": "message", "room_id": room, "content": "hi"}):
+    for frame in (
+        {"action": "join", "room_id": room},
+        {"action": "message", "room_id": room, "content": "hi"},
+    ):
         with pytest.raises(ChatError) as info:
             parse_frame(orjson.dumps(frame).decode(), Limits())
         assert info.value.code == "invalid_field"
@@ -126,8 +143,11 @@ async def test_http_room_id_with_a_newline_is_400(limited_app: Quart) -> None:
 
 
 def test_settings_ids_are_full_matches() -> None:
-    for name, value in (("QUARTCHAT_SERVER_ID", "srv\n"), ("QUARTCHAT_REDIS_PREFIX", "p\n"),
-                        ("QUARTCHAT_BIND", "127.0.0.1:80\n")):
+    for name, value in (
+        ("QUARTCHAT_SERVER_ID", "srv\n"),
+        ("QUARTCHAT_REDIS_PREFIX", "p\n"),
+        ("QUARTCHAT_BIND", "127.0.0.1:80\n"),
+    ):
         # Settings strip surrounding whitespace; an inner newline must still fail.
         with pytest.raises(ConfigError):
             Settings.from_env({name: value.replace("\n", "\nx")}, env_file=None)
@@ -136,14 +156,17 @@ def test_settings_ids_are_full_matches() -> None:
 # ---- numeric fields bounded to what every store accepts -----------------------------
 
 
-@pytest.mark.parametrize("frame", [
-    {"action": "history", "room_id": "r", "before_seq": 2**63},
-    {"action": "history", "room_id": "r", "before_seq": 10**30},
-    {"action": "join", "room_id": "r", "since_seq": 2**63},
-    {"action": "join", "room_id": "r", "since_seq": 2**64 + 1},
-    {"action": "history", "room_id": "r", "limit": 2**64},
-    {"action": "join", "room_id": "r", "history": -1},
-])
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"action": "history", "room_id": "r", "before_seq": 2**63},
+        {"action": "history", "room_id": "r", "before_seq": 10**30},
+        {"action": "join", "room_id": "r", "since_seq": 2**63},
+        {"action": "join", "room_id": "r", "since_seq": 2**64 + 1},
+        {"action": "history", "room_id": "r", "limit": 2**64},
+        {"action": "join", "room_id": "r", "history": -1},
+    ],
+)
 def test_out_of_range_integers_are_invalid_field(frame: dict[str, Any]) -> None:
     with pytest.raises(ChatError) as info:
         parse_frame(_dumps_big(frame), Limits())
@@ -159,15 +182,21 @@ def _dumps_big(frame: dict[str, Any]) -> str:
 
 
 def test_largest_store_integer_is_accepted() -> None:
-    command = parse_frame(_dumps_big({"action": "history", "room_id": "r",
-                                      "before_seq": 2**63 - 1}), Limits())
+    command = parse_frame(
+        _dumps_big({"action": "history", "room_id": "r", "before_seq": 2**63 - 1}), Limits()
+    )
     assert command.before_seq == 2**63 - 1
 
 
 async def test_http_before_seq_past_int64_is_400_not_503(limited_app: Quart) -> None:
     client = limited_app.test_client()
-    for query in ("before_seq=9223372036854775808", "before_seq=99999999999999999999999",
-                  "limit=1_0", "limit=%2B5", "before_seq=%D9%A1"):
+    for query in (
+        "before_seq=9223372036854775808",
+        "before_seq=99999999999999999999999",
+        "limit=1_0",
+        "limit=%2B5",
+        "before_seq=%D9%A1",
+    ):
         response = await client.get(f"/api/rooms/r1/messages?{query}")
         body = await response.get_json()
         assert response.status_code == 400 and body["error"] == "invalid_field", (query, body)
@@ -175,8 +204,7 @@ async def test_http_before_seq_past_int64_is_400_not_503(limited_app: Quart) -> 
     assert response.status_code == 200
 
 
-async def test_websocket_history_before_seq_past_int64_is_invalid_field(
-        limited_app: Quart) -> None:
+async def test_websocket_history_before_seq_past_int64_is_invalid_field(limited_app: Quart) -> None:
     async with limited_app.test_client().websocket("/chat?sender_id=carol") as ws:
         assert (await _recv(ws))["type"] == "welcome"
         await ws.send('{"action": "history", "room_id": "r1", "before_seq": 9223372036854775808}')
@@ -192,8 +220,7 @@ class _FakeQuartSocket:
     stream's ``app_send``, as :func:`fast_sender_for` expects."""
 
     def __init__(self, stream: Any) -> None:
-        self._send = functools.partial(lambda app_send, message: app_send(message),
-                                       stream.app_send)
+        self._send = functools.partial(lambda app_send, message: app_send(message), stream.app_send)
         self.sent: list[str] = []
         self.closed: tuple[int, str] | None = None
 
@@ -241,7 +268,8 @@ async def test_writer_survives_a_frame_to_a_socket_in_local_closing() -> None:
 
 
 async def test_slow_consumer_closes_are_counted_and_summed_in_one_line(
-        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     summary = getattr(connection_mod, "SlowConsumerLog", None)
     if summary is not None:
         monkeypatch.setattr(connection_mod, "_SLOW_LOG", summary(0.3))

@@ -141,9 +141,12 @@ async def _remote(hub: Hub, count: int) -> list[bytes]:
 
 
 async def test_connections_open_opened_closed_and_refused(app: Quart) -> None:
-    d = Deltas(q("connections_open"), q("connections_opened_total"),
-               (q("connections_closed_total"), {"code": "1000"}),
-               (q("handshakes_refused_total"), {"status": "400"}))
+    d = Deltas(
+        q("connections_open"),
+        q("connections_opened_total"),
+        (q("connections_closed_total"), {"code": "1000"}),
+        (q("handshakes_refused_total"), {"status": "400"}),
+    )
     async with connect(app, "a") as ra, connect(app, "b") as rb:
         await WS(ra).expect("welcome")
         await WS(rb).expect("welcome")
@@ -167,8 +170,10 @@ async def test_connections_open_opened_closed_and_refused(app: Quart) -> None:
 async def test_frames_by_action_and_errors_by_code(app: Quart) -> None:
     actions = ["join", "message", "history", "ping", "leave"]
     codes = ["invalid_json", "unknown_action", "not_joined", "invalid_field"]
-    d = Deltas(*((q("frames_received_total"), {"action": a}) for a in actions),
-               *((q("errors_sent_total"), {"code": c}) for c in codes))
+    d = Deltas(
+        *((q("frames_received_total"), {"action": a}) for a in actions),
+        *((q("errors_sent_total"), {"code": c}) for c in codes),
+    )
     async with connect(app) as raw:
         ws = WS(raw)
         await ws.expect("welcome")
@@ -191,7 +196,12 @@ async def test_frames_by_action_and_errors_by_code(app: Quart) -> None:
         await ws.send({"action": "message", "room_id": "r", "content": ""})
         assert (await ws.expect("error"))["code"] == "invalid_field"
     assert {a: d(q("frames_received_total"), action=a) for a in actions} == {
-        "join": 1, "message": 1, "history": 1, "ping": 1, "leave": 2}
+        "join": 1,
+        "message": 1,
+        "history": 1,
+        "ping": 1,
+        "leave": 2,
+    }
     assert {c: d(q("errors_sent_total"), code=c) for c in codes} == dict.fromkeys(codes, 1)
 
 
@@ -204,9 +214,14 @@ async def test_messages_stored_published_delivered_and_latency(hub_factory: Any)
     await join(hub, alice)
     await join(hub, bob)
     lat = q("delivery_latency_seconds")
-    d = Deltas(q("messages_stored_total"), q("messages_published_total"),
-               q("messages_delivered_total"), f"{lat}_count", f"{lat}_sum",
-               (f"{lat}_bucket", {"le": "2.5"}))
+    d = Deltas(
+        q("messages_stored_total"),
+        q("messages_published_total"),
+        q("messages_delivered_total"),
+        f"{lat}_count",
+        f"{lat}_sum",
+        (f"{lat}_bucket", {"le": "2.5"}),
+    )
     for i in range(5):
         hub.submit(ROOM, Publish(alice.conn, f"m{i}", None))
     await alice.socket.next_of("ack", 5)
@@ -229,8 +244,15 @@ async def test_store_write_latency_batch_size_and_errors(hub_factory: Any) -> No
     alice = client("alice")
     await join(hub, alice)
     w, b = q("store_write_seconds"), q("store_batch_size")
-    d = Deltas(f"{w}_count", f"{w}_sum", f"{b}_count", f"{b}_sum", (f"{b}_bucket", {"le": "1.0"}),
-               (f"{b}_bucket", {"le": "10.0"}), (q("store_errors_total"), {"op": "insert"}))
+    d = Deltas(
+        f"{w}_count",
+        f"{w}_sum",
+        f"{b}_count",
+        f"{b}_sum",
+        (f"{b}_bucket", {"le": "1.0"}),
+        (f"{b}_bucket", {"le": "10.0"}),
+        (q("store_errors_total"), {"op": "insert"}),
+    )
     # The first write is held for 0.2 s; nine posts queue behind it and go as one batch.
     store.gate = asyncio.Event()
     hub.submit(ROOM, Publish(alice.conn, "first", None))
@@ -290,8 +312,7 @@ async def test_broker_up_reconnects_and_resubscribes(hub_factory: Any, tmp_path:
 # ---- reorder buffer, gap fills, skipped seqs ------------------------------------------
 
 
-async def test_reorder_holds_gap_fills_and_skipped_seqs(
-        hub_factory: Any, sync_sql: Any) -> None:
+async def test_reorder_holds_gap_fills_and_skipped_seqs(hub_factory: Any, sync_sql: Any) -> None:
     hub, client = await hub_factory(gap_timeout_s=0.05, position_check_s=60)
     bob = client("bob")
     await join(hub, bob)
@@ -369,8 +390,13 @@ async def test_slow_consumer_close(hub_factory: Any) -> None:
 
 
 async def test_active_rooms_inbox_depth_and_outbound_queues(hub_factory: Any) -> None:
-    d = Deltas(q("active_rooms"), q("inbox_depth_count"), q("inbox_depth_sum"),
-               (q("inbox_depth_bucket"), {"le": "10.0"}), (q("inbox_depth_bucket"), {"le": "100.0"}))
+    d = Deltas(
+        q("active_rooms"),
+        q("inbox_depth_count"),
+        q("inbox_depth_sum"),
+        (q("inbox_depth_bucket"), {"le": "10.0"}),
+        (q("inbox_depth_bucket"), {"le": "100.0"}),
+    )
     hub, client = await hub_factory(room_idle_s=0.1)
     alice = client("alice")
     slow = client("slow", stalled=True)  # never reads: its frames pile up in its queue
@@ -442,8 +468,11 @@ async def test_registry_gauges_count_tasks_threads_connections_and_rooms(hub_fac
 
 
 async def test_rate_limited_frames(make_settings: Callable[..., Settings]) -> None:
-    d = Deltas(q("rate_limited_frames_total"), (q("errors_sent_total"), {"code": "rate_limited"}),
-               (q("frames_received_total"), {"action": "ping"}))
+    d = Deltas(
+        q("rate_limited_frames_total"),
+        (q("errors_sent_total"), {"code": "rate_limited"}),
+        (q("frames_received_total"), {"action": "ping"}),
+    )
     app = create_app(make_settings(rate_per_s=1, rate_burst=3))
     async with app.test_app(), connect(app) as raw:
         ws = WS(raw)
@@ -455,7 +484,9 @@ async def test_rate_limited_frames(make_settings: Callable[..., Settings]) -> No
     assert limited >= 2, answers
     assert d(q("rate_limited_frames_total")) == limited
     assert d(q("errors_sent_total"), code="rate_limited") == limited
-    assert d(q("frames_received_total"), action="ping") == 6 - limited, "refused frames are not counted"
+    assert d(q("frames_received_total"), action="ping") == 6 - limited, (
+        "refused frames are not counted"
+    )
 
 
 # ---- drain ----------------------------------------------------------------------------
@@ -463,8 +494,12 @@ async def test_rate_limited_frames(make_settings: Callable[..., Settings]) -> No
 
 async def test_drain_duration_and_1001_closes(app: Quart) -> None:
     hub = app.extensions["quartchat"]
-    d = Deltas(q("drain_seconds_count"), q("drain_seconds_sum"),
-               (q("connections_closed_total"), {"code": "1001"}), q("connections_open"))
+    d = Deltas(
+        q("drain_seconds_count"),
+        q("drain_seconds_sum"),
+        (q("connections_closed_total"), {"code": "1001"}),
+        q("connections_open"),
+    )
     async with connect(app, "alice") as raw:
         ws = WS(raw)
         await ws.expect("welcome")
@@ -495,7 +530,6 @@ async def test_metrics_route_serves_every_metric(app: Quart) -> None:
             assert re.search(rf"^# TYPE {metric._name}(_total)? ", text, re.MULTILINE), name
             assert metric._name.startswith("quartchat_"), name
             assert not set(metric._labelnames) & {"room_id", "sender_id", "room", "sender"}
-
 
 
 async def test_metrics_route_renders_off_the_event_loop(
@@ -564,8 +598,15 @@ _READER = textwrap.dedent("""
 
 
 def _python(code: str, *args: str, env: dict[str, str]) -> str:
-    out = subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=ROOT, check=False,
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        env=env,
+        cwd=ROOT,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 
@@ -578,22 +619,24 @@ def test_multiprocess_mode_sums_every_process_and_forgets_dead_gauges(tmp_path: 
     pid1 = int(_python(_WRITER, "3", "1", env=env))
     pid2 = int(_python(_WRITER, "4", "0", env=env))
     read = json.loads(_python(_READER, env=env))
-    assert read['quartchat_connections_opened_total{}'] == 7
-    assert read['quartchat_connections_open{}'] == 7, "livesum: one series for the host"
-    assert read['quartchat_broker_up{}'] == 0, "livemin: the worst worker"
+    assert read["quartchat_connections_opened_total{}"] == 7
+    assert read["quartchat_connections_open{}"] == 7, "livesum: one series for the host"
+    assert read["quartchat_broker_up{}"] == 0, "livemin: the worst worker"
     assert read['quartchat_errors_sent_total{"code": "rate_limited"}'] == 2
     assert not any('"pid"' in key for key in read)
     multiprocess.mark_process_dead(pid2, str(path))  # what the launcher does on exit
     read = json.loads(_python(_READER, env=env))
-    assert read['quartchat_connections_open{}'] == 3
-    assert read['quartchat_broker_up{}'] == 1
-    assert read['quartchat_connections_opened_total{}'] == 7, "counters keep a dead worker's counts"
+    assert read["quartchat_connections_open{}"] == 3
+    assert read["quartchat_broker_up{}"] == 1
+    assert read["quartchat_connections_opened_total{}"] == 7, "counters keep a dead worker's counts"
     assert {p.name for p in path.glob("*.db")} >= {f"counter_{pid1}.db", f"counter_{pid2}.db"}
 
 
 def test_launcher_process_never_loads_prometheus_client() -> None:
-    code = ("import sys, quartchat.cli, quartchat.launcher, quartchat.server; "
-            "print('prometheus_client' in sys.modules)")
+    code = (
+        "import sys, quartchat.cli, quartchat.launcher, quartchat.server; "
+        "print('prometheus_client' in sys.modules)"
+    )
     assert _python(code, env=dict(os.environ)) == "False"
 
 
@@ -644,9 +687,15 @@ def test_single_process_with_a_multiproc_dir_starts_clean(tmp_path: Path) -> Non
     name = q("connections_opened")
     stale.write_value(mmap_key(name, name + "_total", [], [], "x"), 100_000.0, 0.0)
     stale.close()
-    server = ServerProcess(tmp_path, {"PROMETHEUS_MULTIPROC_DIR": str(path),
-                                      "QUARTCHAT_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/c.db",
-                                      "QUARTCHAT_BROKER_URL": "memory://"}, workers=1)
+    server = ServerProcess(
+        tmp_path,
+        {
+            "PROMETHEUS_MULTIPROC_DIR": str(path),
+            "QUARTCHAT_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/c.db",
+            "QUARTCHAT_BROKER_URL": "memory://",
+        },
+        workers=1,
+    )
     try:
         server.start()
         assert server.proc is not None

@@ -48,8 +48,16 @@ def test_access_log_format_drops_query_strings_and_credentials() -> None:
     formats = re.findall(r"log_format\s+\S+\s+((?:'[^']*'\s*)+);", text)
     assert formats, "ops/nginx.conf defines a log_format"
     for fmt in formats:
-        for leaky in ("$request ", '$request"', "$request_uri", "$args", "$query_string",
-                      "$arg_", "$http_authorization", "$is_args"):
+        for leaky in (
+            "$request ",
+            '$request"',
+            "$request_uri",
+            "$args",
+            "$query_string",
+            "$arg_",
+            "$http_authorization",
+            "$is_args",
+        ):
             assert leaky not in fmt, f"log_format writes {leaky.strip()}"
     for line in re.findall(r"^\s*access_log\s+([^;]+);", text, flags=re.MULTILINE):
         assert line.split()[0] == "off" or line.split()[-1] == "quartchat", line
@@ -224,6 +232,7 @@ async def test_websockets_through_nginx_reach_both_servers_and_talk_across(
         assert orders == {(1, 2)}, "same order on every client of either server"
         for sender in senders:
             await sender.wait_for(lambda s=sender: bool(s.of("ack")))
+
         # Cluster-wide presence, read through nginx (either server answers).
         def members() -> tuple[int, object]:
             status, body = nginx.get(f"/api/rooms/{room}/members")

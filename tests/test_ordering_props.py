@@ -57,7 +57,8 @@ class Model:
         # Seqs at or below the start were stored before anyone here joined.
         below_start = set(range(1, self.start + 1))
         assert passed_over - below_start <= self.deleted, (
-            f"passed over seqs the store holds: {sorted(passed_over - below_start - self.deleted)}")
+            f"passed over seqs the store holds: {sorted(passed_over - below_start - self.deleted)}"
+        )
 
     def step(self, kind: int, arg: int) -> None:
         self.now += 0.05
@@ -128,7 +129,8 @@ def run(start: int, deleted: set[int], steps: list[tuple[int, int]]) -> None:
     steps=st.lists(st.tuples(st.integers(0, 5), st.integers(0, 1000)), max_size=120),
 )
 def test_any_interleaving_hands_out_the_store_in_order(
-        start: int, deleted: set[int], steps: list[tuple[int, int]]) -> None:
+    start: int, deleted: set[int], steps: list[tuple[int, int]]
+) -> None:
     run(start, {d for d in deleted if d > start}, steps)
 
 

@@ -95,16 +95,28 @@ class Prometheus:
         self.port = free_port()
         self.workdir = workdir
         config = {
-            "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-            "scrape_configs": [{"job_name": "quartchat", "metrics_path": "/metrics",
-                                "static_configs": [{"targets": targets}]}],
+            "global": {
+                "scrape_interval": "1s",
+                "scrape_timeout": "1s",
+                "evaluation_interval": "1s",
+            },
+            "scrape_configs": [
+                {
+                    "job_name": "quartchat",
+                    "metrics_path": "/metrics",
+                    "static_configs": [{"targets": targets}],
+                }
+            ],
         }
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.log_path = workdir / "prometheus.log"
-        self.args = [binary, f"--config.file={workdir / 'prometheus.yml'}",
-                     f"--storage.tsdb.path={workdir / 'tsdb'}",
-                     f"--web.listen-address=127.0.0.1:{self.port}",
-                     "--storage.tsdb.retention.time=1h"]
+        self.args = [
+            binary,
+            f"--config.file={workdir / 'prometheus.yml'}",
+            f"--storage.tsdb.path={workdir / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--storage.tsdb.retention.time=1h",
+        ]
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -113,8 +125,9 @@ class Prometheus:
 
     def start(self, timeout: float = 20.0) -> Prometheus:
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.args, cwd=self.workdir, stdout=log,
-                                         stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                self.args, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"prometheus exited:\n{self.log()}"
@@ -137,7 +150,9 @@ class Prometheus:
 
     def targets_up(self) -> list[str]:
         body = json.loads(http_text(self.url + "/api/v1/targets"))
-        return [t["labels"]["instance"] for t in body["data"]["activeTargets"] if t["health"] == "up"]
+        return [
+            t["labels"]["instance"] for t in body["data"]["activeTargets"] if t["health"] == "up"
+        ]
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -154,8 +169,9 @@ def _stale_metrics_file(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     stale = MmapedDict(str(path / "counter_999999.db"))
     name = "quartchat_connections_opened"
-    stale.write_value(mmap_key(name, name + "_total", [], [], "WebSocket connections accepted"),
-                      100_000.0, 0.0)
+    stale.write_value(
+        mmap_key(name, name + "_total", [], [], "WebSocket connections accepted"), 100_000.0, 0.0
+    )
     stale.close()
 
 
@@ -167,8 +183,10 @@ async def traffic(a: ServerProcess, b: ServerProcess, seconds: float) -> list[Ch
 
     Returns the clients left open (one per server)."""
     room = "prom"
-    members = [await ChatClient(url, f"m{i}").connect() for i, url in
-               enumerate([a.url, b.url, a.url, b.url])]
+    members = [
+        await ChatClient(url, f"m{i}").connect()
+        for i, url in enumerate([a.url, b.url, a.url, b.url])
+    ]
     for m in members:
         await m.join(room)
     loop = asyncio.get_running_loop()
@@ -177,8 +195,14 @@ async def traffic(a: ServerProcess, b: ServerProcess, seconds: float) -> list[Ch
     async def post(m: ChatClient) -> None:
         n = 0
         while loop.time() < deadline:
-            await m.send({"action": "message", "room_id": room, "content": f"{m.sender} #{n}",
-                          "client_msg_id": f"{m.sender}-{n}"})
+            await m.send(
+                {
+                    "action": "message",
+                    "room_id": room,
+                    "content": f"{m.sender} #{n}",
+                    "client_msg_id": f"{m.sender}-{n}",
+                }
+            )
             n += 1
             await asyncio.sleep(0.08)
 
@@ -217,8 +241,13 @@ async def traffic(a: ServerProcess, b: ServerProcess, seconds: float) -> list[Ch
 def test_ops_files_are_valid_and_point_at_the_compose_services() -> None:
     prom = ROOT / "ops" / "prometheus.yml"
     if shutil.which("promtool"):
-        out = subprocess.run(["promtool", "check", "config", str(prom)], check=False,
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            ["promtool", "check", "config", str(prom)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert out.returncode == 0, out.stdout + out.stderr
     config = yaml.safe_load(prom.read_text())
     (job,) = config["scrape_configs"]
@@ -228,8 +257,14 @@ def test_ops_files_are_valid_and_point_at_the_compose_services() -> None:
 
     grafana = ROOT / "ops" / "grafana" / "provisioning"
     (ds,) = yaml.safe_load((grafana / "datasources" / "prometheus.yml").read_text())["datasources"]
-    assert (ds["uid"], ds["type"], ds["url"]) == ("prometheus", "prometheus", "http://prometheus:9090")
-    (provider,) = yaml.safe_load((grafana / "dashboards" / "quartchat.yml").read_text())["providers"]
+    assert (ds["uid"], ds["type"], ds["url"]) == (
+        "prometheus",
+        "prometheus",
+        "http://prometheus:9090",
+    )
+    (provider,) = yaml.safe_load((grafana / "dashboards" / "quartchat.yml").read_text())[
+        "providers"
+    ]
     assert provider["type"] == "file"
     assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
 
@@ -248,15 +283,17 @@ async def test_prometheus_scrapes_a_cluster_and_every_panel_has_data(tmp_path: P
     started = time.monotonic()
     user_dir = tmp_path / "prom-multiproc"
     _stale_metrics_file(user_dir)
-    cluster = Cluster(tmp_path, extra_env={"QUARTCHAT_RATE_PER_S": "50",
-                                           "QUARTCHAT_RATE_BURST": "20"})
+    cluster = Cluster(
+        tmp_path, extra_env={"QUARTCHAT_RATE_PER_S": "50", "QUARTCHAT_RATE_BURST": "20"}
+    )
     prometheus: Prometheus | None = None
     try:
         # Server a: PROMETHEUS_MULTIPROC_DIR given (emptied at start, readable here);
         # server b: none given (the launcher makes and removes a temporary one).
         env = cluster.env()
-        a = ServerProcess(tmp_path, {**env, "PROMETHEUS_MULTIPROC_DIR": str(user_dir)},
-                          workers=2, name="app1")
+        a = ServerProcess(
+            tmp_path, {**env, "PROMETHEUS_MULTIPROC_DIR": str(user_dir)}, workers=2, name="app1"
+        )
         b = ServerProcess(tmp_path, env, workers=2, name="app2")
         b.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         cluster.servers += [a, b]

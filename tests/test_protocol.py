@@ -28,14 +28,17 @@ def error_of(frame: str | bytes) -> ChatError:
 def test_valid_frames() -> None:
     assert parse_frame('{"action":"ping"}', LIMITS) == PingCmd()
     assert parse_frame('{"action":"join","room_id":"a.b:c-d_1"}', LIMITS) == JoinCmd("a.b:c-d_1")
-    assert parse_frame('{"action":"join","room_id":"r","since_seq":0,"history":100}', LIMITS) == \
-        JoinCmd("r", 0, 100)
+    assert parse_frame(
+        '{"action":"join","room_id":"r","since_seq":0,"history":100}', LIMITS
+    ) == JoinCmd("r", 0, 100)
     assert parse_frame('{"action":"leave","room_id":"r","extra":1}', LIMITS) == LeaveCmd("r")
-    assert parse_frame('{"action":"message","room_id":"r","content":"hi","client_msg_id":null}',
-                       LIMITS) == PostCmd("r", "hi", None)
+    assert parse_frame(
+        '{"action":"message","room_id":"r","content":"hi","client_msg_id":null}', LIMITS
+    ) == PostCmd("r", "hi", None)
     assert parse_frame('{"action":"history","room_id":"r"}', LIMITS) == HistoryCmd("r", None, 50)
-    assert parse_frame('{"action":"history","room_id":"r","before_seq":5,"limit":1}', LIMITS) == \
-        HistoryCmd("r", 5, 1)
+    assert parse_frame(
+        '{"action":"history","room_id":"r","before_seq":5,"limit":1}', LIMITS
+    ) == HistoryCmd("r", 5, 1)
     # Content is limited in UTF-8 bytes: 4 emoji of 4 bytes fit in 16.
     assert parse_frame('{"action":"message","room_id":"r","content":"😀😀😀😀"}', LIMITS).content
 
@@ -65,12 +68,20 @@ def test_valid_frames() -> None:
         ('{"action": "message", "room_id": "r", "content": ""}', "invalid_field"),
         ('{"action": "message", "room_id": "r", "content": "' + "x" * 17 + '"}', "too_large"),
         ('{"action": "message", "room_id": "r", "content": "😀😀😀😀x"}', "too_large"),
-        ('{"action": "message", "room_id": "r", "content": "x", "client_msg_id": ""}',
-         "invalid_field"),
-        ('{"action": "message", "room_id": "r", "content": "x", "client_msg_id": 3}',
-         "invalid_field"),
-        ('{"action": "message", "room_id": "r", "content": "x", "client_msg_id": "' + "k" * 65
-         + '"}', "invalid_field"),
+        (
+            '{"action": "message", "room_id": "r", "content": "x", "client_msg_id": ""}',
+            "invalid_field",
+        ),
+        (
+            '{"action": "message", "room_id": "r", "content": "x", "client_msg_id": 3}',
+            "invalid_field",
+        ),
+        (
+            '{"action": "message", "room_id": "r", "content": "x", "client_msg_id": "'
+            + "k" * 65
+            + '"}',
+            "invalid_field",
+        ),
         ('{"action": "history", "room_id": "r", "limit": 0}', "invalid_field"),
         ('{"action": "history", "room_id": "r", "limit": 101}', "invalid_field"),
         ('{"action": "history", "room_id": "r", "before_seq": 0}', "invalid_field"),
@@ -87,8 +98,14 @@ def test_binary_frame_is_unsupported() -> None:
 
 def test_errors_echo_well_formed_fields_only() -> None:
     err = error_of('{"action":"message","room_id":"r","content":"","client_msg_id":"k"}')
-    assert err.to_frame() == {"type": "error", "code": "invalid_field", "message": err.message,
-                              "action": "message", "room_id": "r", "client_msg_id": "k"}
+    assert err.to_frame() == {
+        "type": "error",
+        "code": "invalid_field",
+        "message": err.message,
+        "action": "message",
+        "room_id": "r",
+        "client_msg_id": "k",
+    }
     err = error_of('{"action":"message","room_id":"bad room","content":"x"}')
     frame = err.to_frame()
     assert frame["action"] == "message" and "room_id" not in frame and "client_msg_id" not in frame

@@ -179,7 +179,9 @@ async def test_idle_room_actor_retires_and_comes_back(hub_factory: Any) -> None:
     assert joined["last_seq"] == 1 and hub.actors[ROOM] is not actor
 
 
-async def test_slow_subscriber_is_closed_with_4008_and_others_keep_receiving(hub_factory: Any) -> None:
+async def test_slow_subscriber_is_closed_with_4008_and_others_keep_receiving(
+    hub_factory: Any,
+) -> None:
     hub, client = await hub_factory(outbound_queue=20)
     fast, slow = client("fast", queue_size=20), client("slow", queue_size=20, stalled=True)
     await join(hub, fast)
@@ -227,7 +229,8 @@ async def test_gap_is_filled_from_the_store(hub_factory: Any) -> None:
 
 
 async def test_a_seq_the_store_does_not_hold_is_passed_over_after_a_complete_read(
-        hub_factory: Any, sync_sql: Any) -> None:
+    hub_factory: Any, sync_sql: Any
+) -> None:
     hub, client = await hub_factory(gap_timeout_s=0.05)
     bob = client("bob")
     await join(hub, bob)
@@ -259,7 +262,9 @@ async def test_a_lost_last_message_is_found_by_the_position_check(hub_factory: A
     assert [m["seq"] for m in got] == [1]
 
 
-async def test_join_since_seq_replays_then_goes_live_without_gap_or_duplicate(hub_factory: Any) -> None:
+async def test_join_since_seq_replays_then_goes_live_without_gap_or_duplicate(
+    hub_factory: Any,
+) -> None:
     hub, client = await hub_factory()
     store: RecordingStore = hub.store  # type: ignore[assignment]
     alice = client("alice")

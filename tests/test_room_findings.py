@@ -45,8 +45,9 @@ class GatedStore(DatabaseStore):
             await self.gate.wait()
         return await super().append(room_id, posts)
 
-    async def after(self, room_id: str, after_seq: int, upto_seq: int | None,
-                    limit: int) -> list[StoredMessage]:
+    async def after(
+        self, room_id: str, after_seq: int, upto_seq: int | None, limit: int
+    ) -> list[StoredMessage]:
         if self.reads_fail > 0:
             self.reads_fail -= 1
             raise StoreError("injected: read failed")
@@ -83,9 +84,15 @@ def seqs_of(c: Client, room: str = ROOM) -> list[int]:
 
 def delta(name: str) -> Callable[[], float]:
     """How much a counter moved since this call."""
+
     def read() -> float:
-        return sum(s.value for m in metrics.REGISTRY.collect() for s in m.samples
-                   if s.name == f"quartchat_{name}_total")
+        return sum(
+            s.value
+            for m in metrics.REGISTRY.collect()
+            for s in m.samples
+            if s.name == f"quartchat_{name}_total"
+        )
+
     start = read()
     return lambda: read() - start
 
@@ -93,8 +100,7 @@ def delta(name: str) -> Callable[[], float]:
 # -- 2: a commit slower than any timer is never skipped ----------------------------------
 
 
-async def test_2_a_slow_commit_on_another_server_is_delivered_not_skipped(
-        hub_factory: Any) -> None:
+async def test_2_a_slow_commit_on_another_server_is_delivered_not_skipped(hub_factory: Any) -> None:
     shared = MemoryBroker()  # both servers hear each other's publishes
     a, client_a = await hub_factory(broker=shared)
     b, client_b = await hub_factory(broker=shared)
@@ -160,8 +166,9 @@ async def test_5_leave_stops_the_replay_and_a_rejoin_replays_once(hub_factory: A
     hub.submit(ROOM, Leave(bob.conn))
     bob.conn.rooms.add(ROOM)
     hub.submit(ROOM, Join(bob.conn, since_seq=0))
-    await wait_for(lambda: len(seqs_of(bob)) >= 2000 and bob.socket.frames[-1]["type"] == "message",
-                   timeout=20)
+    await wait_for(
+        lambda: len(seqs_of(bob)) >= 2000 and bob.socket.frames[-1]["type"] == "message", timeout=20
+    )
     await hub.actors[ROOM].settle()
     await asyncio.sleep(0.1)
     frames = [f for f in bob.socket.frames if f["type"] in ("joined", "left", "message")]
@@ -240,7 +247,8 @@ async def test_11_a_far_behind_client_is_replayed_not_closed(hub_factory: Any) -
 
 
 async def test_13_a_join_while_the_store_is_down_waits_and_is_removed_on_disconnect(
-        hub_factory: Any) -> None:
+    hub_factory: Any,
+) -> None:
     hub, client = await hub_factory()
     store: GatedStore = hub.store  # type: ignore[assignment]
     store.counter_fails = 2  # the room cannot read its last seq at first
@@ -282,7 +290,8 @@ async def test_13_a_dead_actor_is_forgotten_and_its_members_told(hub_factory: An
 
 
 async def test_13_a_slow_consumer_is_closed_and_counted_once(
-        hub_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    hub_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(replay_module, "STALL_S", 0.3)
     hub, client = await hub_factory()
     alice = client("alice")
@@ -329,7 +338,8 @@ async def test_13_a_full_room_refuses_joins_and_posts_but_never_leaves(hub_facto
 
 
 async def test_3_redis_going_back_in_time_costs_no_message(
-        make_hub: Callable[..., Any], tmp_path: Any) -> None:
+    make_hub: Callable[..., Any], tmp_path: Any
+) -> None:
     from quartchat.broker.redis import RedisBroker
 
     from .redis_util import RedisServer, unique_prefix

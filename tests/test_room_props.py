@@ -102,15 +102,17 @@ class FlakyStore(DatabaseStore):
 
     failing = False
 
-    async def after(self, room_id: str, after_seq: int, upto_seq: int | None,
-                    limit: int) -> list[StoredMessage]:
+    async def after(
+        self, room_id: str, after_seq: int, upto_seq: int | None, limit: int
+    ) -> list[StoredMessage]:
         if self.failing:
             raise StoreError("injected: read failed")
         await asyncio.sleep(0)
         return await super().after(room_id, after_seq, upto_seq, limit)
 
-    async def page(self, room_id: str, before_seq: int | None,
-                   limit: int) -> tuple[list[StoredMessage], bool]:
+    async def page(
+        self, room_id: str, before_seq: int | None, limit: int
+    ) -> tuple[list[StoredMessage], bool]:
         if self.failing:
             raise StoreError("injected: read failed")
         return await super().page(room_id, before_seq, limit)
@@ -133,7 +135,8 @@ STEP = st.tuples(st.integers(0, 9), st.integers(0, 7), st.integers(0, 1000))
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(steps=st.lists(STEP, min_size=10, max_size=80))
 def test_rooms_keep_order_and_lose_nothing_under_any_interleaving(
-        steps: Sequence[tuple[int, int, int]]) -> None:
+    steps: Sequence[tuple[int, int, int]],
+) -> None:
     asyncio.run(asyncio.wait_for(scenario(steps), 60))
 
 
@@ -147,9 +150,13 @@ async def scenario(steps: Sequence[tuple[int, int, int]]) -> None:
     stores: list[FlakyStore] = []
     for n in range(2):
         settings_ = attrs.evolve(
-            Settings.from_env({"QUARTCHAT_DATABASE_URL": url, "QUARTCHAT_SERVER_ID": f"s{n}"},
-                              env_file=None),
-            gap_timeout_s=0.02, position_check_s=0.05, room_idle_s=60.0)
+            Settings.from_env(
+                {"QUARTCHAT_DATABASE_URL": url, "QUARTCHAT_SERVER_ID": f"s{n}"}, env_file=None
+            ),
+            gap_timeout_s=0.02,
+            position_check_s=0.05,
+            room_idle_s=60.0,
+        )
         store = FlakyStore(url)
         hub = Hub(settings_, store=store, broker=ChaosBroker(bus))  # type: ignore[arg-type]
         await hub.start()
@@ -253,9 +260,11 @@ def stream(client: Client, room: str) -> list[list[dict[str, Any]]]:
     return runs
 
 
-async def settle(hubs: list[Hub], clients: list[Client],
-                 stored: dict[str, list[StoredMessage]]) -> None:
+async def settle(
+    hubs: list[Hub], clients: list[Client], stored: dict[str, list[StoredMessage]]
+) -> None:
     """Wait until every member still joined has caught up with the store."""
+
     async def caught_up() -> bool:
         for room in ROOMS:
             newest = stored[room][-1].seq if stored[room] else 0
@@ -294,8 +303,12 @@ def first_expected(last_seq: int, since: int | None, history: int | None) -> tup
     return last_seq + 1, last_seq + 1
 
 
-def check(seats: list[Seat], clients: list[Client], stored: dict[str, list[StoredMessage]],
-          joins: dict[str, list[tuple[int | None, int | None]]]) -> None:
+def check(
+    seats: list[Seat],
+    clients: list[Client],
+    stored: dict[str, list[StoredMessage]],
+    joins: dict[str, list[tuple[int | None, int | None]]],
+) -> None:
     for room in ROOMS:
         rows = stored[room]
         seqs = [r.seq for r in rows]
@@ -315,8 +328,10 @@ def check(seats: list[Seat], clients: list[Client], stored: dict[str, list[Store
                     # Contiguous from where it started: nothing skipped in between.
                     assert got == list(range(got[0], got[-1] + 1)), f"a gap: {got}"
                     lo, hi = first_expected(joined["last_seq"], *requests[n])
-                    assert lo <= got[0] <= hi, (f"starts at {got[0]}, not in [{lo}, {hi}] "
-                                                f"for {requests[n]}, joined {joined}")
+                    assert lo <= got[0] <= hi, (
+                        f"starts at {got[0]}, not in [{lo}, {hi}] "
+                        f"for {requests[n]}, joined {joined}"
+                    )
         for seat in seats:
             client = seat.client
             if client is None or seat.room != room or room not in client.conn.rooms:

@@ -28,19 +28,30 @@ async def app(make_settings: Callable[..., Settings]) -> AsyncIterator[Quart]:
         yield application
 
 
-async def post(app: Quart, path: str, body: Any = None, headers: dict[str, str] | None = None,
-               raw: bytes | None = None) -> tuple[int, Any]:
+async def post(
+    app: Quart,
+    path: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    raw: bytes | None = None,
+) -> tuple[int, Any]:
     client = app.test_client()
     if raw is not None:
-        response = await client.post(path, data=raw, headers=headers if headers is not None else AUTH)
+        response = await client.post(
+            path, data=raw, headers=headers if headers is not None else AUTH
+        )
     else:
-        response = await client.post(path, json=body, headers=headers if headers is not None else AUTH)
+        response = await client.post(
+            path, json=body, headers=headers if headers is not None else AUTH
+        )
     return response.status_code, await response.get_json()
 
 
-ROUTES = [("/api/rooms/r/messages", {"sender_id": "a", "content": "hi"}),
-          ("/api/users/a/disconnect", None),
-          ("/api/rooms/r/kick", {"sender_id": "a"})]
+ROUTES = [
+    ("/api/rooms/r/messages", {"sender_id": "a", "content": "hi"}),
+    ("/api/users/a/disconnect", None),
+    ("/api/rooms/r/kick", {"sender_id": "a"}),
+]
 
 
 async def test_no_api_key_configured_is_404(make_settings: Callable[..., Settings]) -> None:
@@ -55,9 +66,13 @@ async def test_no_api_key_configured_is_404(make_settings: Callable[..., Setting
 
 async def test_wrong_or_missing_key_is_401(app: Quart) -> None:
     for path, body in ROUTES:
-        for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": API_KEY},
-                        {"Authorization": f"Basic {API_KEY}"},
-                        {"Authorization": f"Bearer {API_KEY}x"}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer nope"},
+            {"Authorization": API_KEY},
+            {"Authorization": f"Basic {API_KEY}"},
+            {"Authorization": f"Bearer {API_KEY}x"},
+        ):
             status, answer = await post(app, path, body, headers=headers)
             assert (status, answer["error"]) == (401, "unauthorized"), (path, headers)
             assert API_KEY not in answer["message"]
@@ -69,22 +84,41 @@ async def test_publish_stores_then_delivers_once_and_a_retry_is_200(app: Quart) 
         await ws.expect("welcome")
         await ws.send({"action": "join", "room_id": "r"})
         await ws.expect("joined")
-        status, first = await post(app, "/api/rooms/r/messages",
-                                   {"sender_id": "system", "content": "hello", "client_msg_id": "k1"})
+        status, first = await post(
+            app,
+            "/api/rooms/r/messages",
+            {"sender_id": "system", "content": "hello", "client_msg_id": "k1"},
+        )
         assert status == 201
-        assert set(first) == {"room_id", "seq", "id", "sender_id", "content", "sent_at",
-                              "client_msg_id"}
-        assert (first["room_id"], first["seq"], first["sender_id"], first["content"],
-                first["client_msg_id"]) == ("r", 1, "system", "hello", "k1")
+        assert set(first) == {
+            "room_id",
+            "seq",
+            "id",
+            "sender_id",
+            "content",
+            "sent_at",
+            "client_msg_id",
+        }
+        assert (
+            first["room_id"],
+            first["seq"],
+            first["sender_id"],
+            first["content"],
+            first["client_msg_id"],
+        ) == ("r", 1, "system", "hello", "k1")
         delivered = await ws.expect("message")
         assert delivered["id"] == first["id"] and delivered["sender_id"] == "system"
-        status, again = await post(app, "/api/rooms/r/messages",
-                                   {"sender_id": "system", "content": "hello", "client_msg_id": "k1"})
+        status, again = await post(
+            app,
+            "/api/rooms/r/messages",
+            {"sender_id": "system", "content": "hello", "client_msg_id": "k1"},
+        )
         assert status == 200 and again == first
         # A socket post and an API post interleave in one order.
         await ws.send({"action": "message", "room_id": "r", "content": "from bob"})
-        status, third = await post(app, "/api/rooms/r/messages",
-                                   {"sender_id": "system", "content": "no id"})
+        status, third = await post(
+            app, "/api/rooms/r/messages", {"sender_id": "system", "content": "no id"}
+        )
         assert status == 201 and third["client_msg_id"] is None
         frames = [await ws.recv() for _ in range(3)]
         assert sorted(f["seq"] for f in frames if f["type"] == "message") == [2, 3]
@@ -99,31 +133,48 @@ async def test_socket_and_api_share_the_retry_key(app: Quart) -> None:
         await ws.expect("welcome")
         await ws.send({"action": "join", "room_id": "r"})
         await ws.expect("joined")
-        await ws.send({"action": "message", "room_id": "r", "content": "mine", "client_msg_id": "c"})
+        await ws.send(
+            {"action": "message", "room_id": "r", "content": "mine", "client_msg_id": "c"}
+        )
         ack = next(f for f in [await ws.recv(), await ws.recv()] if f["type"] == "ack")
-        status, body = await post(app, "/api/rooms/r/messages",
-                                  {"sender_id": "alice", "content": "other", "client_msg_id": "c"})
-        assert status == 200 and (body["seq"], body["id"], body["content"]) == \
-            (ack["seq"], ack["id"], "mine")
-        status, body = await post(app, "/api/rooms/r/messages",
-                                  {"sender_id": "bob", "content": "bob's", "client_msg_id": "c"})
+        status, body = await post(
+            app,
+            "/api/rooms/r/messages",
+            {"sender_id": "alice", "content": "other", "client_msg_id": "c"},
+        )
+        assert status == 200 and (body["seq"], body["id"], body["content"]) == (
+            ack["seq"],
+            ack["id"],
+            "mine",
+        )
+        status, body = await post(
+            app,
+            "/api/rooms/r/messages",
+            {"sender_id": "bob", "content": "bob's", "client_msg_id": "c"},
+        )
         assert status == 201 and body["seq"] == 2
 
 
-@pytest.mark.parametrize(("path", "body", "code"), [
-    ("/api/rooms/r/messages", {"content": "hi"}, "invalid_field"),
-    ("/api/rooms/r/messages", {"sender_id": "bad id", "content": "hi"}, "invalid_field"),
-    ("/api/rooms/r/messages", {"sender_id": "a", "content": ""}, "invalid_field"),
-    ("/api/rooms/r/messages", {"sender_id": "a", "content": 5}, "invalid_field"),
-    ("/api/rooms/r/messages", {"sender_id": "a", "content": "x" * 65}, "too_large"),
-    ("/api/rooms/r/messages", {"sender_id": "a", "content": "hi", "client_msg_id": ""},
-     "invalid_field"),
-    ("/api/rooms/r/messages", [1], "invalid_json"),
-    ("/api/rooms/bad%20room/messages", {"sender_id": "a", "content": "hi"}, "invalid_field"),
-    ("/api/rooms/a@b/kick", {"sender_id": "a"}, "invalid_field"),
-    ("/api/rooms/r/kick", {}, "invalid_field"),
-    ("/api/users/bad%20id/disconnect", None, "invalid_field"),
-])
+@pytest.mark.parametrize(
+    ("path", "body", "code"),
+    [
+        ("/api/rooms/r/messages", {"content": "hi"}, "invalid_field"),
+        ("/api/rooms/r/messages", {"sender_id": "bad id", "content": "hi"}, "invalid_field"),
+        ("/api/rooms/r/messages", {"sender_id": "a", "content": ""}, "invalid_field"),
+        ("/api/rooms/r/messages", {"sender_id": "a", "content": 5}, "invalid_field"),
+        ("/api/rooms/r/messages", {"sender_id": "a", "content": "x" * 65}, "too_large"),
+        (
+            "/api/rooms/r/messages",
+            {"sender_id": "a", "content": "hi", "client_msg_id": ""},
+            "invalid_field",
+        ),
+        ("/api/rooms/r/messages", [1], "invalid_json"),
+        ("/api/rooms/bad%20room/messages", {"sender_id": "a", "content": "hi"}, "invalid_field"),
+        ("/api/rooms/a@b/kick", {"sender_id": "a"}, "invalid_field"),
+        ("/api/rooms/r/kick", {}, "invalid_field"),
+        ("/api/users/bad%20id/disconnect", None, "invalid_field"),
+    ],
+)
 async def test_bad_bodies_are_400(app: Quart, path: str, body: Any, code: str) -> None:
     status, answer = await post(app, path, body)
     assert (status, answer["error"]) == (400, code), answer
@@ -131,8 +182,12 @@ async def test_bad_bodies_are_400(app: Quart, path: str, body: Any, code: str) -
 
 
 async def test_not_json_is_400(app: Quart) -> None:
-    status, answer = await post(app, "/api/rooms/r/messages", raw=b"{oops",
-                                headers={**AUTH, "Content-Type": "application/json"})
+    status, answer = await post(
+        app,
+        "/api/rooms/r/messages",
+        raw=b"{oops",
+        headers={**AUTH, "Content-Type": "application/json"},
+    )
     assert (status, answer["error"]) == (400, "invalid_json")
     status, answer = await post(app, "/api/rooms/r/messages", raw=b"x" * 70000)
     assert (status, answer["error"]) == (400, "too_large")

@@ -35,10 +35,15 @@ class TokenClient(ChatClient):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = Cluster(tmp_path_factory.mktemp("api-cluster"), extra_env={
-        "QUARTCHAT_AUTH": "jwt", "QUARTCHAT_JWT_SECRET": SECRET, "QUARTCHAT_API_KEY": API_KEY,
-        "QUARTCHAT_LOG_LEVEL": "debug",
-    })
+    c = Cluster(
+        tmp_path_factory.mktemp("api-cluster"),
+        extra_env={
+            "QUARTCHAT_AUTH": "jwt",
+            "QUARTCHAT_JWT_SECRET": SECRET,
+            "QUARTCHAT_API_KEY": API_KEY,
+            "QUARTCHAT_LOG_LEVEL": "debug",
+        },
+    )
     try:
         c.start(2, workers=1)
         yield c
@@ -49,8 +54,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         c.close()
 
 
-def call(server: ServerProcess, method: str, path: str, body: Any = None,
-         credential: str | None = API_KEY) -> tuple[int, Any]:
+def call(
+    server: ServerProcess,
+    method: str,
+    path: str,
+    body: Any = None,
+    credential: str | None = API_KEY,
+) -> tuple[int, Any]:
     data = orjson.dumps(body) if body is not None else None
     request = urllib.request.Request(server.http + path, data=data, method=method)
     if credential is not None:
@@ -79,19 +89,26 @@ async def test_publish_across_servers_is_stored_once_and_in_order(cluster: Clust
             await c.join(room)
         await c0.send({"action": "message", "room_id": room, "content": "socket 1"})
         await c0.wait_for(lambda: len(c0.of("ack")) == 1)
-        status, first = await acall(s1, "POST", f"/api/rooms/{room}/messages",
-                                    {"sender_id": "backend", "content": "api 1",
-                                     "client_msg_id": "k1"})
+        status, first = await acall(
+            s1,
+            "POST",
+            f"/api/rooms/{room}/messages",
+            {"sender_id": "backend", "content": "api 1", "client_msg_id": "k1"},
+        )
         assert status == 201 and first["seq"] == 2
         # The retry, sent to the *other* server, answers 200 with the original.
-        status, again = await acall(s0, "POST", f"/api/rooms/{room}/messages",
-                                    {"sender_id": "backend", "content": "api 1",
-                                     "client_msg_id": "k1"})
+        status, again = await acall(
+            s0,
+            "POST",
+            f"/api/rooms/{room}/messages",
+            {"sender_id": "backend", "content": "api 1", "client_msg_id": "k1"},
+        )
         assert status == 200 and again == first
         await c1.send({"action": "message", "room_id": room, "content": "socket 2"})
         await c1.wait_for(lambda: len(c1.of("ack")) == 1)
-        status, second = await acall(s0, "POST", f"/api/rooms/{room}/messages",
-                                     {"sender_id": "backend", "content": "api 2"})
+        status, second = await acall(
+            s0, "POST", f"/api/rooms/{room}/messages", {"sender_id": "backend", "content": "api 2"}
+        )
         assert status == 201 and second["seq"] == 4
         for c in (c0, c1):
             await c.wait_for(lambda c=c: len(c.of("message", room)) >= 4)
@@ -131,15 +148,18 @@ async def test_disconnect_reaches_sockets_on_both_servers_with_4003(cluster: Clu
 async def test_kick_reaches_both_servers_with_left_and_presence(cluster: Cluster) -> None:
     s0, s1 = cluster.servers
     room = "api-kick"
-    others = [await TokenClient(s0.url, "bob-k").connect(),
-              await TokenClient(s1.url, "carol-k").connect()]
+    others = [
+        await TokenClient(s0.url, "bob-k").connect(),
+        await TokenClient(s1.url, "carol-k").connect(),
+    ]
     alice = [await TokenClient(s.url, "alice-k").connect() for s in (s0, s1)]
     try:
         for c in (*others, *alice):
             await c.join(room)
         for o in others:
-            await o.wait_for(lambda o=o: any(f.get("sender_id") == "alice-k"
-                                             for f in o.of("presence", room)))
+            await o.wait_for(
+                lambda o=o: any(f.get("sender_id") == "alice-k" for f in o.of("presence", room))
+            )
         started = time.monotonic()
         status, body = await acall(s0, "POST", f"/api/rooms/{room}/kick", {"sender_id": "alice-k"})
         assert (status, body) == (202, {"status": "accepted"})
@@ -147,8 +167,13 @@ async def test_kick_reaches_both_servers_with_left_and_presence(cluster: Cluster
             await a.wait_for(lambda a=a: bool(a.of("left", room)), timeout=2.0)
             assert a.of("left", room) == [{"type": "left", "room_id": room, "reason": "kicked"}]
         for o in others:
-            await o.wait_for(lambda o=o: any(f["event"] == "leave" and f["sender_id"] == "alice-k"
-                                             for f in o.of("presence", room)), timeout=2.0)
+            await o.wait_for(
+                lambda o=o: any(
+                    f["event"] == "leave" and f["sender_id"] == "alice-k"
+                    for f in o.of("presence", room)
+                ),
+                timeout=2.0,
+            )
         print(f"kick reached both servers in {time.monotonic() - started:.3f}s")
         status, members = await acall(s1, "GET", f"/api/rooms/{room}/members")
         assert status == 200 and members["members"] == ["bob-k", "carol-k"]
@@ -166,13 +191,16 @@ def test_wrong_key_is_401_and_no_key_is_404(cluster: Cluster) -> None:
     for credential in (None, "wrong", mint_token(SECRET, "alice")):
         status, body = call(s0, "POST", "/api/users/x/disconnect", credential=credential)
         assert (status, body["error"]) == (401, "unauthorized")
-    unkeyed = ServerProcess(cluster.workdir, {**cluster.env(), "QUARTCHAT_API_KEY": ""},
-                            name="nokey")
+    unkeyed = ServerProcess(
+        cluster.workdir, {**cluster.env(), "QUARTCHAT_API_KEY": ""}, name="nokey"
+    )
     try:
         unkeyed.start()
-        for path, body in (("/api/users/x/disconnect", None),
-                           ("/api/rooms/r/kick", {"sender_id": "x"}),
-                           ("/api/rooms/r/messages", {"sender_id": "x", "content": "hi"})):
+        for path, body in (
+            ("/api/users/x/disconnect", None),
+            ("/api/rooms/r/kick", {"sender_id": "x"}),
+            ("/api/rooms/r/messages", {"sender_id": "x", "content": "hi"}),
+        ):
             status, answer = call(unkeyed, "POST", path, body)
             assert status == 404 and answer["error"], path
         # jwt mode without an API key: GET /api/rooms is always 401.
@@ -193,12 +221,14 @@ async def test_logs_hold_no_token_secret_or_api_key(cluster: Cluster) -> None:
     secrets_used.append(bob_token)
     import websockets
 
-    bob_ws = await websockets.connect(s1.url, additional_headers={
-        "Authorization": f"Bearer {bob_token}"}, ping_interval=None)
+    bob_ws = await websockets.connect(
+        s1.url, additional_headers={"Authorization": f"Bearer {bob_token}"}, ping_interval=None
+    )
     try:
         await alice.join(room)
-        await alice.send({"action": "message", "room_id": room, "content": "hi",
-                          "client_msg_id": "l1"})
+        await alice.send(
+            {"action": "message", "room_id": room, "content": "hi", "client_msg_id": "l1"}
+        )
         await alice.wait_for(lambda: bool(alice.of("ack")))
         fresh = mint_token(SECRET, "alice-l", ttl_s=600, rooms=["team-9:*"])
         wrong = mint_token(SECRET, "mallory", ttl_s=600)
@@ -207,7 +237,9 @@ async def test_logs_hold_no_token_secret_or_api_key(cluster: Cluster) -> None:
         await alice.send({"action": "refresh", "token": fresh})
         await alice.wait_for(lambda: bool(alice.of("refreshed")))
         await alice.send({"action": "refresh", "token": wrong})
-        await alice.wait_for(lambda: any(f.get("code") == "unauthorized" for f in alice.of("error")))
+        await alice.wait_for(
+            lambda: any(f.get("code") == "unauthorized" for f in alice.of("error"))
+        )
         await alice.send({"action": "join", "room_id": "other"})
         await alice.wait_for(lambda: any(f.get("code") == "forbidden" for f in alice.of("error")))
         # A refused handshake with a forged token, HTTP reads, API calls.
@@ -218,8 +250,12 @@ async def test_logs_hold_no_token_secret_or_api_key(cluster: Cluster) -> None:
         assert call(s0, "GET", "/api/rooms/other/messages", credential=alice.token)[0] == 403
         assert call(s1, "GET", "/api/rooms", credential=forged_)[0] == 401
         assert call(s1, "GET", f"/api/rooms?token={forged_}", credential=None)[0] == 401
-        assert call(s1, "POST", f"/api/rooms/{room}/messages",
-                    {"sender_id": "backend", "content": "x"})[0] == 201
+        assert (
+            call(
+                s1, "POST", f"/api/rooms/{room}/messages", {"sender_id": "backend", "content": "x"}
+            )[0]
+            == 201
+        )
         assert call(s1, "POST", "/api/users/nobody/disconnect", credential=API_KEY + "x")[0] == 401
         assert call(s0, "POST", "/api/users/bob-l/disconnect")[0] == 202
         async with asyncio.timeout(3):

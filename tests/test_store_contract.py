@@ -49,8 +49,15 @@ async def within(awaitable: Any, seconds: float = T) -> Any:
         return await awaitable
 
 
-def msg(room: str, seq: int, *, sender: str = "alice", cmid: str | None = None,
-        content: str | None = None, ms: int | None = None) -> StoredMessage:
+def msg(
+    room: str,
+    seq: int,
+    *,
+    sender: str = "alice",
+    cmid: str | None = None,
+    content: str | None = None,
+    ms: int | None = None,
+) -> StoredMessage:
     return StoredMessage(
         room_id=room,
         seq=seq,
@@ -107,7 +114,8 @@ async def store(backend_url: str) -> AsyncIterator[DatabaseStore]:
 
 def _engine(url: str) -> sa.Engine:
     args: dict[str, Any] = (
-        {"timeout": 5} if url.startswith("sqlite")
+        {"timeout": 5}
+        if url.startswith("sqlite")
         else {"connect_timeout": 5, "read_timeout": 10, "write_timeout": 10}
     )
     return sa.create_engine(sync_url(url), poolclass=sa.pool.NullPool, connect_args=args)
@@ -202,15 +210,25 @@ async def test_append_answers_a_retry_with_the_original(store: DatabaseStore) ->
     ]
     await within(put(store, rows))
     await within(put(store, [msg("other", 1, sender="alice", cmid="c1")]))  # another room
-    again = await within(store.append("r", [
-        new(msg("r", 0, sender="alice", cmid="c1", content="changed")),  # a retry
-        new(msg("r", 0, sender="carol", cmid="c9")),  # new: seq 5
-        new(msg("r", 0, sender="carol", cmid="c9")),  # its retry in the same batch
-        new(msg("r", 0, sender="alice", cmid=None)),  # no id: always new, seq 6
-        new(msg("r", 0, sender="bob", cmid="c1")),  # a retry
-    ]))
+    again = await within(
+        store.append(
+            "r",
+            [
+                new(msg("r", 0, sender="alice", cmid="c1", content="changed")),  # a retry
+                new(msg("r", 0, sender="carol", cmid="c9")),  # new: seq 5
+                new(msg("r", 0, sender="carol", cmid="c9")),  # its retry in the same batch
+                new(msg("r", 0, sender="alice", cmid=None)),  # no id: always new, seq 6
+                new(msg("r", 0, sender="bob", cmid="c1")),  # a retry
+            ],
+        )
+    )
     assert [(a.row.seq, a.created) for a in again] == [
-        (1, False), (5, True), (5, False), (6, True), (2, False)]
+        (1, False),
+        (5, True),
+        (5, False),
+        (6, True),
+        (2, False),
+    ]
     assert again[0].row == rows[0] and again[4].row == rows[1]
     assert again[1].row == again[2].row
     assert seqs(await within(store.after("r", 0, None, 100))) == [1, 2, 3, 4, 5, 6]
@@ -229,13 +247,17 @@ async def test_append_keeps_ascending_seq_order(store: DatabaseStore, sync_db: A
     assert seqs(await within(store.after("b", 0, None, 100))) == [1, 2, 3]
     assert await within(store.last_seqs(["a", "b", "never"])) == {"a": 10, "b": 3}
     # Rows went in in seq order (insertion order = pk order), inside each batch too.
-    by_pk = await within(sync_db(lambda c: _rows(
-        c, "SELECT seq FROM messages WHERE room_id = :r ORDER BY pk", r="a")))
+    by_pk = await within(
+        sync_db(
+            lambda c: _rows(c, "SELECT seq FROM messages WHERE room_id = :r ORDER BY pk", r="a")
+        )
+    )
     assert [s for (s,) in by_pk] == list(range(1, 11))
 
 
 async def test_a_failed_append_stores_nothing_and_moves_no_counter(
-        store: DatabaseStore, sync_db: Any) -> None:
+    store: DatabaseStore, sync_db: Any
+) -> None:
     await within(put(store, batch("r", 1, 3)))
     taken = await within(store.after("r", 0, 1, 1))
     # The third post reuses a stored message id: the whole batch is refused.
@@ -246,8 +268,9 @@ async def test_a_failed_append_stores_nothing_and_moves_no_counter(
     assert await within(store.max_seq("r")) == 3
     # The store is still usable, on the same connection pool, from the same task.
     await within(put(store, batch("r", 4, 6)))
-    assert await within(sync_db(lambda c: _rows(
-        c, "SELECT room_id, last_seq FROM rooms WHERE room_id = 'r'"))) == [("r", 6)]
+    assert await within(
+        sync_db(lambda c: _rows(c, "SELECT room_id, last_seq FROM rooms WHERE room_id = 'r'"))
+    ) == [("r", 6)]
 
 
 async def test_concurrent_appends_are_grouped_and_a_clash_fails_only_its_caller(
@@ -272,11 +295,13 @@ async def test_two_writers_on_one_room_never_collide(backend_url: str) -> None:
     for s in stores:
         await within(s.connect())
     try:
+
         async def writer(s: DatabaseStore, name: str) -> list[int]:
             got = []
             for n in range(30):
-                answers = await s.append("shared", [new(msg("shared", 0, sender=name,
-                                                              cmid=f"{name}{n}"))] * (n % 3 + 1))
+                answers = await s.append(
+                    "shared", [new(msg("shared", 0, sender=name, cmid=f"{name}{n}"))] * (n % 3 + 1)
+                )
                 got += [a.row.seq for a in answers if a.created]
             return got
 
@@ -328,8 +353,14 @@ async def test_utf8mb4_round_trips(store: DatabaseStore) -> None:
 async def test_sent_at_ms_round_trips(store: DatabaseStore) -> None:
     rng = random.Random(1234)
     stamps = [
-        BASE_MS, BASE_MS + 1, BASE_MS + 999, 1_795_000_000_000, 1_795_000_000_001,
-        1_795_000_000_999, 86_400_000, 4_102_444_799_999,  # 2099-12-31T23:59:59.999
+        BASE_MS,
+        BASE_MS + 1,
+        BASE_MS + 999,
+        1_795_000_000_000,
+        1_795_000_000_001,
+        1_795_000_000_999,
+        86_400_000,
+        4_102_444_799_999,  # 2099-12-31T23:59:59.999
         int(time.time() * 1000),
     ] + [rng.randrange(86_400_000, 4_102_444_800_000) for _ in range(200)]
     rows = [msg("r", n, ms=ms) for n, ms in enumerate(stamps, start=1)]
@@ -352,12 +383,16 @@ async def test_touch_clients_keeps_first_seen_and_moves_last_seen(
         return {sender: (_ms(first), _ms(last)) for sender, first, last in rows}
 
     await within(store.touch_clients({"alice": t1, "bob": t1}))
-    assert await within(sync_db(clients)) == {"alice": (_ms(t1), _ms(t1)),
-                                               "bob": (_ms(t1), _ms(t1))}
+    assert await within(sync_db(clients)) == {
+        "alice": (_ms(t1), _ms(t1)),
+        "bob": (_ms(t1), _ms(t1)),
+    }
     await within(store.touch_clients({"alice": t2, "carol": t2}))
-    assert await within(sync_db(clients)) == {"alice": (_ms(t1), _ms(t2)),
-                                               "bob": (_ms(t1), _ms(t1)),
-                                               "carol": (_ms(t2), _ms(t2))}
+    assert await within(sync_db(clients)) == {
+        "alice": (_ms(t1), _ms(t2)),
+        "bob": (_ms(t1), _ms(t1)),
+        "carol": (_ms(t2), _ms(t2)),
+    }
     await within(store.touch_clients({"alice": t3}))
     assert (await within(sync_db(clients)))["alice"] == (_ms(t1), _ms(t3))
     await within(store.touch_clients({}))  # nothing to do, no error
@@ -436,7 +471,9 @@ async def test_migrations_create_the_schema_of_schema_py(backend_url: str) -> No
             assert options.get("mysql_default charset") == "utf8mb4", (name, options)
             # Binary and NO PAD: ids compare byte for byte (see the 0001 migration).
             assert options.get("mysql_collate") in ("utf8mb4_nopad_bin", "utf8mb4_0900_bin"), (
-                name, options)
+                name,
+                options,
+            )
 
 
 # -- MariaDB behind a proxy: cut and stalled connections ----------------------------
@@ -483,12 +520,16 @@ async def _fails_fast(awaitable: Any, limit: float = 1.0) -> StoreError:
 
 
 def _stored(room: str) -> Callable[[sa.Connection], list[int]]:
-    return lambda c: [s for (s,) in _rows(
-        c, "SELECT seq FROM messages WHERE room_id = :r ORDER BY seq", r=room)]
+    return lambda c: [
+        s for (s,) in _rows(c, "SELECT seq FROM messages WHERE room_id = :r ORDER BY seq", r=room)
+    ]
 
 
 async def test_cut_fails_fast_then_the_same_store_recovers(
-    proxied: DatabaseStore, proxy: TcpProxy, mysql_url: str, mysql_sync: Any  # noqa: F811
+    proxied: DatabaseStore,
+    proxy: TcpProxy,
+    mysql_url: str,
+    mysql_sync: Any,
 ) -> None:
     await within(put(proxied, batch("r", 1, 3)))
     assert await within(proxied.max_seq("r")) == 3
@@ -513,7 +554,10 @@ async def test_cut_fails_fast_then_the_same_store_recovers(
 
 
 async def test_cut_in_the_middle_of_a_transaction_leaves_nothing(
-    proxied: DatabaseStore, proxy: TcpProxy, mysql_url: str, mysql_sync: Any  # noqa: F811
+    proxied: DatabaseStore,
+    proxy: TcpProxy,
+    mysql_url: str,
+    mysql_sync: Any,
 ) -> None:
     """An append is cut while it waits for its room's counter row (another writer holds it)."""
     await within(put(proxied, batch("nr", 1, 3)))
@@ -521,8 +565,13 @@ async def test_cut_in_the_middle_of_a_transaction_leaves_nothing(
     # another server): the store's transaction waits on that row lock.
     blocker = _engine(mysql_url).connect()
     try:
-        await within(asyncio.to_thread(lambda: blocker.execute(sa.text(
-            "SELECT last_seq FROM rooms WHERE room_id = 'nr' FOR UPDATE"))))
+        await within(
+            asyncio.to_thread(
+                lambda: blocker.execute(
+                    sa.text("SELECT last_seq FROM rooms WHERE room_id = 'nr' FOR UPDATE")
+                )
+            )
+        )
         writer = asyncio.create_task(put(proxied, batch("nr", 4, 6)))
         try:
             async with asyncio.timeout(T):  # wait until the store's append is blocked
@@ -541,8 +590,9 @@ async def test_cut_in_the_middle_of_a_transaction_leaves_nothing(
         await within(asyncio.to_thread(blocker.close))
 
     assert await within(mysql_sync(_stored("nr"))) == [1, 2, 3]
-    assert await within(mysql_sync(lambda c: _rows(
-        c, "SELECT last_seq FROM rooms WHERE room_id = 'nr'"))) == [(3,)]
+    assert await within(
+        mysql_sync(lambda c: _rows(c, "SELECT last_seq FROM rooms WHERE room_id = 'nr'"))
+    ) == [(3,)]
 
     await within(proxy.restore())
     await within(put(proxied, batch("nr", 4, 6)))
@@ -553,8 +603,11 @@ def _lock_waits(mysql_url: str) -> bool:  # noqa: F811
     engine = _engine(mysql_url)
     try:
         with engine.connect() as c:
-            return bool(_rows(
-                c, "SELECT 1 FROM information_schema.innodb_trx WHERE trx_state = 'LOCK WAIT'"))
+            return bool(
+                _rows(
+                    c, "SELECT 1 FROM information_schema.innodb_trx WHERE trx_state = 'LOCK WAIT'"
+                )
+            )
     finally:
         engine.dispose()
 
@@ -589,7 +642,9 @@ async def _cut_later(proxy: TcpProxy, delay: float) -> None:
 
 
 async def test_stalled_database_times_out_within_op_timeout(
-    mysql_url: str, proxy: TcpProxy, mysql_sync: Any  # noqa: F811
+    mysql_url: str,
+    proxy: TcpProxy,
+    mysql_sync: Any,
 ) -> None:
     """A silent partition (no reset) is only noticed by the store's own op timeout."""
     s = DatabaseStore(with_host(mysql_url, proxy.host, proxy.port), op_timeout=1.0)
@@ -639,8 +694,14 @@ def test_threaded_proxy_cut_restore_close(mysql_url: str) -> None:  # noqa: F811
     proxy = ThreadedProxy(url.host or "127.0.0.1", url.port or 3306).start()
 
     def connect() -> Any:
-        return pymysql.connect(host=proxy.host, port=proxy.port, user=url.username or "root",
-                               password=url.password or "", connect_timeout=2, read_timeout=2)
+        return pymysql.connect(
+            host=proxy.host,
+            port=proxy.port,
+            user=url.username or "root",
+            password=url.password or "",
+            connect_timeout=2,
+            read_timeout=2,
+        )
 
     try:
         conn = connect()

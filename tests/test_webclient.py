@@ -34,10 +34,17 @@ async def test_browsers_get_the_page_at_root_and_programs_get_json(app: Quart) -
     assert alias.headers["Cache-Control"] == "no-cache"
 
 
-@pytest.mark.parametrize("name,ctype", [("quartchat.js", "text/javascript; charset=utf-8"),
-                                        ("app.js", "text/javascript; charset=utf-8"),
-                                        ("app.css", "text/css; charset=utf-8")])
-async def test_static_files_have_a_type_a_cache_header_and_an_etag(app: Quart, name: str, ctype: str) -> None:
+@pytest.mark.parametrize(
+    "name,ctype",
+    [
+        ("quartchat.js", "text/javascript; charset=utf-8"),
+        ("app.js", "text/javascript; charset=utf-8"),
+        ("app.css", "text/css; charset=utf-8"),
+    ],
+)
+async def test_static_files_have_a_type_a_cache_header_and_an_etag(
+    app: Quart, name: str, ctype: str
+) -> None:
     client = app.test_client()
     r = await client.get(f"/static/{name}")
     assert r.status_code == 200
@@ -49,7 +56,9 @@ async def test_static_files_have_a_type_a_cache_header_and_an_etag(app: Quart, n
     assert again.status_code == 304 and await again.get_data() == b""
 
 
-async def test_files_are_read_once_at_start_not_per_request(app: Quart, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_files_are_read_once_at_start_not_per_request(
+    app: Quart, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import importlib.resources
 
     def boom(*_: object) -> None:

@@ -22,7 +22,9 @@ class WS:
         self.ws = ws
 
     async def send(self, frame: dict[str, Any] | str | bytes) -> None:
-        await self.ws.send(frame if isinstance(frame, str | bytes) else orjson.dumps(frame).decode())
+        await self.ws.send(
+            frame if isinstance(frame, str | bytes) else orjson.dumps(frame).decode()
+        )
 
     async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
         async with asyncio.timeout(timeout):
@@ -42,8 +44,9 @@ class WS:
 
 @pytest.fixture
 async def app(make_settings: Callable[..., Settings]) -> AsyncIterator[Quart]:
-    application = create_app(make_settings(rate_per_s=1000, rate_burst=1000, max_rooms=3,
-                                           max_content=64))
+    application = create_app(
+        make_settings(rate_per_s=1000, rate_burst=1000, max_rooms=3, max_content=64)
+    )
     async with application.test_app():
         yield application
 
@@ -61,14 +64,23 @@ async def test_console_flow_join_message_leave(app: Quart) -> None:
         assert welcome["connection_id"] and welcome["server_id"] == "test-1"
         await ws.send({"action": "join", "room_id": "room101"})
         joined = await ws.expect("joined")
-        assert joined == {"type": "joined", "room_id": "room101", "last_seq": 0,
-                          "members": ["test_user"]}
+        assert joined == {
+            "type": "joined",
+            "room_id": "room101",
+            "last_seq": 0,
+            "members": ["test_user"],
+        }
         await ws.send({"action": "message", "room_id": "room101", "content": "Hello, world!"})
         frames = [await ws.recv(), await ws.recv()]
         ack = next(f for f in frames if f["type"] == "ack")
         msg = next(f for f in frames if f["type"] == "message")
-        assert ack == {"type": "ack", "room_id": "room101", "seq": 1, "id": msg["id"],
-                       "client_msg_id": None}
+        assert ack == {
+            "type": "ack",
+            "room_id": "room101",
+            "seq": 1,
+            "id": msg["id"],
+            "client_msg_id": None,
+        }
         assert msg["content"] == "Hello, world!" and msg["sender_id"] == "test_user"
         assert msg["sent_at"].endswith("Z") and len(msg["sent_at"]) == 24
         await ws.send({"action": "leave", "room_id": "room101"})
@@ -106,11 +118,16 @@ async def test_every_bad_input_gets_its_error_and_the_socket_stays_usable(app: Q
         # Still usable after all of that.
         await ws.send({"action": "join", "room_id": "r"})
         await ws.expect("joined")
-        await ws.send({"action": "message", "room_id": "r", "content": "x" * 65,
-                       "client_msg_id": "c1"})
+        await ws.send(
+            {"action": "message", "room_id": "r", "content": "x" * 65, "client_msg_id": "c1"}
+        )
         err = await ws.expect("error")
-        assert (err["code"], err["action"], err["room_id"], err["client_msg_id"]) == \
-            ("too_large", "message", "r", "c1")
+        assert (err["code"], err["action"], err["room_id"], err["client_msg_id"]) == (
+            "too_large",
+            "message",
+            "r",
+            "c1",
+        )
 
 
 async def test_too_many_rooms(app: Quart) -> None:
@@ -133,26 +150,29 @@ async def test_too_many_rooms(app: Quart) -> None:
 
 async def test_rate_limit(make_settings: Callable[..., Settings]) -> None:
     app = create_app(make_settings(rate_per_s=1, rate_burst=3))
-    async with app.test_app():
-        async with connect(app) as raw:
-            ws = WS(raw)
-            await ws.expect("welcome")
-            for _ in range(3):
-                await ws.send({"action": "ping"})
-            for _ in range(3):
-                await ws.expect("pong")
+    async with app.test_app(), connect(app) as raw:
+        ws = WS(raw)
+        await ws.expect("welcome")
+        for _ in range(3):
             await ws.send({"action": "ping"})
-            err = await ws.expect("error")
-            assert err["code"] == "rate_limited"
-            await asyncio.sleep(1.1)  # one token refills
-            await ws.send({"action": "ping"})
+        for _ in range(3):
             await ws.expect("pong")
+        await ws.send({"action": "ping"})
+        err = await ws.expect("error")
+        assert err["code"] == "rate_limited"
+        await asyncio.sleep(1.1)  # one token refills
+        await ws.send({"action": "ping"})
+        await ws.expect("pong")
 
 
 @pytest.mark.parametrize(
     ("query", "status", "code"),
-    [("", 400, "invalid_field"), ("?sender_id=", 400, "invalid_field"),
-     ("?sender_id=bad%20id", 400, "invalid_field"), ("?sender_id=" + "x" * 65, 400, "invalid_field")],
+    [
+        ("", 400, "invalid_field"),
+        ("?sender_id=", 400, "invalid_field"),
+        ("?sender_id=bad%20id", 400, "invalid_field"),
+        ("?sender_id=" + "x" * 65, 400, "invalid_field"),
+    ],
 )
 async def test_handshake_refusals(app: Quart, query: str, status: int, code: str) -> None:
     with pytest.raises(WebsocketResponseError) as info:
@@ -236,8 +256,12 @@ async def test_http_routes(app: Quart) -> None:
     assert [m["seq"] for m in page2["messages"]] == [1] and page2["has_more"] is False
     empty = await client.get("/api/rooms/never-used/messages")
     assert empty.status_code == 200 and (await empty.get_json())["messages"] == []
-    for bad in ("/api/rooms/lobby/messages?limit=0", "/api/rooms/lobby/messages?limit=x",
-                "/api/rooms/lobby/messages?before_seq=-3", "/api/rooms/bad%20room/messages"):
+    for bad in (
+        "/api/rooms/lobby/messages?limit=0",
+        "/api/rooms/lobby/messages?limit=x",
+        "/api/rooms/lobby/messages?before_seq=-3",
+        "/api/rooms/bad%20room/messages",
+    ):
         response = await client.get(bad)
         assert response.status_code == 400, bad
         body = await response.get_json()

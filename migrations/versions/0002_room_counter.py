@@ -22,9 +22,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.add_column(
-        "rooms", sa.Column("last_seq", sa.BigInteger, nullable=False, server_default="0")
-    )
+    op.add_column("rooms", sa.Column("last_seq", sa.BigInteger, nullable=False, server_default="0"))
     # Rooms with messages but no rooms row (none are expected) get one, then
     # every counter starts at its room's highest stored seq.
     op.execute(

@@ -26,7 +26,6 @@ import random
 import secrets
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -112,7 +111,9 @@ def service_pids() -> dict[str, list[int]]:
     pids: dict[str, list[int]] = {}
     for name, pattern in (("redis", "redis-server"), ("mysql", "mariadbd")):
         try:
-            out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True, timeout=5)
+            out = subprocess.run(
+                ["pgrep", "-f", pattern], capture_output=True, text=True, timeout=5
+            )
             pids[name] = [int(p) for p in out.stdout.split()]
         except (OSError, subprocess.SubprocessError):
             pids[name] = []
@@ -154,8 +155,14 @@ class Servers:
         from sqlalchemy.engine import make_url
 
         url = make_url(MYSQL_SERVER)
-        conn = pymysql.connect(host=url.host, port=url.port or 3306, user=url.username,
-                               password=url.password or "", connect_timeout=5, autocommit=True)
+        conn = pymysql.connect(
+            host=url.host,
+            port=url.port or 3306,
+            user=url.username,
+            password=url.password or "",
+            connect_timeout=5,
+            autocommit=True,
+        )
         try:
             with conn.cursor() as cur:
                 cur.execute(sql)
@@ -169,24 +176,38 @@ class Servers:
 
     def start(self) -> Servers:
         self._admin(f"CREATE DATABASE `{self.db_name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
-        env = {**os.environ,
-               "QUARTCHAT_DATABASE_URL": self.database_url,
-               "QUARTCHAT_BROKER_URL": REDIS_URL,
-               "QUARTCHAT_REDIS_PREFIX": self.prefix,
-               "QUARTCHAT_RATE_PER_S": "0",
-               "QUARTCHAT_OUTBOUND_QUEUE": "20000",
-               "QUARTCHAT_MAX_ROOMS": "1000",
-               "QUARTCHAT_LOG_LEVEL": "warning",
-               "QUARTCHAT_HYPERCORN_CONFIG": str(ROOT / "hypercorn.toml"),
-               **self.extra_env}
+        env = {
+            **os.environ,
+            "QUARTCHAT_DATABASE_URL": self.database_url,
+            "QUARTCHAT_BROKER_URL": REDIS_URL,
+            "QUARTCHAT_REDIS_PREFIX": self.prefix,
+            "QUARTCHAT_RATE_PER_S": "0",
+            "QUARTCHAT_OUTBOUND_QUEUE": "20000",
+            "QUARTCHAT_MAX_ROOMS": "1000",
+            "QUARTCHAT_LOG_LEVEL": "warning",
+            "QUARTCHAT_HYPERCORN_CONFIG": str(ROOT / "hypercorn.toml"),
+            **self.extra_env,
+        }
         for i in range(self.count):
             port = free_port()
             log = open(self.workdir / f"bench-server{i}.log", "ab")
             proc = subprocess.Popen(
-                [sys.executable, "-m", "quartchat", "serve", "--bind", f"127.0.0.1:{port}",
-                 "--workers", str(self.workers)],
-                env={**env, "QUARTCHAT_SERVER_ID": f"bench{i}"}, cwd=self.workdir,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                [
+                    sys.executable,
+                    "-m",
+                    "quartchat",
+                    "serve",
+                    "--bind",
+                    f"127.0.0.1:{port}",
+                    "--workers",
+                    str(self.workers),
+                ],
+                env={**env, "QUARTCHAT_SERVER_ID": f"bench{i}"},
+                cwd=self.workdir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             log.close()
             self.procs.append(proc)
             self.ports.append(port)
@@ -248,7 +269,9 @@ def _server_env(args: argparse.Namespace) -> dict[str, str]:
 
 
 @contextmanager
-def servers_for(args: argparse.Namespace, count: int = 2) -> Iterator[tuple[list[str], Servers | None]]:
+def servers_for(
+    args: argparse.Namespace, count: int = 2
+) -> Iterator[tuple[list[str], Servers | None]]:
     shared = getattr(args, "shared_servers", None)
     if shared is not None:  # a suite started them once for all its scenarios
         yield shared.urls[:count], shared
@@ -286,9 +309,14 @@ def _chat_url(url: str, sender: str) -> str:
 
 
 async def _connect(url: str, sender: str) -> Any:
-    ws = await websockets.connect(_chat_url(url, sender), ping_interval=None,
-                                  compression=None, open_timeout=30, max_queue=None,
-                                  close_timeout=2)
+    ws = await websockets.connect(
+        _chat_url(url, sender),
+        ping_interval=None,
+        compression=None,
+        open_timeout=30,
+        max_queue=None,
+        close_timeout=2,
+    )
     await ws.recv()  # welcome
     return ws
 
@@ -304,7 +332,7 @@ async def _join(ws: Any, room: str) -> None:
 
 
 class MemberStats:
-    __slots__ = ("received", "duplicates", "out_of_order", "last_seq", "latencies")
+    __slots__ = ("duplicates", "last_seq", "latencies", "out_of_order", "received")
 
     def __init__(self) -> None:
         self.received = 0
@@ -339,7 +367,9 @@ async def _member_loop(ws: Any, stats: MemberStats, stop: asyncio.Event, sample:
         pass
 
 
-def _plan(rooms: int, members: int, urls: list[str], procs: int) -> list[list[tuple[str, int, str]]]:
+def _plan(
+    rooms: int, members: int, urls: list[str], procs: int
+) -> list[list[tuple[str, int, str]]]:
     """(room, member index, url) assignments, split over generator processes."""
     out: list[list[tuple[str, int, str]]] = [[] for _ in range(procs)]
     i = 0
@@ -350,14 +380,29 @@ def _plan(rooms: int, members: int, urls: list[str], procs: int) -> list[list[tu
     return out
 
 
-def _gen_worker(assign: list[tuple[str, int, str]], rate: float, duration: float,
-                sample: int, ready: Any, go: Any, results: Any, tag: str) -> None:
+def _gen_worker(
+    assign: list[tuple[str, int, str]],
+    rate: float,
+    duration: float,
+    sample: int,
+    ready: Any,
+    go: Any,
+    results: Any,
+    tag: str,
+) -> None:
     _use_uvloop()
     results.put(asyncio.run(_gen_main(assign, rate, duration, sample, ready, go, tag)))
 
 
-async def _gen_main(assign: list[tuple[str, int, str]], rate: float, duration: float,
-                    sample: int, ready: Any, go: Any, tag: str) -> dict[str, Any]:
+async def _gen_main(
+    assign: list[tuple[str, int, str]],
+    rate: float,
+    duration: float,
+    sample: int,
+    ready: Any,
+    go: Any,
+    tag: str,
+) -> dict[str, Any]:
     started = time.monotonic()
     conns: list[tuple[str, int, Any]] = []
     failures = 0
@@ -379,8 +424,10 @@ async def _gen_main(assign: list[tuple[str, int, str]], rate: float, duration: f
     go.wait()
     stop = asyncio.Event()
     stats = {(room, idx): MemberStats() for room, idx, _ in conns}
-    readers = [asyncio.create_task(_member_loop(ws, stats[(room, idx)], stop, sample))
-               for room, idx, ws in conns]
+    readers = [
+        asyncio.create_task(_member_loop(ws, stats[(room, idx)], stop, sample))
+        for room, idx, ws in conns
+    ]
     publishers = [(room, ws) for room, idx, ws in conns if idx == 0]
     acked: dict[str, int] = {room: 0 for room, _ in publishers}
 
@@ -399,8 +446,15 @@ async def _gen_main(assign: list[tuple[str, int, str]], rate: float, duration: f
             delay = target - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            await ws.send(orjson.dumps({"action": "message", "room_id": room,
-                                        "content": f"{time.time_ns()} {room} {n}"}).decode())
+            await ws.send(
+                orjson.dumps(
+                    {
+                        "action": "message",
+                        "room_id": room,
+                        "content": f"{time.time_ns()} {room} {n}",
+                    }
+                ).decode()
+            )
             n += 1
         acked[room] = n
 
@@ -421,27 +475,50 @@ async def _gen_main(assign: list[tuple[str, int, str]], rate: float, duration: f
         latencies.extend(s.latencies)
         dup += s.duplicates
         ooo += s.out_of_order
-    return {"connected": len(conns), "failures": failures, "connect_s": connect_s,
-            "published": acked, "received": per_room_received, "latencies": latencies,
-            "duplicates": dup, "out_of_order": ooo, "publish_s": pub_s}
+    return {
+        "connected": len(conns),
+        "failures": failures,
+        "connect_s": connect_s,
+        "published": acked,
+        "received": per_room_received,
+        "latencies": latencies,
+        "duplicates": dup,
+        "out_of_order": ooo,
+        "publish_s": pub_s,
+    }
 
 
-def run_fanout(urls: list[str], servers: Servers | None, *, rooms: int, members: int,
-               rate: float, duration: float, procs: int, sample: int = 1) -> dict[str, Any]:
+def run_fanout(
+    urls: list[str],
+    servers: Servers | None,
+    *,
+    rooms: int,
+    members: int,
+    rate: float,
+    duration: float,
+    procs: int,
+    sample: int = 1,
+) -> dict[str, Any]:
     """R rooms x S members over all URLs, one publisher per room at ``rate`` msg/s."""
     ctx = multiprocessing.get_context("spawn")
     ready = ctx.Barrier(procs + 1)
     go = ctx.Barrier(procs + 1)
     results = ctx.Queue()
     plans = _plan(rooms, members, urls, procs)
-    workers = [ctx.Process(target=_gen_worker,
-                           args=(plans[i], rate, duration, sample, ready, go, results, f"g{i}"))
-               for i in range(procs)]
+    workers = [
+        ctx.Process(
+            target=_gen_worker, args=(plans[i], rate, duration, sample, ready, go, results, f"g{i}")
+        )
+        for i in range(procs)
+    ]
     for w in workers:
         w.start()
     ready.wait(timeout=300)
-    pids = {"servers": servers.pids() if servers else [],
-            "generator": [w.pid for w in workers if w.pid], **service_pids()}
+    pids = {
+        "servers": servers.pids() if servers else [],
+        "generator": [w.pid for w in workers if w.pid],
+        **service_pids(),
+    }
     cpu0 = {k: cpu_seconds(v) for k, v in pids.items()}
     t0 = time.monotonic()
     go.wait(timeout=60)
@@ -462,16 +539,21 @@ def run_fanout(urls: list[str], servers: Servers | None, *, rooms: int, members:
     delivered = sum(sum(c) for c in received.values())
     publish_s = max(p["publish_s"] for p in parts) or duration
     return {
-        "rooms": rooms, "members": members, "rate_per_room": rate, "duration_s": duration,
+        "rooms": rooms,
+        "members": members,
+        "rate_per_room": rate,
+        "duration_s": duration,
         "connected": sum(p["connected"] for p in parts),
         "connect_failures": sum(p["failures"] for p in parts),
         "published": sum(published.values()),
-        "delivered": delivered, "expected": expected,
+        "delivered": delivered,
+        "expected": expected,
         "deliveries_per_s": round(delivered / publish_s, 1),
         "loss": round(1 - delivered / expected, 6) if expected else None,
         "duplicates": sum(p["duplicates"] for p in parts),
         "out_of_order": sum(p["out_of_order"] for p in parts),
-        "p50_ms": round(percentile(latencies, 50), 2), "p90_ms": round(percentile(latencies, 90), 2),
+        "p50_ms": round(percentile(latencies, 50), 2),
+        "p90_ms": round(percentile(latencies, 90), 2),
         "p99_ms": round(percentile(latencies, 99), 2),
         "max_ms": round(max(latencies), 2) if latencies else None,
         "cpu_percent": cpu,
@@ -483,13 +565,26 @@ def run_fanout(urls: list[str], servers: Servers | None, *, rooms: int, members:
 
 def sc_fanout(args: argparse.Namespace) -> dict[str, Any]:
     with servers_for(args) as (urls, servers):
-        return run_fanout(urls, servers, rooms=args.rooms, members=args.members, rate=args.rate,
-                          duration=args.duration, procs=args.procs)
+        return run_fanout(
+            urls,
+            servers,
+            rooms=args.rooms,
+            members=args.members,
+            rate=args.rate,
+            duration=args.duration,
+            procs=args.procs,
+        )
 
 
 def _passes(r: dict[str, Any], max_p99: float) -> bool:
-    return (r["loss"] is not None and r["loss"] < 0.001 and r["duplicates"] == 0
-            and r["out_of_order"] == 0 and r["p99_ms"] <= max_p99 and r["connect_failures"] == 0)
+    return (
+        r["loss"] is not None
+        and r["loss"] < 0.001
+        and r["duplicates"] == 0
+        and r["out_of_order"] == 0
+        and r["p99_ms"] <= max_p99
+        and r["connect_failures"] == 0
+    )
 
 
 def sc_maxrate(args: argparse.Namespace) -> dict[str, Any]:
@@ -498,25 +593,53 @@ def sc_maxrate(args: argparse.Namespace) -> dict[str, Any]:
     tried = []
     with servers_for(args) as (urls, servers):
         for rate in steps:
-            r = run_fanout(urls, servers, rooms=args.rooms, members=args.members, rate=rate,
-                           duration=args.duration, procs=args.procs)
+            r = run_fanout(
+                urls,
+                servers,
+                rooms=args.rooms,
+                members=args.members,
+                rate=rate,
+                duration=args.duration,
+                procs=args.procs,
+            )
             ok = _passes(r, 250.0)
-            tried.append({"rate_per_room": rate, "deliveries_per_s": r["deliveries_per_s"],
-                          "loss": r["loss"], "p99_ms": r["p99_ms"], "pass": ok})
-            print(f"  maxrate step {rate}/s per room: {r['deliveries_per_s']} deliveries/s, "
-                  f"loss {r['loss']}, p99 {r['p99_ms']} ms -> {'pass' if ok else 'FAIL'}", flush=True)
+            tried.append(
+                {
+                    "rate_per_room": rate,
+                    "deliveries_per_s": r["deliveries_per_s"],
+                    "loss": r["loss"],
+                    "p99_ms": r["p99_ms"],
+                    "pass": ok,
+                }
+            )
+            print(
+                f"  maxrate step {rate}/s per room: {r['deliveries_per_s']} deliveries/s, "
+                f"loss {r['loss']}, p99 {r['p99_ms']} ms -> {'pass' if ok else 'FAIL'}",
+                flush=True,
+            )
             if not ok:
                 break
             best = r
-    return {"last_passing": best, "steps": tried,
-            "deliveries_per_s": best["deliveries_per_s"] if best else 0,
-            "p99_ms": best["p99_ms"] if best else None, "loss": best["loss"] if best else None}
+    return {
+        "last_passing": best,
+        "steps": tried,
+        "deliveries_per_s": best["deliveries_per_s"] if best else 0,
+        "p99_ms": best["p99_ms"] if best else None,
+        "loss": best["loss"] if best else None,
+    }
 
 
 def sc_bigroom(args: argparse.Namespace) -> dict[str, Any]:
     with servers_for(args) as (urls, servers):
-        return run_fanout(urls, servers, rooms=1, members=args.members, rate=args.rate,
-                          duration=args.duration, procs=args.procs)
+        return run_fanout(
+            urls,
+            servers,
+            rooms=1,
+            members=args.members,
+            rate=args.rate,
+            duration=args.duration,
+            procs=args.procs,
+        )
 
 
 def sc_connections(args: argparse.Namespace) -> dict[str, Any]:
@@ -557,8 +680,13 @@ async def _idle_connections(url: str, count: int, hold: float, pids: list[int]) 
     await asyncio.sleep(hold)
     peak = rss_kib(pids)
     await asyncio.gather(*(ws.close() for ws in conns), return_exceptions=True)
-    return {"count": count, "connected": len(conns), "connect_failures": failures,
-            "connect_per_s": round(len(conns) / elapsed, 1), "rss_at_peak_kib": peak}
+    return {
+        "count": count,
+        "connected": len(conns),
+        "connect_failures": failures,
+        "connect_per_s": round(len(conns) / elapsed, 1),
+        "rss_at_peak_kib": peak,
+    }
 
 
 def sc_pingpong(args: argparse.Namespace) -> dict[str, Any]:
@@ -575,8 +703,11 @@ async def _pingpong(url_a: str, url_b: str, count: int) -> dict[str, Any]:
     rtts: list[float] = []
     for i in range(count + 20):
         t0 = time.perf_counter_ns()
-        await a.send(orjson.dumps({"action": "message", "room_id": "pingpong",
-                                   "content": f"{time.time_ns()} {i}"}).decode())
+        await a.send(
+            orjson.dumps(
+                {"action": "message", "room_id": "pingpong", "content": f"{time.time_ns()} {i}"}
+            ).decode()
+        )
         while True:
             frame = orjson.loads(await asyncio.wait_for(b.recv(), 10))
             if frame["type"] == "message":
@@ -585,9 +716,13 @@ async def _pingpong(url_a: str, url_b: str, count: int) -> dict[str, Any]:
             rtts.append((time.perf_counter_ns() - t0) / 1e6)
     await a.close()
     await b.close()
-    return {"count": count, "p50_ms": round(percentile(rtts, 50), 2),
-            "p90_ms": round(percentile(rtts, 90), 2), "p99_ms": round(percentile(rtts, 99), 2),
-            "max_ms": round(max(rtts), 2)}
+    return {
+        "count": count,
+        "p50_ms": round(percentile(rtts, 50), 2),
+        "p90_ms": round(percentile(rtts, 90), 2),
+        "p99_ms": round(percentile(rtts, 99), 2),
+        "max_ms": round(max(rtts), 2),
+    }
 
 
 def sc_store(args: argparse.Namespace) -> dict[str, Any]:
@@ -630,8 +765,12 @@ async def _store_burst(urls: list[str], publishers: int, messages: int) -> dict[
     for ws in conns:
         await ws.close()
     total = sum(acks)
-    return {"publishers": publishers, "messages": total, "seconds": round(elapsed, 3),
-            "stored_per_s": round(total / elapsed, 1)}
+    return {
+        "publishers": publishers,
+        "messages": total,
+        "seconds": round(elapsed, 3),
+        "stored_per_s": round(total / elapsed, 1),
+    }
 
 
 # ---------------------------------------------------------------- runner
@@ -649,29 +788,41 @@ TARGETS = {
 
 def summarize(name: str, r: dict[str, Any]) -> str:
     if name in ("fanout", "bigroom"):
-        return (f"{r['deliveries_per_s']:,.0f} deliveries/s, loss {r['loss']}, dup {r['duplicates']}, "
-                f"ooo {r['out_of_order']}, p50 {r['p50_ms']} / p90 {r['p90_ms']} / p99 {r['p99_ms']} / "
-                f"max {r['max_ms']} ms; CPU % {r['cpu_percent']}")
+        return (
+            f"{r['deliveries_per_s']:,.0f} deliveries/s, loss {r['loss']}, dup {r['duplicates']}, "
+            f"ooo {r['out_of_order']}, p50 {r['p50_ms']} / p90 {r['p90_ms']} / p99 {r['p99_ms']} / "
+            f"max {r['max_ms']} ms; CPU % {r['cpu_percent']}"
+        )
     if name == "maxrate":
         best = r.get("last_passing")
         if not best:
             return "no step passed"
-        return (f"{best['rate_per_room']:g}/s per room: {best['deliveries_per_s']:,.0f} deliveries/s, "
-                f"loss {best['loss']}, p99 {best['p99_ms']} ms; CPU % {best['cpu_percent']}")
+        return (
+            f"{best['rate_per_room']:g}/s per room: {best['deliveries_per_s']:,.0f} deliveries/s, "
+            f"loss {best['loss']}, p99 {best['p99_ms']} ms; CPU % {best['cpu_percent']}"
+        )
     if name == "connections":
-        return (f"{r['connected']}/{r['count']} connected, {r['connect_failures']} failures, "
-                f"{r['connect_per_s']:,.0f} connects/s, {r['kib_per_connection']} KiB RSS per connection")
+        return (
+            f"{r['connected']}/{r['count']} connected, {r['connect_failures']} failures, "
+            f"{r['connect_per_s']:,.0f} connects/s, {r['kib_per_connection']} KiB RSS per connection"
+        )
     if name == "pingpong":
         return f"p50 {r['p50_ms']} ms, p90 {r['p90_ms']} ms, p99 {r['p99_ms']} ms, max {r['max_ms']} ms"
     if name == "store":
-        return (f"{r['messages']:,} messages in {r['seconds']} s: {r['stored_per_s']:,.0f} stored/s"
-                + (f" ({r['stored_in_db']:,} rows in MariaDB)" if "stored_in_db" in r else ""))
+        return (
+            f"{r['messages']:,} messages in {r['seconds']} s: {r['stored_per_s']:,.0f} stored/s"
+            + (f" ({r['stored_in_db']:,} rows in MariaDB)" if "stored_in_db" in r else "")
+        )
     return json.dumps(r)
 
 
 SCENARIOS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
-    "fanout": sc_fanout, "maxrate": sc_maxrate, "bigroom": sc_bigroom,
-    "connections": sc_connections, "pingpong": sc_pingpong, "store": sc_store,
+    "fanout": sc_fanout,
+    "maxrate": sc_maxrate,
+    "bigroom": sc_bigroom,
+    "connections": sc_connections,
+    "pingpong": sc_pingpong,
+    "store": sc_store,
 }
 
 # (scenario, overrides) for `all` (the issue's targets) and `smoke` (seconds, for CI).
@@ -682,8 +833,15 @@ SUITES: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ("fanout", {"rooms": 50, "members": 20, "rate": 10, "duration": 10}),
         ("bigroom", {"members": 1000, "rate": 20, "duration": 10}),
         ("connections", {"count": 10000, "hold": 3}),
-        ("maxrate", {"rooms": 50, "members": 20, "duration": 8,
-                     "steps": "2,4,6,8,10,15,20,30,40,60,80,100"}),
+        (
+            "maxrate",
+            {
+                "rooms": 50,
+                "members": 20,
+                "duration": 8,
+                "steps": "2,4,6,8,10,15,20,30,40,60,80,100",
+            },
+        ),
     ],
     "smoke": [
         ("pingpong", {"count": 20}),
@@ -698,19 +856,28 @@ SUITES: dict[str, list[tuple[str, dict[str, Any]]]] = {
 
 def machine() -> str:
     try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
+        model = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         model = platform.processor() or "unknown cpu"
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"{os.cpu_count()} cores ({model}), {mem:.0f} GiB, Python {platform.python_version()}"
 
 
-def record(name: str, args: argparse.Namespace, result: dict[str, Any], command: str) -> dict[str, Any]:
-    line = {"scenario": name, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "machine": machine(), "command": command,
-            "servers": args.urls or f"2 x {args.workers} worker(s), started by the tool",
-            "result": result}
+def record(
+    name: str, args: argparse.Namespace, result: dict[str, Any], command: str
+) -> dict[str, Any]:
+    line = {
+        "scenario": name,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(),
+        "command": command,
+        "servers": args.urls or f"2 x {args.workers} worker(s), started by the tool",
+        "result": result,
+    }
     with open(args.results, "a") as f:
         f.write(json.dumps(line) + "\n")
     return line
@@ -719,8 +886,10 @@ def record(name: str, args: argparse.Namespace, result: dict[str, Any], command:
 def table(lines: list[dict[str, Any]]) -> str:
     out = ["| scenario | target | result |", "|---|---|---|"]
     for line in lines:
-        out.append(f"| {line['scenario']} | {TARGETS.get(line['scenario'], '')} | "
-                   f"{summarize(line['scenario'], line['result'])} |")
+        out.append(
+            f"| {line['scenario']} | {TARGETS.get(line['scenario'], '')} | "
+            f"{summarize(line['scenario'], line['result'])} |"
+        )
     return "\n".join(out)
 
 
@@ -729,16 +898,20 @@ def update_readme(lines: list[dict[str, Any]], command: str) -> None:
     start, end = "<!-- bench:start -->", "<!-- bench:end -->"
     if start not in text or end not in text:
         raise SystemExit("README has no bench markers")
-    body = (f"{start}\nMeasured {lines[0]['time']} on {lines[0]['machine']}; servers, Redis, "
-            f"MariaDB and the load generator all on this one machine; 2 servers x 1 worker, "
-            f"MariaDB persistence on. Command: `{command}`\n\n{table(lines)}\n{end}")
+    body = (
+        f"{start}\nMeasured {lines[0]['time']} on {lines[0]['machine']}; servers, Redis, "
+        f"MariaDB and the load generator all on this one machine; 2 servers x 1 worker, "
+        f"MariaDB persistence on. Command: `{command}`\n\n{table(lines)}\n{end}"
+    )
     before, rest = text.split(start, 1)
     after = rest.split(end, 1)[1]
     README.write_text(before + body + after)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("scenario", choices=[*SCENARIOS, *SUITES])
     parser.add_argument("--urls", help="comma-separated ws:// URLs (default: start 2 servers)")
     parser.add_argument("--workers", type=int, default=1, help="workers per started server")
@@ -752,17 +925,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hold", type=float, default=2.0)
     parser.add_argument("--publishers", type=int, default=50)
     parser.add_argument("--messages", type=int, default=400)
-    parser.add_argument("--server-env", action="append", metavar="KEY=VALUE",
-                        help="extra environment for started servers (repeatable), "
-                             "e.g. QUARTCHAT_EVENT_LOOP=asyncio for a before/after")
-    parser.add_argument("--token-secret", default=os.environ.get(TOKEN_SECRET_ENV),
-                        help="auth mode jwt: mint an HS256 token per connection with this "
-                        "secret (servers started by the tool get QUARTCHAT_AUTH=jwt with it); "
-                        f"or set {TOKEN_SECRET_ENV}")
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        metavar="KEY=VALUE",
+        help="extra environment for started servers (repeatable), "
+        "e.g. QUARTCHAT_EVENT_LOOP=asyncio for a before/after",
+    )
+    parser.add_argument(
+        "--token-secret",
+        default=os.environ.get(TOKEN_SECRET_ENV),
+        help="auth mode jwt: mint an HS256 token per connection with this "
+        "secret (servers started by the tool get QUARTCHAT_AUTH=jwt with it); "
+        f"or set {TOKEN_SECRET_ENV}",
+    )
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--workdir", default="/tmp/quartchat-bench")
-    parser.add_argument("--update-readme", action="store_true",
-                        help="write the table into README.md's performance section")
+    parser.add_argument(
+        "--update-readme",
+        action="store_true",
+        help="write the table into README.md's performance section",
+    )
     args = parser.parse_args(argv)
     if args.token_secret:
         os.environ[TOKEN_SECRET_ENV] = args.token_secret  # for the generator processes

@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 import websockets
 
-__all__ = ["rss_mb", "churn", "main"]
+__all__ = ["churn", "main", "rss_mb"]
 
 
 def rss_mb(pid: int) -> float | None:
@@ -51,22 +51,41 @@ async def _expect(ws: Any, type_: str, timeout: float) -> dict[str, Any]:
 
 
 async def _cycle(url: str, sender: str, room: str, n: int, timeout: float) -> None:
-    async with websockets.connect(f"{url}?sender_id={sender}", ping_interval=None,
-                                  compression=None, open_timeout=timeout,
-                                  close_timeout=timeout) as ws:
+    async with websockets.connect(
+        f"{url}?sender_id={sender}",
+        ping_interval=None,
+        compression=None,
+        open_timeout=timeout,
+        close_timeout=timeout,
+    ) as ws:
         await _expect(ws, "welcome", timeout)
         await ws.send(orjson.dumps({"action": "join", "room_id": room}).decode())
         await _expect(ws, "joined", timeout)
         cmid = f"{sender}-{n}"
-        await ws.send(orjson.dumps({"action": "message", "room_id": room,
-                                    "content": f"churn {n}", "client_msg_id": cmid}).decode())
+        await ws.send(
+            orjson.dumps(
+                {
+                    "action": "message",
+                    "room_id": room,
+                    "content": f"churn {n}",
+                    "client_msg_id": cmid,
+                }
+            ).decode()
+        )
         ack = await _expect(ws, "ack", timeout)
         if ack.get("client_msg_id") != cmid:
             raise RuntimeError(f"ack for {ack.get('client_msg_id')!r}, expected {cmid!r}")
 
 
-async def churn(urls: list[str], cycles: int, concurrency: int, rooms: int, *,
-                prefix: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
+async def churn(
+    urls: list[str],
+    cycles: int,
+    concurrency: int,
+    rooms: int,
+    *,
+    prefix: str | None = None,
+    timeout: float = 10.0,
+) -> dict[str, Any]:
     """Run the churn; returns counts (ok, errors by kind) and the duration."""
     prefix = prefix or f"churn-{secrets.token_hex(3)}"
     counter = iter(range(cycles))
@@ -77,8 +96,9 @@ async def churn(urls: list[str], cycles: int, concurrency: int, rooms: int, *,
         nonlocal ok
         for n in counter:
             try:
-                await _cycle(urls[n % len(urls)], f"{prefix}-u{worker}",
-                             f"{prefix}-r{n % rooms}", n, timeout)
+                await _cycle(
+                    urls[n % len(urls)], f"{prefix}-u{worker}", f"{prefix}-r{n % rooms}", n, timeout
+                )
                 ok += 1
             except Exception as exc:  # noqa: BLE001 (counted, never fatal: the report says)
                 detail = f": {exc}"[:80] if isinstance(exc, RuntimeError) else ""
@@ -87,10 +107,17 @@ async def churn(urls: list[str], cycles: int, concurrency: int, rooms: int, *,
     started = time.monotonic()
     await asyncio.gather(*(loop(w) for w in range(concurrency)))
     elapsed = time.monotonic() - started
-    return {"cycles": cycles, "ok": ok, "errors": sum(errors.values()),
-            "error_kinds": dict(errors), "seconds": round(elapsed, 2),
-            "cycles_per_s": round(cycles / elapsed, 1) if elapsed else None,
-            "rooms": rooms, "concurrency": concurrency, "prefix": prefix}
+    return {
+        "cycles": cycles,
+        "ok": ok,
+        "errors": sum(errors.values()),
+        "error_kinds": dict(errors),
+        "seconds": round(elapsed, 2),
+        "cycles_per_s": round(cycles / elapsed, 1) if elapsed else None,
+        "rooms": rooms,
+        "concurrency": concurrency,
+        "prefix": prefix,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,16 +127,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=100)
     ap.add_argument("--rooms", type=int, default=100)
     ap.add_argument("--pids", default="", help="comma-separated server PIDs to read VmRSS of")
-    ap.add_argument("--settle", type=float, default=0.0,
-                    help="seconds to wait after the churn before a last RSS reading")
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        help="seconds to wait after the churn before a last RSS reading",
+    )
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds per step of a cycle")
     ap.add_argument("--prefix", default=None, help="sender/room id prefix (default: random)")
     args = ap.parse_args(argv)
     urls = [u.strip() for u in args.urls.split(",") if u.strip()]
     pids = [int(p) for p in args.pids.split(",") if p.strip()]
     before = {str(p): rss_mb(p) for p in pids}
-    result = asyncio.run(churn(urls, args.cycles, args.concurrency, args.rooms,
-                               prefix=args.prefix, timeout=args.timeout))
+    result = asyncio.run(
+        churn(
+            urls,
+            args.cycles,
+            args.concurrency,
+            args.rooms,
+            prefix=args.prefix,
+            timeout=args.timeout,
+        )
+    )
     result["rss_mb"] = {"before": before, "after": {str(p): rss_mb(p) for p in pids}}
     if args.settle > 0:
         time.sleep(args.settle)

@@ -38,8 +38,7 @@ class BrokerError(Exception):
 
 def presence_payload(room_id: str, sender_id: str, event: Literal["join", "leave"]) -> bytes:
     """The channel payload announcing that ``sender_id`` joined or left ``room_id`` anywhere."""
-    frame = encode({"type": "presence", "room_id": room_id, "event": event,
-                    "sender_id": sender_id})
+    frame = encode({"type": "presence", "room_id": room_id, "event": event, "sender_id": sender_id})
     return encode_events([PresenceEvent(sender_id, frame)])
 
 
@@ -105,7 +104,11 @@ def create_broker(settings: Settings) -> Broker:
     if is_redis_url(url):
         from .redis import RedisBroker
 
-        return RedisBroker(url, prefix=settings.redis_prefix, server_id=settings.server_id,
-                           pool_size=settings.redis_pool_size,
-                           timeout_s=settings.redis_timeout_s)
+        return RedisBroker(
+            url,
+            prefix=settings.redis_prefix,
+            server_id=settings.server_id,
+            pool_size=settings.redis_pool_size,
+            timeout_s=settings.redis_timeout_s,
+        )
     raise ValueError(f"unsupported broker URL {url!r}")

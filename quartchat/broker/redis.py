@@ -66,9 +66,16 @@ class RedisBroker:
     """Room channels over one pub/sub connection; presence in Redis."""
 
     def __init__(
-        self, url: str, *, prefix: str, server_id: str, pool_size: int = 32,
-        timeout_s: float = 5.0, ping_interval_s: float = 1.0,
-        heartbeat_s: float = 5.0, dead_after_s: float = 20.0,
+        self,
+        url: str,
+        *,
+        prefix: str,
+        server_id: str,
+        pool_size: int = 32,
+        timeout_s: float = 5.0,
+        ping_interval_s: float = 1.0,
+        heartbeat_s: float = 5.0,
+        dead_after_s: float = 20.0,
     ) -> None:
         self.url = url
         self.keys = Keys(prefix)
@@ -81,8 +88,12 @@ class RedisBroker:
         # twice; receivers drop duplicates by seq). Timeouts are not retried: waits
         # stay bounded by timeout_s.
         pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=pool_size, timeout=timeout_s, socket_connect_timeout=2,
-            socket_timeout=timeout_s, socket_keepalive=True,
+            url,
+            max_connections=pool_size,
+            timeout=timeout_s,
+            socket_connect_timeout=2,
+            socket_timeout=timeout_s,
+            socket_keepalive=True,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=2),
             retry_on_error=[RedisConnectionError],
         )
@@ -90,19 +101,30 @@ class RedisBroker:
         # The pub/sub connection must NOT retry silently: a reconnect means payloads
         # were lost, and the listener has to see it to make every room catch up.
         self._sub_client: aioredis.Redis = aioredis.Redis.from_url(
-            url, socket_connect_timeout=2, socket_timeout=timeout_s, socket_keepalive=True,
-            health_check_interval=0, retry=Retry(NoBackoff(), retries=0),
+            url,
+            socket_connect_timeout=2,
+            socket_timeout=timeout_s,
+            socket_keepalive=True,
+            health_check_interval=0,
+            retry=Retry(NoBackoff(), retries=0),
         )
         self._ps: PubSub | None = None
         self._dead: list[Any] = []  # aborted pub/sub connections, to release to their pool
         self._presence = RedisPresence(
-            self._r, self.keys, self.node, subscribed=lambda: list(self._handlers),
-            publish=self.publish, heartbeat_s=heartbeat_s, dead_after_s=dead_after_s)
+            self._r,
+            self.keys,
+            self.node,
+            subscribed=lambda: list(self._handlers),
+            publish=self.publish,
+            heartbeat_s=heartbeat_s,
+            dead_after_s=dead_after_s,
+        )
         self._handlers: dict[str, list[Handler]] = defaultdict(list)
         self._confirm: dict[bytes, asyncio.Future[None]] = {}
         self._sub_lock = asyncio.Lock()
         self._outbox: asyncio.Queue[tuple[str, bytes, asyncio.Future[None]]] = asyncio.Queue(
-            _PUBLISH_QUEUE)
+            _PUBLISH_QUEUE
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._last_pong = 0.0
         self._last_ping = 0.0
@@ -339,7 +361,7 @@ class RedisBroker:
                 rooms = list(self._handlers)
                 channels = [self.keys.channel(r).encode() for r in rooms]
                 for start in range(0, len(channels), _SUBSCRIBE_BATCH):
-                    await ps.subscribe(*channels[start:start + _SUBSCRIBE_BATCH])
+                    await ps.subscribe(*channels[start : start + _SUBSCRIBE_BATCH])
                 # Confirmed before anyone is told to catch up: what is published
                 # after a room's store read is then delivered.
                 pending = set(channels)

@@ -61,10 +61,15 @@ class RedisPresence:
     """This process's presence entries in Redis, applied, refreshed and reaped in the background."""
 
     def __init__(
-        self, client: aioredis.Redis, keys: lua.Keys, node: str, *,
+        self,
+        client: aioredis.Redis,
+        keys: lua.Keys,
+        node: str,
+        *,
         subscribed: Callable[[], Iterable[str]],
         publish: Callable[[str, bytes], Awaitable[None]],
-        heartbeat_s: float = 5.0, dead_after_s: float = 20.0,
+        heartbeat_s: float = 5.0,
+        dead_after_s: float = 20.0,
     ) -> None:
         self._r = client
         self._keys = keys
@@ -75,9 +80,19 @@ class RedisPresence:
         self.heartbeat_s = heartbeat_s
         self.dead_after_s = dead_after_s
         self._window_ms = int(dead_after_s * 1000)
-        scripts = {name: client.register_script(getattr(lua, name)) for name in
-                   ("JOIN", "LEAVE", "REFRESH", "EXPIRED", "REAP", "MEMBERS", "TOUCH_ROOMS",
-                    "LIVE_ROOMS")}
+        scripts = {
+            name: client.register_script(getattr(lua, name))
+            for name in (
+                "JOIN",
+                "LEAVE",
+                "REFRESH",
+                "EXPIRED",
+                "REAP",
+                "MEMBERS",
+                "TOUCH_ROOMS",
+                "LIVE_ROOMS",
+            )
+        }
         self._lua = scripts
         self._desired: dict[str, set[str]] = {}
         self._applied: set[Key] = set()
@@ -128,8 +143,9 @@ class RedisPresence:
 
     def _merge(self, room_id: str, entries: list[bytes]) -> set[str]:
         """Other nodes' live senders from Redis, plus this node's own local table."""
-        others = {e.partition(b"\0")[2].decode() for e in entries
-                  if not e.startswith(self._node_head)}
+        others = {
+            e.partition(b"\0")[2].decode() for e in entries if not e.startswith(self._node_head)
+        }
         return others | self._desired.get(room_id, set())
 
     async def rooms(self) -> list[tuple[str, int]]:
@@ -140,8 +156,9 @@ class RedisPresence:
             for chunk in _chunks(names, _BATCH):
                 async with self._r.pipeline(transaction=False) as pipe:
                     for room_id in chunk:
-                        await self._lua["MEMBERS"](keys=[self._keys.presence(room_id)[0]],
-                                                   client=pipe)
+                        await self._lua["MEMBERS"](
+                            keys=[self._keys.presence(room_id)[0]], client=pipe
+                        )
                     results = await pipe.execute()
                 counts += [len(self._merge(r, res[1:])) for r, res in zip(chunk, results)]
         except _errors() as exc:
@@ -167,8 +184,10 @@ class RedisPresence:
     async def start(self) -> None:
         await self._beat()
         self._last_beat = self._healthy_since = time.monotonic()
-        self._tasks = [asyncio.create_task(self._work(), name="presence-worker"),
-                       asyncio.create_task(self._beat_loop(), name="presence-heartbeat")]
+        self._tasks = [
+            asyncio.create_task(self._work(), name="presence-worker"),
+            asyncio.create_task(self._beat_loop(), name="presence-heartbeat"),
+        ]
 
     async def close(self, *, remove: bool = True) -> None:
         """Settle (bounded), stop, then remove this node's entries (announcing leaves)."""
@@ -246,18 +265,36 @@ class RedisPresence:
                 keys = self._keys.presence(room_id)
                 if want:
                     joined.add(room_id)
-                    await self._lua["JOIN"](keys=keys, client=pipe, args=[
-                        now, _STALE_MS, self.node, sender, self._window_ms,
-                        presence_payload(room_id, sender, "join")])
+                    await self._lua["JOIN"](
+                        keys=keys,
+                        client=pipe,
+                        args=[
+                            now,
+                            _STALE_MS,
+                            self.node,
+                            sender,
+                            self._window_ms,
+                            presence_payload(room_id, sender, "join"),
+                        ],
+                    )
                 else:
-                    await self._lua["LEAVE"](keys=keys, client=pipe, args=[
-                        now, _STALE_MS, self.node, sender,
-                        presence_payload(room_id, sender, "leave")])
+                    await self._lua["LEAVE"](
+                        keys=keys,
+                        client=pipe,
+                        args=[
+                            now,
+                            _STALE_MS,
+                            self.node,
+                            sender,
+                            presence_payload(room_id, sender, "leave"),
+                        ],
+                    )
             if joined:
-                await self._lua["TOUCH_ROOMS"](keys=[self._keys.rooms], client=pipe,
-                                               args=[self._window_ms, *sorted(joined)])
+                await self._lua["TOUCH_ROOMS"](
+                    keys=[self._keys.rooms], client=pipe, args=[self._window_ms, *sorted(joined)]
+                )
             results = await pipe.execute(raise_on_error=False)
-        return list(results[:len(ops)])
+        return list(results[: len(ops)])
 
     def _redis_now(self) -> int:
         if self._offset_ms is None:
@@ -293,8 +330,9 @@ class RedisPresence:
                 self._healthy_since = None  # this process stalled: its view is not fresh
             if self._healthy_since is None:
                 self._healthy_since = now
-                log.info("presence heartbeat healthy again; reaping resumes in %.0f s",
-                         self.dead_after_s)
+                log.info(
+                    "presence heartbeat healthy again; reaping resumes in %.0f s", self.dead_after_s
+                )
             self._last_beat = now
             if now - self._healthy_since >= self.dead_after_s:
                 try:
@@ -318,11 +356,14 @@ class RedisPresence:
             now = self._redis_now()
             async with self._r.pipeline(transaction=False) as pipe:
                 for room_id in chunk:
-                    await self._lua["REFRESH"](keys=self._keys.presence(room_id)[:3], client=pipe,
-                                               args=[now, _STALE_MS, self.node, self._window_ms,
-                                                     *mine[room_id]])
-                await self._lua["TOUCH_ROOMS"](keys=[self._keys.rooms], client=pipe,
-                                               args=[self._window_ms, *chunk])
+                    await self._lua["REFRESH"](
+                        keys=self._keys.presence(room_id)[:3],
+                        client=pipe,
+                        args=[now, _STALE_MS, self.node, self._window_ms, *mine[room_id]],
+                    )
+                await self._lua["TOUCH_ROOMS"](
+                    keys=[self._keys.rooms], client=pipe, args=[self._window_ms, *chunk]
+                )
                 results = await pipe.execute(raise_on_error=False)
             for room_id, result in zip(chunk, results):
                 if isinstance(result, Exception):
@@ -341,8 +382,9 @@ class RedisPresence:
         for chunk in _chunks(rooms, _BATCH):
             async with self._r.pipeline(transaction=False) as pipe:
                 for room_id in chunk:
-                    await self._lua["EXPIRED"](keys=[self._keys.presence(room_id)[0]],
-                                               args=[_REAP_LIMIT], client=pipe)
+                    await self._lua["EXPIRED"](
+                        keys=[self._keys.presence(room_id)[0]], args=[_REAP_LIMIT], client=pipe
+                    )
                 found = await pipe.execute()
             todo = []
             for room_id, res in zip(chunk, found):
@@ -357,16 +399,20 @@ class RedisPresence:
                     for entry in entries:
                         sender = entry.partition(b"\0")[2].decode()
                         args += [entry, presence_payload(room_id, sender, "leave")]
-                    await self._lua["REAP"](keys=self._keys.presence(room_id), args=args,
-                                            client=pipe)
+                    await self._lua["REAP"](
+                        keys=self._keys.presence(room_id), args=args, client=pipe
+                    )
                 results = await pipe.execute(raise_on_error=False)
             for (room_id, _now, _entries), result in zip(todo, results):
                 if isinstance(result, int) and result > 0:
                     self.reaped += result
-                    log.info("reaped %d presence entries of dead server processes", result,
-                             extra={"room_id": room_id})
+                    log.info(
+                        "reaped %d presence entries of dead server processes",
+                        result,
+                        extra={"room_id": room_id},
+                    )
 
 
 def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]

@@ -62,7 +62,7 @@ class Keys:
 
     def room_of(self, channel: bytes) -> str | None:
         if channel.startswith(self._chan_head) and channel.endswith(b"}:chan"):
-            return channel[len(self._chan_head):-len(b"}:chan")].decode()
+            return channel[len(self._chan_head) : -len(b"}:chan")].decode()
         return None
 
     def presence(self, room_id: str) -> list[str]:
@@ -74,7 +74,10 @@ class Keys:
 # KEYS m, n, reaped, chan. ARGV: caller's Redis-time estimate, stale ms, node,
 # sender, window ms, join payload. -> 1 first live entry anywhere (announced), 0 not,
 # -1 stale.
-JOIN = _NOW + _FRESH + """
+JOIN = (
+    _NOW
+    + _FRESH
+    + """
 local e = ARGV[3] .. '\\0' .. ARGV[4]
 local had = redis.call('ZSCORE', KEYS[1], e)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[5]), e)
@@ -91,10 +94,14 @@ end
 redis.call('PUBLISH', KEYS[4], ARGV[6])
 return 1
 """
+)
 
 # KEYS m, n, reaped, chan. ARGV: estimate, stale ms, node, sender, leave payload.
 # -> 1 last anywhere (announced), 0 not (or already gone: reaped, announced then), -1 stale.
-LEAVE = _NOW + _FRESH + """
+LEAVE = (
+    _NOW
+    + _FRESH
+    + """
 local e = ARGV[3] .. '\\0' .. ARGV[4]
 redis.call('ZREM', KEYS[3], e)
 if redis.call('ZREM', KEYS[1], e) == 0 then return 0 end
@@ -105,13 +112,17 @@ if redis.call('HINCRBY', KEYS[2], ARGV[4], -1) <= 0 then
 end
 return 0
 """
+)
 
 # The heartbeat of one node in one room. KEYS m, n, reaped. ARGV: estimate,
 # stale ms, node, window ms, sender... Extends every entry; re-adds missing ones
 # (Redis restarted empty, or a reaper took them). -> senders that must be
 # announced again: re-added from nothing after a reaper announced their leave;
 # or -1 if stale.
-REFRESH = _NOW + _FRESH + """
+REFRESH = (
+    _NOW
+    + _FRESH
+    + """
 local exp = now + tonumber(ARGV[4])
 local back = {}
 for i = 5, #ARGV do
@@ -126,18 +137,25 @@ for i = 5, #ARGV do
 end
 return back
 """
+)
 
 # KEYS m. ARGV: limit. -> {now, entry, entry, ...}: entries past their expiry.
-EXPIRED = _NOW + """
+EXPIRED = (
+    _NOW
+    + """
 local out = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
 table.insert(out, 1, tostring(now))
 return out
 """
+)
 
 # KEYS m, n, reaped, chan. ARGV: the EXPIRED call's now, stale ms, then pairs of
 # entry, leave payload of its sender. Removes each entry that is still expired;
 # announces a leave for each sender that is now nowhere. -> entries removed, or -1.
-REAP = _NOW + _FRESH + """
+REAP = (
+    _NOW
+    + _FRESH
+    + """
 local gone = 0
 for i = 3, #ARGV, 2 do
   local e = ARGV[i]
@@ -157,25 +175,35 @@ redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - 86400000)
 if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('PEXPIRE', KEYS[3], 86400000) end
 return gone
 """
+)
 
 # KEYS m. -> {now, live entry, ...}
-MEMBERS = _NOW + """
+MEMBERS = (
+    _NOW
+    + """
 local out = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')
 table.insert(out, 1, tostring(now))
 return out
 """
+)
 
 # KEYS rooms. ARGV: window ms, room... Marks rooms as having entries; trims old ones.
-TOUCH_ROOMS = _NOW + """
+TOUCH_ROOMS = (
+    _NOW
+    + """
 local exp = now + tonumber(ARGV[1])
 for i = 2, #ARGV do redis.call('ZADD', KEYS[1], exp, ARGV[i]) end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 return 0
 """
+)
 
 # KEYS rooms. -> {now, room, ...} rooms that may have live entries.
-LIVE_ROOMS = _NOW + """
+LIVE_ROOMS = (
+    _NOW
+    + """
 local out = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')
 table.insert(out, 1, tostring(now))
 return out
 """
+)

@@ -52,13 +52,29 @@ from .parts import Pace, Post, PostFailed, Room, backoff_delay, stop_task
 class ChatClient(FrameHandling):
     """A reconnecting quartchat client (see the module docstring)."""
 
-    def __init__(self, url: str, *, sender_id: str | None = None, token: str | None = None,
-                 get_token: TokenSource | None = None, history: int = 0,
-                 backoff_initial: float = 0.25, backoff_max: float = 10.0, ack_timeout: float = 5.0,
-                 retry_initial: float = 0.25, refresh_margin: float = 30.0, open_timeout: float = 10.0,
-                 inbox_size: int = 10_000, connect_options: dict[str, Any] | None = None,
-                 on_message: Callable[[dict[str, Any]], None] | None = None) -> None:
-        if token is None and get_token is None and (sender_id is None or not valid_sender_id(sender_id)):
+    def __init__(
+        self,
+        url: str,
+        *,
+        sender_id: str | None = None,
+        token: str | None = None,
+        get_token: TokenSource | None = None,
+        history: int = 0,
+        backoff_initial: float = 0.25,
+        backoff_max: float = 10.0,
+        ack_timeout: float = 5.0,
+        retry_initial: float = 0.25,
+        refresh_margin: float = 30.0,
+        open_timeout: float = 10.0,
+        inbox_size: int = 10_000,
+        connect_options: dict[str, Any] | None = None,
+        on_message: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        if (
+            token is None
+            and get_token is None
+            and (sender_id is None or not valid_sender_id(sender_id))
+        ):
             raise ValueError(f"sender_id must match {SENDER_ID_PATTERN}, got {sender_id!r}")
         self.url = url
         self.sender_id = sender_id
@@ -118,13 +134,17 @@ class ChatClient(FrameHandling):
 
     # ---- API ------------------------------------------------------------------
 
-    async def join(self, room_id: str, *, history: int | None = None, timeout: float = 10.0) -> None:
+    async def join(
+        self, room_id: str, *, history: int | None = None, timeout: float = 10.0
+    ) -> None:
         """Join a room (now and after every reconnect); returns once joined."""
         if not valid_room_id(room_id):
             raise ValueError(f"room_id must match {ID_PATTERN}, got {room_id!r}")
         room = self._rooms.get(room_id)
         if room is None:
-            room = self._rooms[room_id] = Room(room_id, self.history_size if history is None else history)
+            room = self._rooms[room_id] = Room(
+                room_id, self.history_size if history is None else history
+            )
         if self.state == "open" and not room.joined:
             await self._send_join(room)
         await self.wait_for(lambda: room.joined or room_id not in self._rooms, timeout=timeout)
@@ -154,8 +174,9 @@ class ChatClient(FrameHandling):
         """Post and wait until it is acked (stored); raises PostFailed or TimeoutError."""
         return await self.post(room_id, content).wait(timeout)
 
-    async def history(self, room_id: str, before_seq: int | None = None, limit: int = 50,
-                      timeout: float = 10.0) -> dict[str, Any]:
+    async def history(
+        self, room_id: str, before_seq: int | None = None, limit: int = 50, timeout: float = 10.0
+    ) -> dict[str, Any]:
         """One page of a room's stored messages (the ``history`` frame)."""
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._history.setdefault(room_id, []).append(fut)
@@ -171,7 +192,11 @@ class ChatClient(FrameHandling):
     def last_seq(self, room_id: str) -> int | None:
         """The last seq seen in a room."""
         room = self._rooms.get(room_id)
-        return None if room is None else (room.last_seq if room.last_seq is not None else room.baseline)
+        return (
+            None
+            if room is None
+            else (room.last_seq if room.last_seq is not None else room.baseline)
+        )
 
     def members(self, room_id: str) -> set[str]:
         """Who is in a room, from ``joined`` and ``presence``."""
@@ -214,8 +239,13 @@ class ChatClient(FrameHandling):
             welcomed = False
             try:
                 url = await self._connect_url()
-                options = {"open_timeout": self.open_timeout, "ping_interval": 20,
-                           "compression": None, "max_size": 2**20, **self.connect_options}
+                options = {
+                    "open_timeout": self.open_timeout,
+                    "ping_interval": 20,
+                    "compression": None,
+                    "max_size": 2**20,
+                    **self.connect_options,
+                }
                 async with websockets.connect(url, **options) as ws:
                     self._ws = ws
                     welcomed = await self._session(ws)
@@ -257,8 +287,12 @@ class ChatClient(FrameHandling):
             body = json.loads(exc.response.body or b"{}")
         except ValueError:
             body = {}
-        error = {"type": "error", "code": body.get("error", "handshake_refused"),
-                 "message": body.get("message", f"HTTP {status}"), "status": status}
+        error = {
+            "type": "error",
+            "code": body.get("error", "handshake_refused"),
+            "message": body.get("message", f"HTTP {status}"),
+            "status": status,
+        }
         self.errors.append(error)
         log.warning("quartchat client: handshake refused (%s %s)", status, error["code"])
 
@@ -348,15 +382,26 @@ class ChatClient(FrameHandling):
                 target = self._rooms.get(post.room_id)
                 if target is None or not target.joined:
                     continue
-                due = (post.retry_at if post.retry_at is not None
-                       else post.sent_at + self.ack_timeout if post.sent_at is not None else now)
+                due = (
+                    post.retry_at
+                    if post.retry_at is not None
+                    else post.sent_at + self.ack_timeout
+                    if post.sent_at is not None
+                    else now
+                )
                 if due > now:
                     next_due = min(next_due, due)
                 elif not self._pace.take(now):
                     next_due = min(next_due, self._pace.next_at(now))
                     break  # keep the posts' order: nothing overtakes a post that must wait
-                elif await self._send({"action": "message", "room_id": post.room_id,
-                                       "content": post.content, "client_msg_id": post.client_msg_id}):
+                elif await self._send(
+                    {
+                        "action": "message",
+                        "room_id": post.room_id,
+                        "content": post.content,
+                        "client_msg_id": post.client_msg_id,
+                    }
+                ):
                     post.attempts += 1
                     post.sent_at, post.retry_at = loop.time(), None
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a
@@ -368,7 +413,9 @@ class ChatClient(FrameHandling):
     async def _refresher(self, expires_at: str) -> None:
         assert self.get_token is not None
         left = datetime.fromisoformat(expires_at).timestamp() - time.time()
-        await asyncio.sleep(max(0.0, left - self.refresh_margin if left > 2 * self.refresh_margin else left / 2))
+        await asyncio.sleep(
+            max(0.0, left - self.refresh_margin if left > 2 * self.refresh_margin else left / 2)
+        )
         while True:
             try:
                 self.token = await self.get_token()

@@ -82,7 +82,9 @@ class FrameHandling:
                 delay = backoff_delay(post.attempts, self.retry_initial, 10.0)
                 post.retry_at = loop.time() + delay
                 if f["code"] == "rate_limited":
-                    self._pace.hold(loop.time() + delay)  # the limit is per connection: everything waits
+                    self._pace.hold(
+                        loop.time() + delay
+                    )  # the limit is per connection: everything waits
             elif f["code"] == "not_joined" and post.room_id in self._rooms:
                 post.sent_at = None
                 room = self._rooms[post.room_id]
@@ -91,7 +93,9 @@ class FrameHandling:
                 self._fail(post, f["code"], f.get("message", ""))
         elif f.get("action") == "join" and f.get("room_id") in self._rooms:
             if f["code"] in _RETRYABLE:
-                self._rooms[f["room_id"]].join_at = loop.time() + backoff_delay(1, self.retry_initial, 10.0)
+                self._rooms[f["room_id"]].join_at = loop.time() + backoff_delay(
+                    1, self.retry_initial, 10.0
+                )
             else:
                 self._rooms.pop(f["room_id"])
         elif f.get("action") == "history" and self._history.get(f.get("room_id", "")):
@@ -115,4 +119,3 @@ class FrameHandling:
         self._posts.pop(post.client_msg_id, None)
         post.state, post.error = "failed", PostFailed(code, message)
         post._done.set()
-

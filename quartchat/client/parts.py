@@ -20,7 +20,9 @@ _RETRYABLE = frozenset({"rate_limited", "unavailable"})
 TokenSource = Callable[[], Awaitable[str]]
 
 
-def backoff_delay(attempt: int, initial: float, maximum: float, rnd: Callable[[], float] = random.random) -> float:
+def backoff_delay(
+    attempt: int, initial: float, maximum: float, rnd: Callable[[], float] = random.random
+) -> float:
     """Exponential backoff with equal jitter: in [cap/2, cap], cap = min(maximum, initial * 2**attempt)."""
     cap = min(maximum, initial * 2 ** min(attempt, 30))
     return float(cap / 2 + rnd() * cap / 2)
@@ -118,5 +120,3 @@ class Pace:
     def hold(self, until: float) -> None:
         self.hold_until = max(self.hold_until, until)
         self.tokens = 0.0
-
-

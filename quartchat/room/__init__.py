@@ -16,13 +16,13 @@ from .commands import Deliver, History, Join, Leave, Publish, Reply
 from .frames import page_json
 
 __all__ = [
-           "Deliver",
-           "History",
-           "Join",
-           "Leave",
-           "Publish",
-           "Reply",
-           "RoomActor",
-           "RoomConfig",
-           "page_json",
+    "Deliver",
+    "History",
+    "Join",
+    "Leave",
+    "Publish",
+    "Reply",
+    "RoomActor",
+    "RoomConfig",
+    "page_json",
 ]

@@ -39,6 +39,7 @@ __all__ = ["RoomActor", "RoomConfig"]
 
 log = logging.getLogger(__name__)
 
+
 @attrs.frozen
 class RoomConfig:
     """The settings a room actor uses."""
@@ -52,8 +53,15 @@ class RoomConfig:
 class RoomActor(RoomHandlers):
     """One active room on this process."""
 
-    def __init__(self, room_id: str, *, store: Store, broker: Broker, config: RoomConfig,
-                 on_retire: Callable[[RoomActor], bool] | None = None) -> None:
+    def __init__(
+        self,
+        room_id: str,
+        *,
+        store: Store,
+        broker: Broker,
+        config: RoomConfig,
+        on_retire: Callable[[RoomActor], bool] | None = None,
+    ) -> None:
         self.room_id = room_id
         self.store = store
         self.broker = broker
@@ -64,8 +72,13 @@ class RoomActor(RoomHandlers):
         self.order = Ordering(max_held=config.inbox_max)
         self.members = Members()
         self._waiting: list[c.Join] = []  # joins that arrived before the start-up read
-        self.writer = Writer(room_id, store=store, broker=broker, batch_max=config.batch_max,
-                             report=self._inbox.put_nowait)
+        self.writer = Writer(
+            room_id,
+            store=store,
+            broker=broker,
+            batch_max=config.batch_max,
+            report=self._inbox.put_nowait,
+        )
         self._helpers: set[asyncio.Task[Any]] = set()
         self._task: asyncio.Task[None] | None = None
         self._last_active = time.monotonic()
@@ -158,10 +171,16 @@ class RoomActor(RoomHandlers):
                 if isinstance(item, c.Stop):
                     if not self.order.started:  # never synced: the posts cannot be written
                         for cmd in self.writer.take_pending():
-                            answer(cmd, ChatError("unavailable", "storage unavailable; retry "
-                                                   "later", action="message",
-                                                   room_id=self.room_id,
-                                                   client_msg_id=cmd.client_msg_id))
+                            answer(
+                                cmd,
+                                ChatError(
+                                    "unavailable",
+                                    "storage unavailable; retry later",
+                                    action="message",
+                                    room_id=self.room_id,
+                                    client_msg_id=cmd.client_msg_id,
+                                ),
+                            )
                     await self.writer.wait_idle()
                     while not self._inbox.empty():  # the last batches' acks
                         last = self._inbox.get_nowait()
@@ -172,12 +191,16 @@ class RoomActor(RoomHandlers):
                     self._handle(item)
                 except Exception:
                     # A bug in one command must not take the room down with it.
-                    log.exception("room actor failed on %s", type(item).__name__,
-                                  extra={"room_id": self.room_id})
+                    log.exception(
+                        "room actor failed on %s",
+                        type(item).__name__,
+                        extra={"room_id": self.room_id},
+                    )
                     conn = getattr(item, "conn", None)
                     if isinstance(conn, Connection):
-                        conn.send_error(ChatError("internal", "internal error",
-                                                  room_id=self.room_id))
+                        conn.send_error(
+                            ChatError("internal", "internal error", room_id=self.room_id)
+                        )
         finally:
             self._stopping = True
             writer.cancel()
@@ -231,9 +254,15 @@ class RoomActor(RoomHandlers):
             self._spawn(self._read(read.after, read.upto))
 
     def _retirable(self) -> bool:
-        return (self._on_retire is not None and not self.members and not self._waiting
-                and not self.writer.busy and not self._helpers and not self.order.held
-                and self._external == 0)
+        return (
+            self._on_retire is not None
+            and not self.members
+            and not self._waiting
+            and not self.writer.busy
+            and not self._helpers
+            and not self.order.held
+            and self._external == 0
+        )
 
     def _should_retire(self) -> bool:
         if not self._retirable() or not self._inbox.empty():
@@ -252,8 +281,9 @@ class RoomActor(RoomHandlers):
         def done(t: asyncio.Task[Any]) -> None:
             self._helpers.discard(t)
             if not t.cancelled() and t.exception() is not None:
-                log.error("room helper failed", exc_info=t.exception(),
-                          extra={"room_id": self.room_id})
+                log.error(
+                    "room helper failed", exc_info=t.exception(), extra={"room_id": self.room_id}
+                )
 
         task.add_done_callback(done)
         return task
@@ -291,4 +321,3 @@ class RoomActor(RoomHandlers):
             self._on_clamp(item.member, item.last_seq, item.floor)
         elif isinstance(item, c.Barrier) and not item.reached.done():
             item.reached.set_result(None)
-

@@ -152,6 +152,18 @@ class Stop:
 
 
 Item = (
-    Join | Leave | Publish | Deliver | Hint | Synced | SyncFailed | View | Read | Written
-    | ReplayDone | Clamp | Barrier | Stop
+    Join
+    | Leave
+    | Publish
+    | Deliver
+    | Hint
+    | Synced
+    | SyncFailed
+    | View
+    | Read
+    | Written
+    | ReplayDone
+    | Clamp
+    | Barrier
+    | Stop
 )

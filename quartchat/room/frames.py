@@ -27,8 +27,9 @@ def encode_row(row: StoredMessage) -> str:
     )
 
 
-def page_json(room_id: str, rows: Sequence[StoredMessage], has_more: bool, *,
-              frame_type: str | None = None) -> str:
+def page_json(
+    room_id: str, rows: Sequence[StoredMessage], has_more: bool, *, frame_type: str | None = None
+) -> str:
     """A history page as JSON text, each stored row encoded like its ``message`` frame.
 
     Shared by the ``history`` frame and ``GET /api/rooms/<id>/messages``; the
@@ -36,13 +37,20 @@ def page_json(room_id: str, rows: Sequence[StoredMessage], has_more: bool, *,
     """
     head = f'"type":{encode(frame_type)},' if frame_type else ""
     body = ",".join(encode_row(row) for row in rows)
-    return (f'{{{head}"room_id":{encode(room_id)},"messages":[{body}],'
-            f'"has_more":{"true" if has_more else "false"}}}')
+    return (
+        f'{{{head}"room_id":{encode(room_id)},"messages":[{body}],'
+        f'"has_more":{"true" if has_more else "false"}}}'
+    )
 
 
 def ack_frame(row: StoredMessage) -> dict[str, Any]:
-    return {"type": "ack", "room_id": row.room_id, "seq": row.seq, "id": row.id,
-            "client_msg_id": row.client_msg_id}
+    return {
+        "type": "ack",
+        "room_id": row.room_id,
+        "seq": row.seq,
+        "id": row.id,
+        "client_msg_id": row.client_msg_id,
+    }
 
 
 def joined_frame(room_id: str, last_seq: int, members: Sequence[str]) -> dict[str, Any]:

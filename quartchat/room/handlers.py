@@ -148,8 +148,14 @@ class RoomHandlers:
         member, last_here = self.members.remove(conn)
         if member is None:
             if not cmd.quiet:
-                conn.send_error(ChatError("not_joined", "not joined to this room",
-                                          action="leave", room_id=self.room_id))
+                conn.send_error(
+                    ChatError(
+                        "not_joined",
+                        "not joined to this room",
+                        action="leave",
+                        room_id=self.room_id,
+                    )
+                )
             return
         if member.replay is not None:
             member.replay.cancel()  # no replayed frame may follow `left`
@@ -165,8 +171,14 @@ class RoomHandlers:
 
         async def run() -> None:
             try:
-                await replay(self.store, self.room_id, member, self._delivered_now,
-                             page=REPLAY_PAGE, newest=newest)
+                await replay(
+                    self.store,
+                    self.room_id,
+                    member,
+                    self._delivered_now,
+                    page=REPLAY_PAGE,
+                    newest=newest,
+                )
             finally:
                 self._inbox.put_nowait(c.ReplayDone(member))
 
@@ -227,15 +239,19 @@ class RoomHandlers:
         self._emit(self.order.read_done(entries, msg.covered, msg.target, now))
         if self.order.skipped > before:
             metrics.SKIPPED_SEQS.inc(self.order.skipped - before)
-            log.warning("passed over %d seqs the store does not hold",
-                        self.order.skipped - before, extra={"room_id": self.room_id})
+            log.warning(
+                "passed over %d seqs the store does not hold",
+                self.order.skipped - before,
+                extra={"room_id": self.room_id},
+            )
 
     async def _read(self, after: int, upto: int | None) -> None:
         try:
             if upto is None:
                 upto = await self.store.max_seq(self.room_id)
-            rows = await self.store.after(self.room_id, after, upto, READ_PAGE) \
-                if upto > after else []
+            rows = (
+                await self.store.after(self.room_id, after, upto, READ_PAGE) if upto > after else []
+            )
         except StoreError as exc:
             metrics.STORE_ERRORS.labels(op="fill").inc()
             log.warning("store read failed: %s", exc, extra={"room_id": self.room_id})
@@ -266,11 +282,20 @@ class RoomHandlers:
 
     def _on_publish(self, cmd: c.Publish) -> None:
         conn = cmd.conn
-        if conn is not None and self.members.get(conn) is None and not any(
-                j.conn is conn for j in self._waiting):
-            conn.send_error(ChatError("not_joined", "join the room before posting",
-                                      action="message", room_id=self.room_id,
-                                      client_msg_id=cmd.client_msg_id))
+        if (
+            conn is not None
+            and self.members.get(conn) is None
+            and not any(j.conn is conn for j in self._waiting)
+        ):
+            conn.send_error(
+                ChatError(
+                    "not_joined",
+                    "join the room before posting",
+                    action="message",
+                    room_id=self.room_id,
+                    client_msg_id=cmd.client_msg_id,
+                )
+            )
             return
         self.writer.add(cmd)
 
@@ -279,12 +304,19 @@ class RoomHandlers:
             code = "internal" if msg.error == "internal" else "unavailable"
             text = "internal error; nothing was stored" if code == "internal" else str(msg.error)
             for cmd in msg.batch:
-                answer(cmd, ChatError(code, text, action="message", room_id=self.room_id,
-                                       client_msg_id=cmd.client_msg_id))
+                answer(
+                    cmd,
+                    ChatError(
+                        code,
+                        text,
+                        action="message",
+                        room_id=self.room_id,
+                        client_msg_id=cmd.client_msg_id,
+                    ),
+                )
             return
         # Local members get the batch now; the broker's copy is a duplicate here.
-        self._emit([e for entry in msg.entries for e in
-                    self.order.offer(entry, time.monotonic())])
+        self._emit([e for entry in msg.entries for e in self.order.offer(entry, time.monotonic())])
         for cmd, result in zip(msg.batch, msg.answers):
             if cmd.reply is not None:
                 if not cmd.reply.done():

@@ -142,8 +142,7 @@ class Ordering:
         upto = min(self.held) - 1 if self.held else self.known
         return ReadRange(self.delivered, upto)
 
-    def read_done(self, entries: list[Entry], covered: int, target: int,
-                  now: float) -> list[Entry]:
+    def read_done(self, entries: list[Entry], covered: int, target: int, now: float) -> list[Entry]:
         """A read's rows (ascending): all the store holds up to ``covered``;
         ``target``: the committed seq it was reading towards (more is read next)."""
         self.reading = self.reading_counter = False

@@ -44,8 +44,15 @@ async def _room_for_a_page(member: Member) -> bool:
         return False
 
 
-async def replay(store: Store, room_id: str, member: Member, delivered: Callable[[], int], *,
-                 page: int, newest: int | None = None) -> None:
+async def replay(
+    store: Store,
+    room_id: str,
+    member: Member,
+    delivered: Callable[[], int],
+    *,
+    page: int,
+    newest: int | None = None,
+) -> None:
     """Send ``member`` the rows above its cursor up to ``delivered()``.
 
     ``newest``: first the last ``newest`` rows at or below the cursor (a join
@@ -81,7 +88,8 @@ async def replay(store: Store, room_id: str, member: Member, delivered: Callable
             return
         except StoreError as exc:
             metrics.STORE_ERRORS.labels(op="replay").inc()
-            log.warning("replay failed, retrying in %.1f s: %s", backoff, exc,
-                        extra={"room_id": room_id})
+            log.warning(
+                "replay failed, retrying in %.1f s: %s", backoff, exc, extra={"room_id": room_id}
+            )
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _RETRY_MAX_S)

@@ -38,8 +38,15 @@ def now_ms() -> int:
 class Writer:
     """Pending posts of one room and the task that writes them."""
 
-    def __init__(self, room_id: str, *, store: Store, broker: Broker, batch_max: int,
-                 report: Callable[[Written], None]) -> None:
+    def __init__(
+        self,
+        room_id: str,
+        *,
+        store: Store,
+        broker: Broker,
+        batch_max: int,
+        report: Callable[[Written], None],
+    ) -> None:
         self.room_id = room_id
         self._store = store
         self._broker = broker
@@ -99,21 +106,25 @@ class Writer:
 
     async def _write(self, batch: list[Publish]) -> None:
         stamp = now_ms()
-        posts = [NewMessage(uuid.uuid4().hex, cmd.sender, cmd.content, cmd.client_msg_id, stamp)
-                 for cmd in batch]
+        posts = [
+            NewMessage(uuid.uuid4().hex, cmd.sender, cmd.content, cmd.client_msg_id, stamp)
+            for cmd in batch
+        ]
         started = time.perf_counter()
         try:
             answers = await self._store.append(self.room_id, posts)
         except StoreError as exc:
             metrics.STORE_ERRORS.labels(op="insert").inc()
-            log.warning("cannot store %d messages: %s", len(batch), exc,
-                        extra={"room_id": self.room_id})
+            log.warning(
+                "cannot store %d messages: %s", len(batch), exc, extra={"room_id": self.room_id}
+            )
             # The insert may have committed although its reply was lost: then the
             # rows are in the store with their seqs, and every server delivers
             # them through its position check. A retry with the same
             # client_msg_id is answered with the original.
-            self._report(Written(batch, None, "storage unavailable; retry later with the same "
-                                 "client_msg_id"))
+            self._report(
+                Written(batch, None, "storage unavailable; retry later with the same client_msg_id")
+            )
             return
         except asyncio.CancelledError:
             raise
@@ -135,5 +146,8 @@ class Writer:
             await self._broker.publish(self.room_id, payload)
             metrics.MESSAGES_PUBLISHED.inc(len(created))
         except BrokerError as exc:
-            log.warning("publish failed (other servers catch up from the store): %s", exc,
-                        extra={"room_id": self.room_id})
+            log.warning(
+                "publish failed (other servers catch up from the store): %s",
+                exc,
+                extra={"room_id": self.room_id},
+            )

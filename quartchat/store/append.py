@@ -42,11 +42,12 @@ async def append_in(
     d: Dialect, raw: Any, rooms: Sequence[str], group: Sequence[Request]
 ) -> tuple[list[list[Appended]], list[str]]:
     """The body of one append transaction on ``raw`` (already begun): lock the rooms'
-    counters in key order, answer retries, insert the new rows, move the counters.
-    Returns the answers per request, and the rooms that have no counter row (then
-nothing was written and the caller must fail the transaction)."""
-    counters = {room: int(last) for room, last in
-                await d.fetch(raw, d.lock_counters(len(rooms)), rooms)}
+        counters in key order, answer retries, insert the new rows, move the counters.
+        Returns the answers per request, and the rooms that have no counter row (then
+    nothing was written and the caller must fail the transaction)."""
+    counters = {
+        room: int(last) for room, last in await d.fetch(raw, d.lock_counters(len(rooms)), rooms)
+    }
     missing = [room for room in rooms if room not in counters]
     if missing:
         return [], missing
@@ -56,8 +57,7 @@ nothing was written and the caller must fail the transaction)."""
     for request in group:
         for post in request.posts:
             if post.client_msg_id is not None:
-                wanted.setdefault((request.room_id, post.sender_id), set()).add(
-                    post.client_msg_id)
+                wanted.setdefault((request.room_id, post.sender_id), set()).add(post.client_msg_id)
     found: dict[tuple[str, str, str], StoredMessage] = {}
     if wanted:
         groups = [(room, sender, len(ids)) for (room, sender), ids in wanted.items()]
@@ -75,32 +75,47 @@ nothing was written and the caller must fail the transaction)."""
         room = request.room_id
         answer: list[Appended] = []
         for post in request.posts:
-            key = None if post.client_msg_id is None else (room, post.sender_id,
-                                                           post.client_msg_id)
+            key = None if post.client_msg_id is None else (room, post.sender_id, post.client_msg_id)
             if key is not None and key in found:
                 answer.append(Appended(found[key], created=False))
                 continue
             counters[room] += 1
-            row = StoredMessage(room_id=room, seq=counters[room], id=post.id,
-                                sender_id=post.sender_id, content=post.content,
-                                client_msg_id=post.client_msg_id,
-                                sent_at_ms=post.sent_at_ms)
+            row = StoredMessage(
+                room_id=room,
+                seq=counters[room],
+                id=post.id,
+                sender_id=post.sender_id,
+                content=post.content,
+                client_msg_id=post.client_msg_id,
+                sent_at_ms=post.sent_at_ms,
+            )
             if key is not None:
                 found[key] = row  # a second copy later in the group is its retry
             moved[room] = counters[room]
-            inserts.append((room, row.seq, row.id, row.sender_id, row.content,
-                            row.client_msg_id, d.timestamp(row.sent_at_ms)))
+            inserts.append(
+                (
+                    room,
+                    row.seq,
+                    row.id,
+                    row.sender_id,
+                    row.content,
+                    row.client_msg_id,
+                    d.timestamp(row.sent_at_ms),
+                )
+            )
             answer.append(Appended(row, created=True))
         answers.append(answer)
     if inserts:
         await d.execute_many(raw, d.insert_messages, inserts)
-        await d.execute_many(raw, d.update_counter,
-                             [(last, room) for room, last in sorted(moved.items())])
+        await d.execute_many(
+            raw, d.update_counter, [(last, room) for room, last in sorted(moved.items())]
+        )
     return answers, []
 
 
-def reply(request: Request, answer: list[Appended] | None = None, *,
-            exc: BaseException | None = None) -> None:
+def reply(
+    request: Request, answer: list[Appended] | None = None, *, exc: BaseException | None = None
+) -> None:
     if request.waiter.done():
         return  # the caller gave up (cancelled)
     if exc is not None:

@@ -16,8 +16,9 @@ __all__ = ["CounterReader"]
 class CounterReader:
     """Coalesces counter reads into batched queries; one reader task at a time."""
 
-    def __init__(self, read_many: Callable[[Sequence[str]], Awaitable[dict[str, int]]], *,
-                 batch: int = 500) -> None:
+    def __init__(
+        self, read_many: Callable[[Sequence[str]], Awaitable[dict[str, int]]], *, batch: int = 500
+    ) -> None:
         self._read_many = read_many
         self._batch = batch
         self._waiters: dict[str, list[asyncio.Future[int]]] = {}

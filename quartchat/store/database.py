@@ -262,7 +262,8 @@ class DatabaseStore:
         params.append(limit)
         async with self._session("after") as raw:
             records = await self.dialect.fetch(
-                raw, self.dialect.select_after(upto_seq is not None), params)
+                raw, self.dialect.select_after(upto_seq is not None), params
+            )
         return [row_of(r) for r in records]
 
     async def page(
@@ -274,7 +275,8 @@ class DatabaseStore:
         params.append(limit + 1)  # one extra row tells whether older messages exist
         async with self._session("page") as raw:
             records = await self.dialect.fetch(
-                raw, self.dialect.select_page(before_seq is not None), params)
+                raw, self.dialect.select_page(before_seq is not None), params
+            )
         rows = [row_of(r) for r in records]
         has_more = len(rows) > limit
         rows = rows[:limit]
@@ -361,7 +363,8 @@ class DatabaseStore:
         created = self.dialect.timestamp(sent_at_ms)
         async with self._session("create_rooms", write=True) as raw:
             await self.dialect.execute_many(
-                raw, self.dialect.insert_rooms, [(room, created) for room in rooms])
+                raw, self.dialect.insert_rooms, [(room, created) for room in rooms]
+            )
         if len(self._known_rooms) + len(rooms) > _KNOWN_ROOMS_MAX:
             self._known_rooms.clear()
         self._known_rooms.update(rooms)
@@ -370,7 +373,9 @@ class DatabaseStore:
         if not seen:
             return
         d = self.dialect
-        rows = [(sender, d.datetime_param(when), d.datetime_param(when))
-                for sender, when in sorted(seen.items())]
+        rows = [
+            (sender, d.datetime_param(when), d.datetime_param(when))
+            for sender, when in sorted(seen.items())
+        ]
         async with self._session("touch_clients", write=True) as raw:
             await d.execute_many(raw, d.upsert_clients, rows)

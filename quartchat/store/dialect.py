@@ -68,8 +68,10 @@ class Dialect:
         so the plain read is already exclusive there.
         """
         lock = "" if self.sqlite else " FOR UPDATE"
-        return (f"SELECT room_id, last_seq FROM rooms WHERE room_id IN ({self.marks(n)}) "
-                f"ORDER BY room_id{lock}")
+        return (
+            f"SELECT room_id, last_seq FROM rooms WHERE room_id IN ({self.marks(n)}) "
+            f"ORDER BY room_id{lock}"
+        )
 
     def select_counters(self, n: int) -> str:
         return f"SELECT room_id, last_seq FROM rooms WHERE room_id IN ({self.marks(n)})"
@@ -86,14 +88,18 @@ class Dialect:
     def select_after(self, bounded: bool) -> str:
         p = self._p
         upto = f" AND seq <= {p}" if bounded else ""
-        return (f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE room_id = {p} AND seq > {p}"
-                f"{upto} ORDER BY seq LIMIT {p}")
+        return (
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE room_id = {p} AND seq > {p}"
+            f"{upto} ORDER BY seq LIMIT {p}"
+        )
 
     def select_page(self, bounded: bool) -> str:
         p = self._p
         before = f" AND seq < {p}" if bounded else ""
-        return (f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE room_id = {p}{before} "
-                f"ORDER BY seq DESC LIMIT {p}")
+        return (
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE room_id = {p}{before} "
+            f"ORDER BY seq DESC LIMIT {p}"
+        )
 
     def timestamp(self, ms: int) -> Any:
         """A timestamp parameter as the driver takes it (SQLite: SQLAlchemy's text form)."""

@@ -29,7 +29,9 @@ messages = sa.Table(
     sa.Column("client_msg_id", sa.String(64), nullable=True),
     sa.Column("created_at", DATETIME_MS, nullable=False),
     sa.UniqueConstraint("room_id", "seq", name="uq_messages_room_seq"),
-    sa.UniqueConstraint("room_id", "sender_id", "client_msg_id", name="uq_messages_room_sender_cmid"),
+    sa.UniqueConstraint(
+        "room_id", "sender_id", "client_msg_id", name="uq_messages_room_sender_cmid"
+    ),
     sa.UniqueConstraint("id", name="uq_messages_id"),
 )
 

@@ -59,8 +59,9 @@ class SqlitePool:
         self._idle.append((conn, asyncio.get_running_loop().time()))
         if self._closer is None or self._closer.done():
             # In an empty context: not pinning the caller's (a request's) objects.
-            self._closer = asyncio.create_task(self._expire(), name="sqlite-idle-closer",
-                                               context=contextvars.Context())
+            self._closer = asyncio.create_task(
+                self._expire(), name="sqlite-idle-closer", context=contextvars.Context()
+            )
 
     async def close(self) -> None:
         self._closed = True
