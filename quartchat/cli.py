@@ -113,11 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(settings.log_level, settings.log_json)
 
-    from .migrate import upgrade_locked
+    from .migrate import MIGRATION_ERRORS, upgrade_locked
 
     try:
         upgrade_locked(settings)
-    except Exception as exc:
+    except MIGRATION_ERRORS as exc:
         log.error("migration failed on %s: %s", settings.database_url.split("@")[-1], exc)
         return 1
     if command == "migrate":

@@ -320,8 +320,10 @@ _SPEC: list[tuple[str, str, str, Callable[[str, str], Any], str]] = [
         "QUARTCHAT_POSITION_CHECK_S",
         "2",
         _float(0.05, 3600),
-        "Seconds between checks of every active room against the store's newest seq "
-        "(heals a lost last message)",
+        (
+            "Seconds between checks of every active room against the store's newest seq "
+            "(heals a lost last message)"
+        ),
     ),
     (
         "drain_timeout_s",
@@ -342,7 +344,10 @@ _SPEC: list[tuple[str, str, str, Callable[[str, str], Any], str]] = [
         "QUARTCHAT_FAST_WRITES",
         "true",
         _bool,
-        "Write queued frames to hypercorn's WebSocket stream in one batch (false: one Quart send each)",
+        (
+            "Write queued frames to hypercorn's WebSocket stream in one batch "
+            "(false: one Quart send each)"
+        ),
     ),
     (
         "event_loop",
@@ -356,7 +361,10 @@ _SPEC: list[tuple[str, str, str, Callable[[str, str], Any], str]] = [
         "QUARTCHAT_AUTH",
         "none",
         _auth,
-        "Who may connect: none (sender_id is self-declared) or jwt (a signed token names the sender)",
+        (
+            "Who may connect: none (sender_id is self-declared) "
+            "or jwt (a signed token names the sender)"
+        ),
     ),
     (
         "jwt_secret",

@@ -11,16 +11,19 @@ import importlib
 import logging
 from pathlib import Path
 
+import redis.exceptions
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 
 from .config import Settings
 from .validate import is_redis_url
 
 __all__ = [
+    "MIGRATION_ERRORS",
     "alembic_config",
     "current_revision",
     "head_revision",
@@ -31,6 +34,17 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# What a failed migration raises: the database or the Redis lock unreachable or
+# refusing, alembic's own errors, an unsupported URL. The CLI reports these in
+# one line and exits 1; anything else is a bug and keeps its traceback.
+MIGRATION_ERRORS = (
+    OSError,
+    ValueError,
+    sa.exc.SQLAlchemyError,
+    CommandError,
+    redis.exceptions.RedisError,
+)
 
 
 def sync_url(url: str) -> str:

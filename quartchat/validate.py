@@ -21,6 +21,7 @@ __all__ = [
     "ROOM_ID_RE",
     "SENDER_ID_PATTERN",
     "SENDER_ID_RE",
+    "InvalidValue",
     "check_int",
     "is_database_url",
     "is_redis_url",
@@ -46,6 +47,10 @@ DATABASE_SCHEMES: Final = ("sqlite+aiosqlite://", "mysql+aiomysql://")
 REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://")
 
 
+class InvalidValue(ValueError):
+    """A value a validator refused (wrong type or out of range); the message says why."""
+
+
 def valid_room_id(value: object) -> bool:
     """True for a string that is entirely a room id (``[A-Za-z0-9_.:-]{1,64}``)."""
     return isinstance(value, str) and ROOM_ID_RE.fullmatch(value) is not None
@@ -67,11 +72,11 @@ def valid_client_msg_id(value: object) -> bool:
 
 
 def check_int(name: str, value: object, lo: int = 0, hi: int = INT_MAX) -> int:
-    """``value`` if it is an int (not a bool) in ``lo..hi``; else ValueError saying why."""
+    """``value`` if it is an int (not a bool) in ``lo..hi``; else :class:`InvalidValue`."""
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer")
+        raise InvalidValue(f"{name} must be an integer")
     if value < lo or value > min(hi, INT_MAX):
-        raise ValueError(f"{name} must be {lo}..{min(hi, INT_MAX)}")
+        raise InvalidValue(f"{name} must be {lo}..{min(hi, INT_MAX)}")
     return value
 
 
@@ -79,7 +84,7 @@ def parse_int(name: str, raw: str, lo: int = 0, hi: int = INT_MAX) -> int:
     """An integer written as text (a query parameter, a setting), checked like :func:`check_int`."""
     text = raw.strip()
     if _INT_TEXT.fullmatch(text) is None:
-        raise ValueError(f"{name} must be an integer")
+        raise InvalidValue(f"{name} must be an integer")
     return check_int(name, int(text), lo, hi)
 
 

@@ -28,7 +28,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any, Self
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -36,17 +36,22 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from ..validate import ID_PATTERN, SENDER_ID_PATTERN, valid_room_id, valid_sender_id
+from .frames import FrameHandling
+from .parts import (
+    CLOSE_NO_RECONNECT,
+    Pace,
+    Post,
+    PostFailed,
+    Room,
+    TokenSource,
+    backoff_delay,
+    stop_task,
+)
+
 __all__ = ["ChatClient"]
 
 log = logging.getLogger(__name__)
-
-CLOSE_NO_RECONNECT = 4003
-TokenSource = Callable[[], Awaitable[str]]
-
-
-from ..validate import ID_PATTERN, SENDER_ID_PATTERN, valid_room_id, valid_sender_id
-from .frames import FrameHandling
-from .parts import Pace, Post, PostFailed, Room, backoff_delay, stop_task
 
 
 class ChatClient(FrameHandling):
@@ -368,7 +373,7 @@ class ChatClient(FrameHandling):
         await self._send(frame)
 
     async def _sender(self) -> None:
-        """Send new posts, resend unacked ones after ``ack_timeout``, retry refused ones when due."""
+        """Send new posts, resend unacked ones after ``ack_timeout``, retry refused ones."""
         loop = asyncio.get_running_loop()
         while True:
             self._wake.clear()
