@@ -78,6 +78,18 @@ class ChatError(Exception):
         """True when retrying the same request later may succeed."""
         return self.code in _TEMPORARY
 
+    def echo(
+        self, action: str, room_id: str | None = None, client_msg_id: str | None = None
+    ) -> ChatError:
+        """Echo the request this error answers: fill the envelope fields not set yet."""
+        if self.action is None:
+            self.action = action
+        if self.room_id is None:
+            self.room_id = room_id
+        if self.client_msg_id is None:
+            self.client_msg_id = client_msg_id
+        return self
+
     def to_frame(self) -> dict[str, object]:
         """The ``error`` frame, echoing what the request carried well-formed."""
         frame: dict[str, object] = {"type": "error", "code": self.code, "message": self.message}

@@ -7,7 +7,7 @@ and which error code a bad one gets. It knows nothing of rooms or sockets.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import attrs
 import orjson
@@ -52,6 +52,8 @@ _ACTIONS: Final = frozenset({"join", "leave", "message", "history", "ping"})
 class JoinCmd:
     """``join``: enter a room, optionally replaying from ``since_seq`` or the last ``history``."""
 
+    action: ClassVar[str] = "join"
+
     room_id: str
     since_seq: int | None = None
     history: int | None = None
@@ -61,12 +63,16 @@ class JoinCmd:
 class LeaveCmd:
     """``leave``: stop receiving a room."""
 
+    action: ClassVar[str] = "leave"
+
     room_id: str
 
 
 @attrs.frozen
 class PostCmd:
     """``message``: post ``content`` to a joined room."""
+
+    action: ClassVar[str] = "message"
 
     room_id: str
     content: str
@@ -77,6 +83,8 @@ class PostCmd:
 class HistoryCmd:
     """``history``: a page of stored messages older than ``before_seq``."""
 
+    action: ClassVar[str] = "history"
+
     room_id: str
     before_seq: int | None = None
     limit: int = 50
@@ -86,10 +94,14 @@ class HistoryCmd:
 class PingCmd:
     """``ping``: answered with ``pong``."""
 
+    action: ClassVar[str] = "ping"
+
 
 @attrs.frozen
 class RefreshCmd:
     """``refresh`` (auth mode "jwt"): replace the connection's token."""
+
+    action: ClassVar[str] = "refresh"
 
     token: str = attrs.field(repr=False)
 
