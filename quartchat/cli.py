@@ -8,7 +8,8 @@ import os
 import sys
 from typing import Any
 
-from .config import Settings, _bind
+from .config import Settings
+from .config_values import bind
 from .errors import ConfigError
 from .logs import setup_logging
 
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
         overrides: dict[str, Any] = {}
         if command == "serve" and args.bind:
-            overrides["bind"] = _bind("--bind", args.bind)
+            overrides["bind"] = bind("--bind", args.bind)
         if command == "serve" and args.workers is not None:
             if args.workers < 1:
                 raise ConfigError(f"--workers={args.workers}: must be >= 1")
