@@ -22,7 +22,7 @@ from .hub import Hub
 from .protocol import format_sent_at, valid_room_id, valid_sender_id
 from .routes import error_response, json_response
 from .store import StoredMessage
-from .validate import valid_client_msg_id
+from .validate import ID_PATTERN, SENDER_ID_PATTERN, valid_client_msg_id
 
 __all__ = ["api_blueprint"]
 
@@ -58,14 +58,14 @@ async def _body(limit: int) -> dict[str, Any]:
 
 def _sender(value: object) -> str:
     if not valid_sender_id(value):
-        raise ChatError("invalid_field", "sender_id must match ^[A-Za-z0-9_.@:-]{1,64}$")
+        raise ChatError("invalid_field", f"sender_id must match ^{SENDER_ID_PATTERN}$")
     assert isinstance(value, str)
     return value
 
 
 def _room(value: str) -> str:
     if not valid_room_id(value):
-        raise ChatError("invalid_field", "room_id must match ^[A-Za-z0-9_.:-]{1,64}$")
+        raise ChatError("invalid_field", f"room_id must match ^{ID_PATTERN}$")
     return value
 
 

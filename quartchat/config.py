@@ -24,6 +24,7 @@ import attrs
 
 from .config_table import EMPTY_IS_DEFAULT, SPEC
 from .errors import ConfigError
+from .validate import is_memory_url
 
 __all__ = ["SETTINGS_DOC", "Settings", "load_env_file"]
 
@@ -120,7 +121,7 @@ class Settings:
 
     def check(self) -> None:
         """Reject combinations that cannot work, naming the variables."""
-        if self.workers > 1 and self.broker_url == "memory://":
+        if self.workers > 1 and is_memory_url(self.broker_url):
             raise ConfigError(
                 f"QUARTCHAT_WORKERS={self.workers} with QUARTCHAT_BROKER_URL=memory://: the "
                 "in-process broker cannot fan out across processes; use one worker or a "

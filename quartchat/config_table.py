@@ -11,7 +11,7 @@ from typing import Final
 
 from . import config_values as values
 
-__all__ = ["EMPTY_IS_DEFAULT", "SPEC"]
+__all__ = ["EMPTY_IS_DEFAULT", "SPEC", "parser_of"]
 
 SPEC: list[tuple[str, str, str, values.Parser, str]] = [
     (
@@ -247,3 +247,8 @@ SPEC: list[tuple[str, str, str, values.Parser, str]] = [
 
 # Settings whose empty value (`.env.example` shows them as `VAR=`) means the default.
 EMPTY_IS_DEFAULT: Final = frozenset({"server_id", "jwt_algorithms"})
+
+
+def parser_of(field: str) -> values.Parser:
+    """The parser of one setting (a command-line override is checked the same way)."""
+    return next(parse for name, _, _, parse, _ in SPEC if name == field)

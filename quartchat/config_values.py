@@ -13,7 +13,14 @@ import re
 from collections.abc import Callable
 
 from .errors import ConfigError
-from .validate import INT_MAX, is_database_url, is_redis_url, parse_int, valid_name
+from .validate import (
+    INT_MAX,
+    is_database_url,
+    is_memory_url,
+    is_redis_url,
+    parse_int,
+    valid_name,
+)
 
 __all__ = [
     "Parser",
@@ -88,7 +95,7 @@ def database_url(name: str, raw: str) -> str:
 
 def broker_url(name: str, raw: str) -> str:
     url = raw.strip()
-    if url == "memory://" or is_redis_url(url):
+    if is_memory_url(url) or is_redis_url(url):
         return url
     raise ConfigError(
         f"{name}={raw!r}: unsupported broker URL (use memory:// or redis://host:port/db)"
@@ -98,8 +105,12 @@ def broker_url(name: str, raw: str) -> str:
 def bind(name: str, raw: str) -> str:
     value = raw.strip()
     match = _BIND_RE.fullmatch(value)
-    if not match or not 0 <= int(match.group(2)) <= 65535:
-        raise ConfigError(f"{name}={raw!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
+    try:
+        if not match:
+            raise ValueError("no HOST:PORT")
+        parse_int("port", match.group(2), 0, 65535)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected HOST:PORT, e.g. 127.0.0.1:8080") from None
     return value
 
 

@@ -18,13 +18,11 @@ from . import metrics
 from .auth import AuthError, TokenVerifier, api_key_matches, bearer
 from .config import Settings
 from .hub import Hub
-from .protocol import PROTOCOL_VERSION, encode
+from .protocol import HISTORY_PAGE, PROTOCOL_VERSION, encode
 from .validate import INT_MAX, parse_int, valid_room_id
 from .webclient import StaticFiles
 
 __all__ = ["error_response", "guard_read", "json_response", "routes_blueprint"]
-
-_DEFAULT_PAGE = 50  # messages per page when `limit` is not given
 
 
 def json_response(body: dict[str, Any] | str, status: int = 200) -> Response:
@@ -140,7 +138,7 @@ def routes_blueprint(
         except ValueError as exc:
             return error_response(400, "invalid_field", str(exc))
         page = await hub.messages_page(
-            room_id, before_seq, _DEFAULT_PAGE if limit is None else limit
+            room_id, before_seq, HISTORY_PAGE if limit is None else limit
         )
         return json_response(page)
 

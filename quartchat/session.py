@@ -24,7 +24,7 @@ from . import metrics
 from .auth import AuthError, Grant, Session, TokenVerifier, bearer
 from .config import Settings
 from .connection import Connection, TokenBucket
-from .errors import CLOSE_POLICY, CLOSE_TOKEN_EXPIRED, ChatError
+from .errors import ChatError, CloseCode
 from .fastsend import fast_sender_for
 from .hub import Hub
 from .protocol import (
@@ -44,6 +44,7 @@ from .protocol import (
 )
 from .room import History, Join, Leave, Publish
 from .routes import error_response
+from .validate import SENDER_ID_PATTERN
 
 __all__ = ["ChatEndpoint", "ChatSession", "ErrorBudget", "chat_blueprint"]
 
@@ -139,7 +140,7 @@ class ChatEndpoint:
         if sender_id is None:
             return _refuse(400, "invalid_field", "sender_id query parameter is required")
         if not valid_sender_id(sender_id):
-            return _refuse(400, "invalid_field", "sender_id must match ^[A-Za-z0-9_.@:-]{1,64}$")
+            return _refuse(400, "invalid_field", f"sender_id must match ^{SENDER_ID_PATTERN}$")
         return sender_id, grant
 
 
@@ -166,7 +167,7 @@ class ChatSession:
         self.budget = ErrorBudget()
 
     def _token_expired(self) -> None:
-        self.conn.close(CLOSE_TOKEN_EXPIRED, "token expired")
+        self.conn.close(CloseCode.TOKEN_EXPIRED, "token expired")
 
     def _welcome(self) -> dict[str, Any]:
         settings = self.endpoint.settings
@@ -232,7 +233,7 @@ class ChatSession:
                         "closing abusive connection",
                         extra={"conn_id": self.conn.conn_id, "sender_id": self.conn.sender_id},
                     )
-                    self.conn.close(CLOSE_POLICY, "too many errors")
+                    self.conn.close(CloseCode.POLICY, "too many errors")
 
     def _decode(self, data: str | bytes) -> Command:
         """The frame's command; ChatError for a refused or malformed frame."""

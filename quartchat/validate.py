@@ -17,14 +17,19 @@ __all__ = [
     "DATABASE_SCHEMES",
     "ID_PATTERN",
     "INT_MAX",
+    "MEMORY_URL",
+    "MYSQL_SCHEME",
     "REDIS_SCHEMES",
     "ROOM_ID_RE",
     "SENDER_ID_PATTERN",
     "SENDER_ID_RE",
+    "SQLITE_SCHEME",
     "InvalidValue",
     "check_int",
     "is_database_url",
+    "is_memory_url",
     "is_redis_url",
+    "is_sqlite_url",
     "parse_int",
     "valid_client_msg_id",
     "valid_name",
@@ -43,7 +48,10 @@ SENDER_ID_RE: Final = re.compile(SENDER_ID_PATTERN)
 # take spaces, underscores, "+" and non-ASCII digits). 20 digits is past INT_MAX.
 _INT_TEXT: Final = re.compile(r"-?[0-9]{1,20}")
 
-DATABASE_SCHEMES: Final = ("sqlite+aiosqlite://", "mysql+aiomysql://")
+SQLITE_SCHEME: Final = "sqlite+aiosqlite://"
+MYSQL_SCHEME: Final = "mysql+aiomysql://"
+DATABASE_SCHEMES: Final = (SQLITE_SCHEME, MYSQL_SCHEME)
+MEMORY_URL: Final = "memory://"  # the in-process broker
 REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://")
 
 
@@ -91,6 +99,16 @@ def parse_int(name: str, raw: str, lo: int = 0, hi: int = INT_MAX) -> int:
 def is_database_url(url: str) -> bool:
     """True for a URL of a store we have (the async drivers, written explicitly)."""
     return url.startswith(DATABASE_SCHEMES)
+
+
+def is_sqlite_url(url: str) -> bool:
+    """True for an (embedded) SQLite store URL."""
+    return url.startswith(SQLITE_SCHEME)
+
+
+def is_memory_url(url: str) -> bool:
+    """True for the in-process broker, which fans out within one process only."""
+    return url == MEMORY_URL
 
 
 def is_redis_url(url: str) -> bool:

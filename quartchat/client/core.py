@@ -37,10 +37,10 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from ..errors import CloseCode
 from ..validate import ID_PATTERN, SENDER_ID_PATTERN, valid_room_id, valid_sender_id
 from .frames import FrameHandling
 from .parts import (
-    CLOSE_NO_RECONNECT,
     Pace,
     Post,
     PostFailed,
@@ -268,7 +268,7 @@ class ChatClient(FrameHandling, Sending):
             if self._stopping:
                 break
             self.close_codes.append(code)
-            if code == CLOSE_NO_RECONNECT:
+            if code == CloseCode.DISCONNECTED:  # 4003: do not reconnect
                 self.state = "closed"
                 self._pulse()
                 return

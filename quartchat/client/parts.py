@@ -15,8 +15,6 @@ __all__ = ["Pace", "Post", "PostFailed", "Room", "backoff_delay", "stop_task"]
 
 log = logging.getLogger(__name__)
 
-CLOSE_NO_RECONNECT = 4003
-_RETRYABLE = frozenset({"rate_limited", "unavailable"})
 TokenSource = Callable[[], Awaitable[str]]
 
 
