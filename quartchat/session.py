@@ -24,7 +24,7 @@ from . import metrics
 from .auth import AuthError, Grant, Session, TokenVerifier, bearer
 from .config import Settings
 from .connection import Connection, TokenBucket
-from .errors import ChatError, CloseCode
+from .errors import ChatError, CloseCode, ErrorCode
 from .fastsend import fast_sender_for
 from .hub import Hub
 from .protocol import (
@@ -61,7 +61,7 @@ _ENVELOPE_CAP = 16
 # How long a server-side close waits for the writer, then for the client's close frame.
 _CLOSE_WAIT_S = 2.0
 # Our trouble, not the client's: these never count against the error budget.
-_NOT_THE_CLIENTS = frozenset({"unavailable", "internal"})
+_NOT_THE_CLIENTS: frozenset[ErrorCode] = frozenset({"unavailable", "internal"})
 
 
 class ErrorBudget:
@@ -152,7 +152,9 @@ def _refuse(status: int, code: str, message: str) -> Response:
 class ChatSession:
     """One accepted socket: its connection, reader and writer tasks, and its token session."""
 
-    def __init__(self, endpoint: ChatEndpoint, ws: Any, sender_id: str, grant: Grant | None):
+    def __init__(
+        self, endpoint: ChatEndpoint, ws: Any, sender_id: str, grant: Grant | None
+    ) -> None:
         self.endpoint = endpoint
         self.hub = endpoint.hub
         self.ws = ws
