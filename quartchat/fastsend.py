@@ -27,7 +27,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-__all__ = ["DirectWriter", "FastSender", "fast_sender_for", "prepare"]
+__all__ = ["DirectWriter", "FastSender", "decline_compression", "fast_sender_for", "prepare"]
 
 _LEN16 = struct.Struct("!BBH")
 _LEN64 = struct.Struct("!BBQ")
@@ -160,21 +160,47 @@ def _transport_of(stream: Any) -> Any | None:
     return transport
 
 
-def fast_sender_for(ws: Any) -> FastSender | None:
-    """A FastSender for a Quart websocket served by hypercorn over HTTP/1.1, else None."""
+def _stream_of(ws: Any) -> Any | None:
+    """The hypercorn WSStream behind a Quart websocket, or None."""
     try:
-        from hypercorn.protocol.events import Data as StreamData
-        from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
-        from wsproto.connection import ConnectionState
-        from wsproto.events import Message
-        from wsproto.utilities import LocalProtocolError
+        from hypercorn.protocol.ws_stream import WSStream
     except ImportError:
         return None
     send = getattr(ws, "_send", None)
     args = getattr(send, "args", ())
     app_send = args[0] if args else None
     stream = getattr(app_send, "__self__", None)
-    if not isinstance(stream, WSStream):
+    return stream if isinstance(stream, WSStream) else None
+
+
+def decline_compression(ws: Any) -> bool:
+    """Make the coming ``accept()`` refuse every extension the client offered
+    (browsers always offer permessage-deflate, and hypercorn always accepts it,
+    compressing every frame per socket). True when it could; call before accept."""
+    stream = _stream_of(ws)
+    handshake = getattr(stream, "handshake", None)
+    if (
+        handshake is None
+        or getattr(handshake, "accepted", True)
+        or not hasattr(handshake, "extensions")
+    ):
+        return False
+    handshake.extensions = None
+    return True
+
+
+def fast_sender_for(ws: Any) -> FastSender | None:
+    """A FastSender for a Quart websocket served by hypercorn over HTTP/1.1, else None."""
+    try:
+        from hypercorn.protocol.events import Data as StreamData
+        from hypercorn.protocol.ws_stream import ASGIWebsocketState
+        from wsproto.connection import ConnectionState
+        from wsproto.events import Message
+        from wsproto.utilities import LocalProtocolError
+    except ImportError:
+        return None
+    stream = _stream_of(ws)
+    if stream is None:
         return None
     for attr in ("connection", "send", "stream_id", "closed", "state"):
         if not hasattr(stream, attr):

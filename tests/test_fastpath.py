@@ -26,12 +26,12 @@ from hypothesis import strategies as st
 from quart import Quart, websocket
 from wsproto.connection import Connection as WsConnection
 from wsproto.connection import ConnectionType
-from wsproto.extensions import PerMessageDeflate
 from wsproto.events import Message
+from wsproto.extensions import PerMessageDeflate
 
 from quartchat import metrics
 from quartchat.connection import Connection
-from quartchat.fastsend import fast_sender_for, prepare
+from quartchat.fastsend import decline_compression, fast_sender_for, prepare
 
 from .servers import free_port
 
@@ -64,15 +64,17 @@ def test_prepare_matches_wsproto_for_any_text(text: str) -> None:
 class Server:
     """A Quart app on hypercorn whose /ws socket is a quartchat Connection."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, compression: bool = True) -> None:
         self.port = free_port()
         self.conns: asyncio.Queue[tuple[Connection, Any]] = asyncio.Queue()
         app = Quart(__name__)
 
         @app.websocket("/ws")
         async def ws() -> None:
-            await websocket.accept()
             sock = websocket._get_current_object()  # type: ignore[attr-defined]
+            if not compression:
+                assert decline_compression(sock)
+            await websocket.accept()
             conn = Connection("c", "s", queue_size=100_000)
             fast = fast_sender_for(sock)
             writer = asyncio.create_task(conn.run_writer(sock, fast))
@@ -88,11 +90,11 @@ class Server:
 
 
 @asynccontextmanager
-async def serving() -> AsyncIterator[Server]:
+async def serving(*, compression: bool = True) -> AsyncIterator[Server]:
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 
-    server = Server()
+    server = Server(compression=compression)
     config = Config()
     config.bind = [f"127.0.0.1:{server.port}"]
     config.accesslog = None
@@ -113,7 +115,9 @@ async def serving() -> AsyncIterator[Server]:
         await asyncio.wait([task], timeout=10)
 
 
-async def handshake(port: int, *, deflate: bool = False) -> tuple[asyncio.StreamReader, Any]:
+async def handshake(
+    port: int, *, deflate: bool = False, accepted: bool | None = None
+) -> tuple[asyncio.StreamReader, Any]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     key = base64.b64encode(os.urandom(16)).decode()
     ext = "Sec-WebSocket-Extensions: permessage-deflate\r\n" if deflate else ""
@@ -126,7 +130,7 @@ async def handshake(port: int, *, deflate: bool = False) -> tuple[asyncio.Stream
     )
     head = await reader.readuntil(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 101"), head
-    assert (b"permessage-deflate" in head.lower()) == deflate
+    assert (b"permessage-deflate" in head.lower()) == (deflate if accepted is None else accepted)
     return reader, writer
 
 
@@ -154,6 +158,21 @@ async def test_the_direct_path_is_found_on_hypercorn_and_declines_deflate() -> N
         assert fast2 is not None and fast2.direct() is None  # frames are compressed per socket
         for w in (plain, deflated):
             w.close()
+
+
+async def test_declined_compression_keeps_a_browser_on_the_direct_path() -> None:
+    async with serving(compression=False) as server:
+        _, writer = await handshake(server.port, deflate=True, accepted=False)
+        conn, fast = await asyncio.wait_for(server.conns.get(), 5)
+        assert fast is not None and fast.direct() is not None
+        async with asyncio.timeout(5):
+            while True:  # once the writer task has started, frames go direct
+                direct = counts()[0]
+                assert conn.send("{}")
+                if counts()[0] == direct + 1:
+                    break
+                await asyncio.sleep(0.01)
+        writer.close()
 
 
 # Steps: ("send" | "trickle", count, size) | ("stall",) | ("read", tenths of a ms) | ("yield",)
@@ -374,7 +393,7 @@ def test_no_frame_overtakes_a_queued_one(steps: list[Any]) -> None:
                     assert all(conn.send(frame) for frame in run)
                 else:
                     joined = b"".join(prepare(f) for f in run)
-                    assert conn.deliver(run, 0, lambda _start: joined) == len(run)
+                    assert conn.deliver(run, 0, lambda _start, j=joined: j) == len(run)
         transport.size = 0
         transport.resumed.set()
         transport.unlocked.set()
