@@ -19,6 +19,7 @@ import os
 import struct
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -33,7 +34,7 @@ from quartchat import metrics
 from quartchat.connection import Connection
 from quartchat.fastsend import decline_compression, fast_sender_for, prepare
 
-from .servers import free_port
+from .servers import ServerProcess, free_port
 
 # ---- the prepared bytes -----------------------------------------------------------------
 
@@ -406,3 +407,34 @@ def test_no_frame_overtakes_a_queued_one(steps: list[Any]) -> None:
         await asyncio.wait([writer], timeout=5)
 
     asyncio.run(main())
+
+
+# ---- what `quartchat serve` answers a browser's deflate offer ------------------------------
+
+
+async def _offer_deflate(port: int) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        (
+            f"GET /chat?sender_id=alice HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n"
+        ).encode()
+    )
+    head = await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return head.lower()
+
+
+async def test_serve_declines_deflate_unless_ws_compression_is_on(tmp_path: Path) -> None:
+    for setting, accepted in (({}, False), ({"QUARTCHAT_WS_COMPRESSION": "true"}, True)):
+        env = {"QUARTCHAT_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/chat.db", **setting}
+        srv = ServerProcess(tmp_path, env, name=f"compression-{accepted}").start()
+        try:
+            head = await _offer_deflate(srv.port)
+            assert (b"sec-websocket-extensions: permessage-deflate" in head) == accepted, head
+        finally:
+            srv.stop()
