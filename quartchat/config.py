@@ -86,6 +86,7 @@ class Settings:
     drain_timeout_s: float = 10.0
     allowed_origins: tuple[str, ...] = ("*",)
     fast_writes: bool = True
+    ws_compression: bool = False
     event_loop: str = "auto"
     auth: str = "none"
     # Secrets never appear in repr (logs, tracebacks).

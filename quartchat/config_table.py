@@ -172,13 +172,24 @@ SPEC: list[tuple[str, str, str, values.Parser, str]] = [
         "Origins allowed to open a WebSocket (* = any; requests without Origin are allowed)",
     ),
     (
+        "ws_compression",
+        "QUARTCHAT_WS_COMPRESSION",
+        "false",
+        values.boolean,
+        (
+            "Accept permessage-deflate when a client offers it (every browser does); "
+            "false: frames go uncompressed, built once per message for every socket"
+        ),
+    ),
+    (
         "fast_writes",
         "QUARTCHAT_FAST_WRITES",
         "true",
         values.boolean,
         (
-            "Write queued frames to hypercorn's WebSocket stream in one batch "
-            "(false: one Quart send each)"
+            "Frames go straight to the socket's transport as bytes built once per message "
+            "when nothing is queued, and queued frames to hypercorn's WebSocket stream in "
+            "one batch (false: one Quart send each)"
         ),
     ),
     (

@@ -1,8 +1,12 @@
 """One client socket: a bounded outbound queue and the one task that writes it.
 
-Room actors call :meth:`Connection.send` and never wait: a socket whose queue
-is full is closed with 4008 (slow consumer) and its queued frames dropped, so
-one slow reader can never stall a room. Replays, which may be long, use
+Room actors call :meth:`Connection.send` (or :meth:`Connection.deliver` for a
+run of room messages) and never wait. When nothing is queued and the writer is
+not mid-send, a frame goes straight to the socket's transport as prepared
+bytes (``fastsend.DirectWriter``); otherwise it is queued for the writer task,
+so a frame never overtakes one queued before it. A socket whose queue is full
+is closed with 4008 (slow consumer) and its queued frames dropped, so one slow
+reader can never stall a room. Replays, which may be long, use
 :meth:`Connection.wait_for_space` for flow control instead.
 """
 
@@ -12,11 +16,12 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from . import metrics
 from .errors import CLOSE_GOING_AWAY, CLOSE_SLOW_CONSUMER, ChatError
-from .fastsend import FastSender
+from .fastsend import DirectWriter, FastSender, prepare
 from .protocol import encode
 
 __all__ = ["Connection", "SlowConsumerLog", "TokenBucket", "WebSocketLike"]
@@ -122,6 +127,7 @@ class Connection:
         self._writer: asyncio.Task[None] | None = None
         self._sending = False
         self._interrupted = False
+        self._direct: DirectWriter | None = None  # set by run_writer on the fast path
 
     def __repr__(self) -> str:
         return f"<Connection {self.conn_id} sender={self.sender_id}>"
@@ -131,15 +137,49 @@ class Connection:
         return self.close_code is None
 
     def send(self, frame: str) -> bool:
-        """Queue an encoded frame; on overflow close with 4008. Never blocks."""
+        """Send or queue an encoded frame; on overflow close with 4008. Never blocks."""
         if self.close_code is not None:
             return False
+        direct = self._direct
+        if (
+            direct is not None
+            and not self._frames
+            and not self._sending
+            and direct.write(prepare(frame))
+        ):
+            metrics.FRAMES_DIRECT.inc()
+            return True
+        return self._enqueue(frame)
+
+    def deliver(self, frames: Sequence[str], start: int, wire: Callable[[int], bytes]) -> int:
+        """Send ``frames[start:]`` in order: one transport write of ``wire(start)``
+        (their prepared bytes, which the caller builds once for every socket
+        starting there) when the direct path is free, else queued one by one.
+        Returns how many were sent or queued (fewer when the queue overflowed)."""
+        if self.close_code is not None:
+            return 0
+        direct = self._direct
+        if (
+            direct is not None
+            and not self._frames
+            and not self._sending
+            and direct.write(wire(start))
+        ):
+            metrics.FRAMES_DIRECT.inc(len(frames) - start)
+            return len(frames) - start
+        for i in range(start, len(frames)):
+            if not self._enqueue(frames[i]):
+                return i - start
+        return len(frames) - start
+
+    def _enqueue(self, frame: str) -> bool:
         if len(self._frames) >= self.queue_size:
             metrics.SLOW_CONSUMER_CLOSES.inc()
             _SLOW_LOG.closed(self)  # a count, and at most one line a second
             self.close(CLOSE_SLOW_CONSUMER, "slow consumer: outbound queue overflowed")
             return False
         self._frames.append(frame)
+        metrics.FRAMES_QUEUED.inc()
         if len(self._frames) >= self.queue_size // 2:
             self._space.clear()
         self._wakeup.set()
@@ -160,6 +200,7 @@ class Connection:
             return
         self.close_code = code
         self.close_reason = reason
+        self._direct = None
         self._flush_on_close = code == CLOSE_GOING_AWAY
         if not self._flush_on_close:
             self._frames.clear()
@@ -188,10 +229,13 @@ class Connection:
         """Write queued frames in order until closed; then close the socket.
 
         With ``fast``, every frame queued at the moment goes out in one socket
-        write (up to _BATCH frames); otherwise one ``ws.send`` per frame.
+        write (up to _BATCH frames), and frames sent while nothing is queued
+        skip the queue (:meth:`send`); otherwise one ``ws.send`` per frame.
         """
         frames = self._frames
         self._writer = asyncio.current_task()
+        if fast is not None and self.close_code is None:
+            self._direct = fast.direct()
         try:
             while True:
                 while not frames and self.close_code is None:
@@ -206,6 +250,7 @@ class Connection:
                         if not await fast.send_many(batch):
                             frames.extendleft(reversed(batch))
                             fast = None  # the stream is closing: the plain path says how
+                            self._direct = None
                             continue
                     else:
                         await ws.send(frames.popleft())
@@ -225,4 +270,5 @@ class Connection:
             # traceback holds this frame and so the socket's whole object graph:
             # a Connection still referenced (a room's last batch) must not keep it.
             self._writer = None
+            self._direct = None
             self._closed.set()

@@ -158,6 +158,16 @@ MESSAGES_PUBLISHED = Counter(
 MESSAGES_DELIVERED = Counter(
     "messages_delivered", "Message frames queued to local sockets", namespace=NS, registry=REGISTRY
 )
+FRAMES_WRITTEN = Counter(
+    "frames_written",
+    "Frames to local sockets, by path: direct (prepared bytes straight to the socket's"
+    " transport) or queued (through the socket's writer task)",
+    ["path"],
+    namespace=NS,
+    registry=REGISTRY,
+)
+FRAMES_DIRECT = FRAMES_WRITTEN.labels(path="direct")
+FRAMES_QUEUED = FRAMES_WRITTEN.labels(path="queued")
 DELIVERY_LATENCY = Histogram(
     "delivery_latency_seconds",
     "From taking the seq (just before the store write) to queueing "

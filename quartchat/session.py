@@ -25,7 +25,7 @@ from .auth import AuthError, Grant, Session, TokenVerifier, bearer
 from .config import Settings
 from .connection import Connection, TokenBucket
 from .errors import ChatError, CloseCode, ErrorCode
-from .fastsend import fast_sender_for
+from .fastsend import decline_compression, fast_sender_for
 from .hub import Hub
 from .protocol import (
     PROTOCOL_VERSION,
@@ -110,8 +110,10 @@ class ChatEndpoint:
         sender_id, grant = identity
 
         # ---- the one place the socket is accepted -----------------------
-        await websocket.accept()
         ws: Any = cast(Any, websocket)._get_current_object()  # the tasks outlive the context
+        if not self.settings.ws_compression:
+            decline_compression(ws)  # plain frames: every socket can take prepared bytes
+        await websocket.accept()
         await ChatSession(self, ws, sender_id, grant).run()
         return None
 
