@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from . import metrics
 from .errors import CLOSE_GOING_AWAY, CLOSE_SLOW_CONSUMER, ChatError
 from .fastsend import DirectWriter, FastSender, prepare
+from .flag import Flag
 from .protocol import encode
 
 __all__ = ["Connection", "SlowConsumerLog", "TokenBucket", "WebSocketLike"]
@@ -119,11 +120,10 @@ class Connection:
         self.close_code: int | None = None
         self.close_reason = ""
         self._frames: deque[str] = deque()
-        self._wakeup = asyncio.Event()
-        self._space = asyncio.Event()
-        self._space.set()
+        self._wakeup = Flag()
+        self._space = Flag(True)
         self._flush_on_close = False
-        self._closed = asyncio.Event()
+        self._closed = Flag()
         self._writer: asyncio.Task[None] | None = None
         self._sending = False
         self._interrupted = False

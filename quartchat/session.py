@@ -70,14 +70,17 @@ class ErrorBudget:
     def __init__(self, limit: int = _ABUSE_ERRORS, window_s: float = _ABUSE_WINDOW_S) -> None:
         self.limit = limit
         self.window_s = window_s
-        self._times: collections.deque[float] = collections.deque()
+        self._times: collections.deque[float] | None = None  # made on the first error
 
     def spend(self, now: float) -> bool:
         """Count one error at ``now``; True when the window now holds ``limit`` of them."""
-        self._times.append(now)
-        while self._times and self._times[0] < now - self.window_s:
-            self._times.popleft()
-        return len(self._times) >= self.limit
+        if self._times is None:
+            self._times = collections.deque()
+        times = self._times
+        times.append(now)
+        while times and times[0] < now - self.window_s:
+            times.popleft()
+        return len(times) >= self.limit
 
 
 class ChatEndpoint:
