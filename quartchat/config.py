@@ -19,7 +19,14 @@ from typing import Any, TypeVar
 import attrs
 
 from .errors import ConfigError
-from .validate import INT_MAX, is_database_url, is_redis_url, parse_int, valid_name
+from .validate import (
+    INT_MAX,
+    is_database_url,
+    is_redis_cluster_url,
+    is_redis_url,
+    parse_int,
+    valid_name,
+)
 
 __all__ = ["SETTINGS_DOC", "Settings", "load_env_file"]
 
@@ -77,10 +84,19 @@ def _database_url(name: str, raw: str) -> str:
 
 def _broker_url(name: str, raw: str) -> str:
     url = raw.strip()
+    if is_redis_cluster_url(url):
+        from .broker.redis_cluster import parse_cluster_url
+
+        try:
+            parse_cluster_url(url)
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+        return url
     if url == "memory://" or is_redis_url(url):
         return url
     raise ConfigError(
-        f"{name}={raw!r}: unsupported broker URL (use memory:// or redis://host:port/db)"
+        f"{name}={raw!r}: unsupported broker URL "
+        "(use memory://, redis://host:port/db or redis+cluster://host:port[,host:port...])"
     )
 
 
@@ -194,7 +210,8 @@ _SPEC: list[tuple[str, str, str, Callable[[str, str], Any], str]] = [
         "QUARTCHAT_BROKER_URL",
         "memory://",
         _broker_url,
-        "Fan-out between processes: memory:// (one process) or redis://HOST:PORT/DB",
+        "Fan-out between processes: memory:// (one process), redis://HOST:PORT/DB, or "
+        "redis+cluster://HOST:PORT[,HOST:PORT...] (a Redis Cluster, sharded pub/sub)",
     ),
     (
         "bind",

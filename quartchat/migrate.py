@@ -18,7 +18,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from .config import Settings
-from .validate import is_redis_url
+from .validate import is_redis_cluster_url, is_redis_url
 
 __all__ = [
     "alembic_config",
@@ -96,7 +96,22 @@ def upgrade_locked(settings: Settings) -> None:
         return
     import redis
 
-    client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5)
+    client: redis.Redis | redis.RedisCluster
+    if is_redis_cluster_url(settings.broker_url):
+        from .broker.redis_cluster import parse_cluster_url
+
+        parsed = parse_cluster_url(settings.broker_url)
+        client = redis.RedisCluster(
+            startup_nodes=[
+                redis.cluster.ClusterNode(h, p)  # type: ignore[no-untyped-call]
+                for h, p in parsed.nodes
+            ],
+            username=parsed.username,
+            password=parsed.password,
+            socket_connect_timeout=5,
+        )
+    else:
+        client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5)
     try:
         with client.lock(
             f"{settings.redis_prefix}:lock:migrate", timeout=600, blocking_timeout=600

@@ -17,12 +17,14 @@ __all__ = [
     "DATABASE_SCHEMES",
     "ID_PATTERN",
     "INT_MAX",
+    "REDIS_CLUSTER_SCHEME",
     "REDIS_SCHEMES",
     "ROOM_ID_RE",
     "SENDER_ID_PATTERN",
     "SENDER_ID_RE",
     "check_int",
     "is_database_url",
+    "is_redis_cluster_url",
     "is_redis_url",
     "parse_int",
     "valid_client_msg_id",
@@ -43,7 +45,8 @@ SENDER_ID_RE: Final = re.compile(SENDER_ID_PATTERN)
 _INT_TEXT: Final = re.compile(r"-?[0-9]{1,20}")
 
 DATABASE_SCHEMES: Final = ("sqlite+aiosqlite://", "mysql+aiomysql://")
-REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://")
+REDIS_CLUSTER_SCHEME: Final = "redis+cluster://"  # startup nodes: host:port[,host:port...]
+REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://", REDIS_CLUSTER_SCHEME)
 
 
 def valid_room_id(value: object) -> bool:
@@ -89,5 +92,10 @@ def is_database_url(url: str) -> bool:
 
 
 def is_redis_url(url: str) -> bool:
-    """True for a Redis broker URL."""
+    """True for a Redis broker URL (a single Redis, or a Redis Cluster)."""
     return url.startswith(REDIS_SCHEMES)
+
+
+def is_redis_cluster_url(url: str) -> bool:
+    """True for a Redis Cluster broker URL (``redis+cluster://host:port[,host:port...]``)."""
+    return url.startswith(REDIS_CLUSTER_SCHEME)
