@@ -210,8 +210,10 @@ _SPEC: list[tuple[str, str, str, Callable[[str, str], Any], str]] = [
         "QUARTCHAT_BROKER_URL",
         "memory://",
         _broker_url,
-        "Fan-out between processes: memory:// (one process), redis://HOST:PORT/DB, or "
-        "redis+cluster://HOST:PORT[,HOST:PORT...] (a Redis Cluster, sharded pub/sub)",
+        (
+            "Fan-out between processes: memory:// (one process), redis://HOST:PORT/DB, or "
+            "redis+cluster://HOST:PORT[,HOST:PORT...] (a Redis Cluster, sharded pub/sub)"
+        ),
     ),
     (
         "bind",

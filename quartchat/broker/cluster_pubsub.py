@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 _SLOTS = 16384
 _SUBSCRIBE_BATCH = 500  # SSUBSCRIBE commands written at once to one node
 _BACKOFF_MIN_S = 0.05
-_BACKOFF_MAX_S = 2.0
+_BACKOFF_MAX_S = 1.0  # a failover takes seconds: look again at least every second
 _PING_TOKEN = b"quartchat-watchdog"
 _ERRORS = (RedisError, OSError, RuntimeError, TimeoutError, BrokerError)
 
