@@ -86,6 +86,8 @@ class RedisClusterServers:
                 "no",
                 "--dir",
                 str(node_dir),
+                "--logfile",
+                str(node_dir / "redis.log"),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -133,7 +135,8 @@ class RedisClusterServers:
         return [p for p, proc in self.procs.items() if proc.poll() is None]
 
     def wait_ok(self, timeout: float = 30) -> None:
-        """Until every live node says cluster_state:ok and agrees on 3 masters with slots."""
+        """Until every live node says cluster_state:ok and agrees on 3 masters with slots,
+        and every replica has synced (one that never did cannot take over)."""
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -148,7 +151,10 @@ class RedisClusterServers:
         client = self.client(port)
         try:
             info = client.execute_command("CLUSTER INFO")  # parsed into a dict
-            return bool(info.get("cluster_state") == "ok") and len(self.masters(port)) == 3
+            if info.get("cluster_state") != "ok" or len(self.masters(port)) != 3:
+                return False
+            repl = client.info("replication")
+            return repl["role"] == "master" or repl.get("master_link_status") == "up"
         finally:
             client.close()
 
@@ -187,6 +193,10 @@ class RedisClusterServers:
         proc = self.procs[port]
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
+
+    def pause(self, port: int) -> None:
+        """Freeze a node (SIGSTOP): its connections stay open, nothing answers."""
+        self.procs[port].send_signal(signal.SIGSTOP)
 
     def move_slot(self, slot: int, source: int, target: int) -> None:
         """Migrate ``slot`` with its keys from master ``source`` to master ``target``."""

@@ -17,12 +17,14 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from quartchat.broker.redis_cluster import parse_cluster_url
+from quartchat.broker import BrokerError
+from quartchat.broker.redis_cluster import RedisClusterBroker, parse_cluster_url
 from quartchat.config import ConfigError, Settings
 
 from .cluster import Cluster, summary
 from .redis_cluster_util import RedisClusterServers
 from .servers import ReliableClient, check_room
+from .test_broker_contract import Inbox
 
 ROOM = "busy"
 
@@ -153,3 +155,62 @@ def test_cluster_urls_are_checked() -> None:
     for bad in ["redis+cluster://", "redis+cluster://host", "redis+cluster://h:0,h:x"]:
         with pytest.raises(ConfigError, match="host:port"):
             Settings.from_env({"QUARTCHAT_BROKER_URL": bad}, env_file=None)
+
+
+async def test_a_frozen_master_costs_only_its_own_rooms(tmp_path: Path) -> None:
+    """SIGSTOP one master (no reset: only the pong watchdog sees it) while rooms live on
+    all three: publishes to the other masters' rooms go on at once, nobody there is told
+    to catch up; the frozen master's rooms are told None once its replica took over,
+    and hear publishes again."""
+    servers = RedisClusterServers(tmp_path).start()
+    pub = RedisClusterBroker(servers.url, prefix="t", server_id="pub", timeout_s=2)
+    sub = RedisClusterBroker(servers.url, prefix="t", server_id="sub", timeout_s=2)
+    await pub.start()
+    await sub.start()
+    try:
+        rooms = [f"r{i}" for i in range(30)]
+        inboxes = {room: Inbox() for room in rooms}
+        for room in rooms:
+            await sub.subscribe(room, inboxes[room])
+        victim = servers.owner("{t:r0}:chan")
+        frozen = [r for r in rooms if servers.owner(f"{{t:{r}}}:chan") == victim]
+        others = [r for r in rooms if r not in frozen]
+        assert frozen and others
+        servers.pause(victim)
+        paused = time.monotonic()
+        stuck = [asyncio.create_task(pub.publish(r, b"into the void")) for r in frozen]
+        await asyncio.sleep(0.1)  # those are in flight to the frozen master
+        for room in others:
+            await pub.publish(room, b"during")
+        took = time.monotonic() - paused
+        assert took < 1.0, f"the other masters' publishes waited {took:.2f} s"
+        for room in others:
+            assert await inboxes[room].wait(1) == [b"during"]
+        await asyncio.gather(*stuck, return_exceptions=True)
+        for room in frozen:
+            await inboxes[room].wait(1, timeout=20)
+        recovered = time.monotonic() - paused
+        assert all(inboxes[r].items[0] is None for r in frozen)
+        for room in frozen:  # the publisher's slot map heals on its own errors
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    await pub.publish(room, b"after")
+                    break
+                except BrokerError:
+                    assert time.monotonic() < deadline
+        publishing = time.monotonic() - paused
+        for room in frozen:
+            assert (await inboxes[room].wait(2))[-1] == b"after"
+        for room in others:
+            assert inboxes[room].items == [b"during"], "untouched rooms need no catch-up"
+        assert sub.connected
+        print(
+            f"\nfrozen master: {len(frozen)} of {len(rooms)} rooms told to catch up after "
+            f"{recovered:.2f}s, publishing to them again after {publishing:.2f}s; the other "
+            f"{len(others)} published within {took:.2f}s"
+        )
+    finally:
+        await pub.close()
+        await sub.close()
+        servers.close()

@@ -32,6 +32,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisClusterException
 
 from .. import metrics
 from . import BrokerError, Handler
@@ -104,9 +105,10 @@ class RedisClusterBroker:
             socket_connect_timeout=2,
             socket_timeout=timeout_s,
             socket_keepalive=True,
-            # A failover takes a few seconds: retry (re-reading the slot map each
-            # time) for about that long, then the caller hears BrokerError.
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=3),
+            # One retry after a connection error (redis-py re-reads the slot map
+            # first). Not more: before each retry redis-py closes every connection
+            # of every master, in-flight commands included.
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=1),
         )
         self._handlers: dict[str, list[Handler]] = defaultdict(list)
         self._sub = ShardedSubscriber(
@@ -128,7 +130,10 @@ class RedisClusterBroker:
             dead_after_s=dead_after_s,
             sharded=True,
         )
-        self._outbox: Outbox = asyncio.Queue(_PUBLISH_QUEUE)
+        # One publisher (queue, task) per master: a frozen or dead master delays
+        # only its own rooms' publishes. Routing uses redis-py's slot map; a stale
+        # choice only costs a MOVED, which the pipeline follows.
+        self._outboxes: dict[str, Outbox] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -155,11 +160,6 @@ class RedisClusterBroker:
             await self._r.aclose()
             raise BrokerError(f"cannot reach the Redis Cluster at {where}: {exc}") from exc
         metrics.BROKER_UP.set(1)
-        self._tasks = [
-            asyncio.create_task(
-                publisher_loop(self._r, self._outbox, "SPUBLISH"), name="redis-publisher"
-            )
-        ]
 
     async def close(self, *, remove_presence: bool = True) -> None:
         """Settle and remove presence (announcing leaves), then stop every task."""
@@ -168,10 +168,12 @@ class RedisClusterBroker:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        while not self._outbox.empty():
-            _, _, waiter = self._outbox.get_nowait()
-            if not waiter.done():
-                waiter.set_exception(BrokerError("redis: broker closed"))
+        for outbox in self._outboxes.values():
+            while not outbox.empty():
+                _, _, waiter = outbox.get_nowait()
+                if not waiter.done():
+                    waiter.set_exception(BrokerError("redis: broker closed"))
+        self._outboxes.clear()
         await self._sub.close()
         await self._r.aclose()
 
@@ -185,7 +187,24 @@ class RedisClusterBroker:
             raise BrokerError("redis cluster: some rooms are not subscribed (resubscribing)")
 
     async def publish(self, room_id: str, payload: bytes) -> None:
-        await send_publish(self._outbox, self.keys.channel(room_id), payload, self.timeout_s)
+        channel = self.keys.channel(room_id)
+        await send_publish(self._outbox(channel), channel, payload, self.timeout_s)
+
+    def _outbox(self, channel: str) -> Outbox:
+        try:
+            node = self._r.get_node_from_key(channel)
+        except RedisClusterException:  # slot not covered (yet)
+            node = None
+        master = node.name if node is not None else ""
+        outbox = self._outboxes.get(master)
+        if outbox is None:
+            outbox = self._outboxes[master] = asyncio.Queue(_PUBLISH_QUEUE)
+            self._tasks.append(
+                asyncio.create_task(
+                    publisher_loop(self._r, outbox, "SPUBLISH"), name=f"redis-publisher-{master}"
+                )
+            )
+        return outbox
 
     # The subscriber's lock (fair, FIFO) orders a room's SSUBSCRIBE and SUNSUBSCRIBE
     # as these calls were made; a subscribe waits for its confirmation outside it.
