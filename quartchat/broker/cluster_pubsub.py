@@ -173,7 +173,12 @@ class ShardedSubscriber:
             async with asyncio.timeout(self.timeout_s):
                 await waiter
         except TimeoutError:
+            # Refused (CLUSTERDOWN, ...) or lost: the supervisor tries again and then
+            # tells the room to catch up.
             log.warning("no subscribe confirmation for %s yet", room_id)
+            async with self._lock:
+                if room_id in self._rooms and not waiter.done():
+                    self._make_stale([room_id])
         finally:
             if self._confirm.get(channel) is waiter:
                 del self._confirm[channel]

@@ -8,10 +8,13 @@ the same publisher task as redis:// (one pipeline per master per batch), and
 the presence scripts announce with SPUBLISH too. Process-wide keys
 (``{P}:rooms``) sit in a slot of their own and no script touches two slots.
 
-Commands and scripts use redis-py's ``RedisCluster`` (``max_connections`` per
-master is ``pool_size``; past it a command fails at once with
-MaxConnectionsError: redis-py's cluster nodes have no blocking pool, so the
-broker's own callers are few and sequential). Subscriptions are this
+Commands and scripts use redis-py's ``RedisCluster``. Its per-master pools
+do not block: past ``max_connections`` a command fails at once
+(MaxConnectionsError). The broker's own tasks are few (one presence worker,
+one heartbeat, one publisher per master), so the pools get ``pool_size``
+plus room for those, and the reads anyone may call at any concurrency
+(``members``, ``rooms``, ``ping``) wait for one of ``pool_size`` slots,
+at most ``timeout_s``, as a redis:// caller waits for a pooled connection. Subscriptions are this
 project's own (cluster_pubsub.py): one connection per master with
 subscribed rooms, resubscribed per master after a loss, a failover or a slot
 move, then each room catches up from the store.
@@ -23,9 +26,11 @@ startup nodes (any of them answering is enough; the others are learned).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import unquote
 
 import redis.asyncio as aioredis
@@ -41,12 +46,13 @@ from .redis import _ERRORS, Outbox, _wrap, publisher_loop, send_publish
 from .redis_presence import RedisPresence
 from .redis_scripts import Keys
 
-__all__ = ["ClusterURL", "RedisClusterBroker", "parse_cluster_url"]
+__all__ = ["ClusterURL", "GatedPresence", "RedisClusterBroker", "parse_cluster_url"]
 
 log = logging.getLogger(__name__)
 
 SCHEME = "redis+cluster://"
 _PUBLISH_QUEUE = 10_000
+_OWN_CONNECTIONS = 16  # per master, beyond pool_size: the broker's own tasks
 
 
 class ClusterURL:
@@ -77,6 +83,39 @@ def parse_cluster_url(url: str) -> ClusterURL:
     return ClusterURL(nodes, username, password)
 
 
+class GatedPresence:
+    """The presence of a cluster broker whose reads wait for a read slot first."""
+
+    def __init__(
+        self,
+        inner: RedisPresence,
+        reading: Callable[[], contextlib.AbstractAsyncContextManager[None]],
+    ) -> None:
+        self.inner = inner
+        self._reading = reading
+
+    def join(self, room_id: str, sender_id: str) -> None:
+        self.inner.join(room_id, sender_id)
+
+    def leave(self, room_id: str, sender_id: str) -> None:
+        self.inner.leave(room_id, sender_id)
+
+    async def members(self, room_id: str) -> list[str]:
+        async with self._reading():
+            return await self.inner.members(room_id)
+
+    async def rooms(self) -> list[tuple[str, int]]:
+        async with self._reading():
+            return await self.inner.rooms()
+
+    async def settle(self) -> None:
+        await self.inner.settle()
+
+    @property
+    def reaped(self) -> int:
+        return self.inner.reaped
+
+
 class RedisClusterBroker:
     """Room channels over sharded pub/sub on a Redis Cluster; presence in the rooms' slots."""
 
@@ -101,7 +140,7 @@ class RedisClusterBroker:
             startup_nodes=[ClusterNode(host, port) for host, port in parsed.nodes],
             username=parsed.username,
             password=parsed.password,
-            max_connections=pool_size,
+            max_connections=pool_size + _OWN_CONNECTIONS,
             socket_connect_timeout=2,
             socket_timeout=timeout_s,
             socket_keepalive=True,
@@ -120,6 +159,7 @@ class RedisClusterBroker:
             timeout_s=timeout_s,
             ping_interval_s=ping_interval_s,
         )
+        self._readers = asyncio.Semaphore(pool_size)
         self._presence = RedisPresence(
             self._r,
             self.keys,
@@ -137,8 +177,21 @@ class RedisClusterBroker:
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
-    def presence(self) -> RedisPresence:
-        return self._presence
+    def presence(self) -> GatedPresence:
+        return GatedPresence(self._presence, self._reading)
+
+    @contextlib.asynccontextmanager
+    async def _reading(self) -> AsyncIterator[None]:
+        """One of ``pool_size`` read slots, waited for at most ``timeout_s``."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self._readers.acquire()
+        except TimeoutError as exc:
+            raise BrokerError(f"redis: no free connection within {self.timeout_s:g} s") from exc
+        try:
+            yield
+        finally:
+            self._readers.release()
 
     @property
     def connected(self) -> bool:
@@ -178,11 +231,12 @@ class RedisClusterBroker:
         await self._r.aclose()
 
     async def ping(self) -> None:
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                await self._r.ping(target_nodes=aioredis.RedisCluster.PRIMARIES)
-        except _ERRORS as exc:
-            raise _wrap(exc) from exc
+        async with self._reading():
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    await self._r.ping(target_nodes=aioredis.RedisCluster.PRIMARIES)
+            except _ERRORS as exc:
+                raise _wrap(exc) from exc
         if not self._sub.up:
             raise BrokerError("redis cluster: some rooms are not subscribed (resubscribing)")
 
