@@ -151,7 +151,9 @@ class RedisClusterServers:
         client = self.client(port)
         try:
             info = client.execute_command("CLUSTER INFO")  # parsed into a dict
-            if info.get("cluster_state") != "ok" or len(self.masters(port)) != 3:
+            if info.get("cluster_state") != "ok" or len(self.masters(port)) != self.count // (
+                1 + self.replicas
+            ):
                 return False
             repl = client.info("replication")
             return repl["role"] == "master" or repl.get("master_link_status") == "up"

@@ -8,6 +8,7 @@ Every test starts a 6-node cluster of its own (tests/redis_cluster_util.py)."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import itertools
 import time
 from pathlib import Path
@@ -52,6 +53,16 @@ def longest_silence(member: TimedMember, remote: set[str], since: float) -> floa
     return max(b - a for a, b in itertools.pairwise(times)) if len(times) > 1 else float("inf")
 
 
+def resubscribed_after(log: str, since: datetime.datetime) -> float:
+    """Seconds from ``since`` to the server's first "rooms resubscribed" line after it."""
+    for line in log.splitlines():
+        if "rooms resubscribed" in line:
+            stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+            if stamp >= since:
+                return (stamp - since).total_seconds()
+    return float("inf")
+
+
 async def stream_with_fault(
     tmp_path: Path, label: str, fault: Any, *, count: int = 150, rate: float = 30
 ) -> tuple[Cluster, RedisClusterServers]:
@@ -70,6 +81,7 @@ async def stream_with_fault(
             asyncio.create_task(m.run(count, rate=rate, deadline=loop.time() + 60)) for m in members
         ]
         await asyncio.sleep(1.5)
+        fault_wall = datetime.datetime.now()
         fault_at = time.monotonic()
         detail = await asyncio.to_thread(fault, servers, cluster)
         fault_took = time.monotonic() - fault_at
@@ -85,10 +97,13 @@ async def stream_with_fault(
             for m in members
         }
         resume = max(silences.values())
+        resubscribed = {s.name: resubscribed_after(s.log(), fault_wall) for s in cluster.servers}
         print(
             f"\n{label}: {summary(report)} {detail} fault_took={fault_took:.2f}s "
             f"time_to_resume={resume:.2f}s (longest wait for the other server's messages, "
-            f"per member: {', '.join(f'{k}={v:.2f}s' for k, v in silences.items())})"
+            f"per member: {', '.join(f'{k}={v:.2f}s' for k, v in silences.items())}) "
+            "pub/sub resubscribed after: "
+            + ", ".join(f"{k}={v:.2f}s" for k, v in resubscribed.items())
         )
         assert report["sent"] == report["acked"] == report["stored"] == 4 * count
         assert report["lost"] == report["duplicates"] == report["out_of_order"] == 0
@@ -210,6 +225,35 @@ async def test_a_frozen_master_costs_only_its_own_rooms(tmp_path: Path) -> None:
             f"{recovered:.2f}s, publishing to them again after {publishing:.2f}s; the other "
             f"{len(others)} published within {took:.2f}s"
         )
+    finally:
+        await pub.close()
+        await sub.close()
+        servers.close()
+
+
+async def test_subscribe_with_a_stale_slot_map_follows_moved(tmp_path: Path) -> None:
+    """A slot moved while this process had no room in it (no sunsubscribe reached it):
+    its SSUBSCRIBE meets MOVED; the subscribe still returns promptly, subscribed on
+    the new owner, and what is published after it is delivered."""
+    servers = RedisClusterServers(tmp_path, replicas=0).start()
+    pub = RedisClusterBroker(servers.url, prefix="t", server_id="pub", timeout_s=3)
+    sub = RedisClusterBroker(servers.url, prefix="t", server_id="sub", timeout_s=3)
+    await pub.start()
+    await sub.start()
+    try:
+        channel = "{t:moving}:chan"
+        source = servers.owner(channel)
+        target = next(p for p in servers.masters() if p != source)
+        await asyncio.to_thread(servers.move_slot, key_slot(channel.encode()), source, target)
+        inbox = Inbox()
+        started = time.monotonic()
+        await sub.subscribe("moving", inbox)
+        took = time.monotonic() - started
+        assert took < 1.5, f"subscribe took {took:.2f} s"
+        assert sub.masters().get(f"127.0.0.1:{target}") == 1
+        await pub.publish("moving", b"hello")
+        items = await inbox.wait(2)
+        assert items[-1] == b"hello" and set(items[:-1]) <= {None}
     finally:
         await pub.close()
         await sub.close()

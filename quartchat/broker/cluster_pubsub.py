@@ -427,8 +427,12 @@ class ShardedSubscriber:
                     async with asyncio.timeout(self.timeout_s):
                         link = await self._link(owner)
                         for room_id in rooms:
-                            waiter = loop.create_future()
-                            self._confirm[self._chan(room_id)] = waiters[room_id] = waiter
+                            # A subscribe() that met MOVED still waits: share its waiter.
+                            waiter = self._confirm.get(self._chan(room_id))
+                            if waiter is None or waiter.done():
+                                waiter = loop.create_future()
+                                self._confirm[self._chan(room_id)] = waiter
+                            waiters[room_id] = waiter
                         await self._subscribe(link, rooms)
                         metrics.BROKER_NODE_RESUBSCRIBES.labels(owner).inc(len(rooms))
                 except _ERRORS as exc:
