@@ -1,4 +1,4 @@
-"""The server API for the application's backend, and the credential checks of HTTP routes.
+"""The server API for the application's backend: publish, disconnect, kick.
 
 Enabled by ``QUARTCHAT_API_KEY`` (compared in constant time); without it these
 routes answer 404, with a wrong or missing key 401. Publishing goes through
@@ -14,53 +14,19 @@ from typing import Any
 import orjson
 from quart import Blueprint, Response, request
 
-from .auth import AuthError, TokenVerifier, api_key_matches, bearer
+from .auth import api_key_matches, bearer
 from .config import Settings
 from .control import Control
 from .errors import ChatError
 from .hub import Hub
-from .protocol import encode, format_sent_at, valid_room_id, valid_sender_id
+from .protocol import format_sent_at, valid_room_id, valid_sender_id
+from .routes import error_response, json_response
 from .store import StoredMessage
-from .validate import valid_client_msg_id
+from .validate import ID_PATTERN, SENDER_ID_PATTERN, valid_client_msg_id
 
-__all__ = ["api_blueprint", "guard_read"]
+__all__ = ["api_blueprint"]
 
 _ACCEPTED = {"status": "accepted"}
-
-
-def _json(body: dict[str, Any], status: int) -> Response:
-    return Response(encode(body), status=status, content_type="application/json")
-
-
-def _error(status: int, code: str, message: str) -> Response:
-    return _json({"error": code, "message": message}, status)
-
-
-def guard_read(
-    settings: Settings, verifier: TokenVerifier | None, room_id: str | None
-) -> Response | None:
-    """Who may use the read routes in jwt mode: the API key, or (for one room) a bearer
-    token whose ``rooms`` allow it. None means go ahead; otherwise the refusal.
-
-    ``room_id`` None is ``GET /api/rooms``: the API key only. A bad room id is left
-    to the route (400) once the caller is known.
-    """
-    if settings.auth != "jwt":
-        return None
-    credential = bearer(request.headers)
-    if credential is None:
-        return _error(401, "unauthorized", "send Authorization: Bearer <token or API key>")
-    if api_key_matches(settings.api_key, credential):
-        return None
-    if room_id is None or verifier is None:
-        return _error(401, "unauthorized", "this route needs the API key")
-    try:
-        grant = verifier.verify(credential)
-    except AuthError as exc:
-        return _error(401, "unauthorized", str(exc))
-    if valid_room_id(room_id) and not grant.may_read(room_id):
-        return _error(403, "forbidden", "the token does not allow this room")
-    return None
 
 
 def _message_json(row: StoredMessage) -> dict[str, Any]:
@@ -92,14 +58,14 @@ async def _body(limit: int) -> dict[str, Any]:
 
 def _sender(value: object) -> str:
     if not valid_sender_id(value):
-        raise ChatError("invalid_field", "sender_id must match ^[A-Za-z0-9_.@:-]{1,64}$")
+        raise ChatError("invalid_field", f"sender_id must match ^{SENDER_ID_PATTERN}$")
     assert isinstance(value, str)
     return value
 
 
 def _room(value: str) -> str:
     if not valid_room_id(value):
-        raise ChatError("invalid_field", "room_id must match ^[A-Za-z0-9_.:-]{1,64}$")
+        raise ChatError("invalid_field", f"room_id must match ^{ID_PATTERN}$")
     return value
 
 
@@ -111,9 +77,9 @@ def api_blueprint(hub: Hub, settings: Settings, control: Control) -> Blueprint:
     @api.before_request
     async def _authenticate() -> Response | None:
         if settings.api_key is None:
-            return _error(404, "not_found", "no such route")
+            return error_response(404, "not_found", "no such route")
         if not api_key_matches(settings.api_key, bearer(request.headers)):
-            return _error(401, "unauthorized", "missing or wrong API key")
+            return error_response(401, "unauthorized", "missing or wrong API key")
         return None
 
     @api.post("/api/rooms/<room_id>/messages")
@@ -130,18 +96,18 @@ def api_blueprint(hub: Hub, settings: Settings, control: Control) -> Blueprint:
         if cmid is not None and not valid_client_msg_id(cmid):
             raise ChatError("invalid_field", "client_msg_id must be a string of 1..64 characters")
         row, created = await hub.post(room, sender, content, cmid)
-        return _json(_message_json(row), 201 if created else 200)
+        return json_response(_message_json(row), 201 if created else 200)
 
     @api.post("/api/users/<sender_id>/disconnect")
     async def disconnect(sender_id: str) -> Response:
         await control.disconnect(_sender(sender_id))
-        return _json(_ACCEPTED, 202)
+        return json_response(_ACCEPTED, 202)
 
     @api.post("/api/rooms/<room_id>/kick")
     async def kick(room_id: str) -> Response:
         room = _room(room_id)
         body = await _body(limit)
         await control.kick(room, _sender(body.get("sender_id")))
-        return _json(_ACCEPTED, 202)
+        return json_response(_ACCEPTED, 202)
 
     return api

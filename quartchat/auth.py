@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from .errors import ConfigError
 from .protocol import format_sent_at, valid_sender_id
+from .validate import SENDER_ID_PATTERN
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -253,7 +254,7 @@ class TokenVerifier:
             raise AuthError("token audience not accepted")
         sub = claims.get("sub")
         if not valid_sender_id(sub):
-            raise AuthError("token sub must match ^[A-Za-z0-9_.@:-]{1,64}$")
+            raise AuthError(f"token sub must match ^{SENDER_ID_PATTERN}$")
         exp = claims["exp"]
         if not isinstance(exp, int) or isinstance(exp, bool):
             raise AuthError("token exp must be an integer")

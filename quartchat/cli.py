@@ -8,7 +8,9 @@ import os
 import sys
 from typing import Any
 
-from .config import Settings, _bind
+from .config import Settings
+from .config_table import parser_of
+from .config_values import bind, int_range
 from .errors import ConfigError
 from .logs import setup_logging
 
@@ -22,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="apply pending migrations, then serve (default)")
     serve.add_argument("--bind", help="HOST:PORT (overrides QUARTCHAT_BIND)")
-    serve.add_argument("--workers", type=int, help="worker processes (overrides QUARTCHAT_WORKERS)")
+    serve.add_argument("--workers", help="worker processes (overrides QUARTCHAT_WORKERS)")
     sub.add_parser("migrate", help="alembic upgrade head on QUARTCHAT_DATABASE_URL")
     token = sub.add_parser(
         "token", help="print a development token signed with QUARTCHAT_JWT_SECRET (auth mode jwt)"
@@ -38,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated room patterns to post to "
         "(default: same as --rooms; '' for read-only)",
     )
-    token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires (3600)")
+    token.add_argument("--ttl", default="3600", help="seconds until it expires (3600)")
     return parser
 
 
@@ -59,13 +61,12 @@ def _token(args: argparse.Namespace) -> int:
                 "QUARTCHAT_JWT_SECRET is not set: `quartchat token` signs with "
                 "the HMAC secret (with a public key, tokens come from your backend)"
             )
-        if args.ttl < 1:
-            raise ConfigError(f"--ttl={args.ttl}: must be >= 1")
+        ttl = int_range(1)("--ttl", args.ttl)
         algorithm = settings.jwt_algorithms[0] if settings.jwt_algorithms else "HS256"
         token = mint_token(
             settings.jwt_secret,
             args.sub,
-            ttl_s=args.ttl,
+            ttl_s=ttl,
             rooms=_patterns(args.rooms),
             publish=_patterns(args.publish),
             algorithm=algorithm,
@@ -94,11 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
         overrides: dict[str, Any] = {}
         if command == "serve" and args.bind:
-            overrides["bind"] = _bind("--bind", args.bind)
+            overrides["bind"] = bind("--bind", args.bind)
         if command == "serve" and args.workers is not None:
-            if args.workers < 1:
-                raise ConfigError(f"--workers={args.workers}: must be >= 1")
-            overrides["workers"] = args.workers
+            overrides["workers"] = parser_of("workers")("--workers", args.workers)
         if overrides:
             import attrs
 
@@ -113,11 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(settings.log_level, settings.log_json)
 
-    from .migrate import upgrade_locked
+    from .migrate import MIGRATION_ERRORS, upgrade_locked
 
     try:
         upgrade_locked(settings)
-    except Exception as exc:
+    except MIGRATION_ERRORS as exc:
         log.error("migration failed on %s: %s", settings.database_url.split("@")[-1], exc)
         return 1
     if command == "migrate":

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from .broker import BrokerError
-from .errors import CLOSE_DISCONNECTED, ChatError
+from .errors import ChatError, CloseCode
 from .hub import Hub
 from .protocol import valid_room_id, valid_sender_id
 from .room import Leave
@@ -87,7 +87,7 @@ class Control:
         closed = 0
         for conn in list(self.hub.connections):
             if conn.sender_id == sender_id and conn.open:
-                conn.close(CLOSE_DISCONNECTED, "disconnected by the application")
+                conn.close(CloseCode.DISCONNECTED, "disconnected by the application")
                 closed += 1
         if closed:
             log.info("disconnected by the server API", extra={"sender_id": sender_id})

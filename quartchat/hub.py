@@ -18,7 +18,7 @@ from . import metrics
 from .broker import Broker, BrokerError, create_broker
 from .config import Settings
 from .connection import Connection
-from .errors import CLOSE_GOING_AWAY, ChatError
+from .errors import ChatError, CloseCode
 from .room import History, Join, Leave, Publish, RoomActor, RoomConfig, page_json
 from .store import Store, StoredMessage, StoreError, create_store
 
@@ -283,7 +283,7 @@ class Hub:
         self.connections.discard(conn)
         self.clients.seen(conn.sender_id)
         metrics.CONNECTIONS_OPEN.dec()
-        metrics.CONNECTIONS_CLOSED.labels(code=str(conn.close_code or 1000)).inc()
+        metrics.CONNECTIONS_CLOSED.labels(code=str(conn.close_code or CloseCode.NORMAL)).inc()
         for room_id in list(conn.rooms):
             actor = self.actors.get(room_id)
             if actor is not None:
@@ -350,7 +350,7 @@ class Hub:
         except TimeoutError:
             log.warning("drain: pending writes did not finish in %.1fs", timeout)
         for conn in list(self.connections):
-            conn.close(CLOSE_GOING_AWAY, "server going away")
+            conn.close(CloseCode.GOING_AWAY, "server going away")
         try:
             async with asyncio.timeout(max(0.5, timeout - (time.monotonic() - started))):
                 await asyncio.gather(*(c.wait_closed() for c in list(self.connections)))

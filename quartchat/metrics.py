@@ -46,15 +46,7 @@ from prometheus_client import (
 )
 from prometheus_client import values as _values
 
-from .errors import (
-    CLOSE_GOING_AWAY,
-    CLOSE_INTERNAL,
-    CLOSE_NORMAL,
-    CLOSE_POLICY,
-    CLOSE_SLOW_CONSUMER,
-    CLOSE_TOO_BIG,
-    ERROR_CODES,
-)
+from .errors import ERROR_CODES, CloseCode
 
 __all__ = [
     "ACTIVE_ROOMS",
@@ -380,12 +372,12 @@ for _code in sorted(ERROR_CODES):
 for _action in ("join", "leave", "message", "history", "ping"):
     FRAMES_RECEIVED.labels(action=_action)
 for _close in (
-    CLOSE_NORMAL,
-    CLOSE_GOING_AWAY,
-    CLOSE_POLICY,
-    CLOSE_TOO_BIG,
-    CLOSE_INTERNAL,
-    CLOSE_SLOW_CONSUMER,
+    CloseCode.NORMAL,
+    CloseCode.GOING_AWAY,
+    CloseCode.POLICY,
+    CloseCode.TOO_BIG,
+    CloseCode.INTERNAL,
+    CloseCode.SLOW_CONSUMER,
 ):
     CONNECTIONS_CLOSED.labels(code=str(_close))
 for _status in (400, 403, 503):

@@ -11,16 +11,25 @@ import importlib
 import logging
 from pathlib import Path
 
+import redis.exceptions
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 
 from .config import Settings
-from .validate import is_redis_cluster_url, is_redis_url
+from .validate import (
+    MYSQL_SCHEME,
+    SQLITE_SCHEME,
+    is_redis_cluster_url,
+    is_redis_url,
+    is_sqlite_url,
+)
 
 __all__ = [
+    "MIGRATION_ERRORS",
     "alembic_config",
     "current_revision",
     "head_revision",
@@ -32,13 +41,24 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# What a failed migration raises: the database or the Redis lock unreachable or
+# refusing, alembic's own errors, an unsupported URL. The CLI reports these in
+# one line and exits 1; anything else is a bug and keeps its traceback.
+MIGRATION_ERRORS = (
+    OSError,
+    ValueError,
+    sa.exc.SQLAlchemyError,
+    CommandError,
+    redis.exceptions.RedisError,
+)
+
 
 def sync_url(url: str) -> str:
     """The synchronous-driver form of a store URL, for alembic."""
-    if url.startswith("sqlite+aiosqlite://"):
-        return "sqlite://" + url[len("sqlite+aiosqlite://") :]
-    if url.startswith("mysql+aiomysql://"):
-        sync = "mysql+pymysql://" + url[len("mysql+aiomysql://") :]
+    if url.startswith(SQLITE_SCHEME):
+        return "sqlite://" + url[len(SQLITE_SCHEME) :]
+    if url.startswith(MYSQL_SCHEME):
+        sync = "mysql+pymysql://" + url[len(MYSQL_SCHEME) :]
         return sync + ("&" if "?" in sync else "?") + "charset=utf8mb4"
     raise ValueError(f"unsupported database URL {url!r}")
 
@@ -61,7 +81,7 @@ def alembic_config(url: str) -> Config:
 
 
 def head_revision() -> str | None:
-    return ScriptDirectory.from_config(alembic_config("sqlite+aiosqlite://")).get_current_head()
+    return ScriptDirectory.from_config(alembic_config(SQLITE_SCHEME)).get_current_head()
 
 
 def current_revision(url: str) -> str | None:
@@ -75,8 +95,8 @@ def current_revision(url: str) -> str | None:
 
 def upgrade(url: str) -> None:
     """Apply every pending migration (a no-op when the schema is at head)."""
-    if url.startswith("sqlite+aiosqlite:///"):
-        path = url[len("sqlite+aiosqlite:///") :].split("?", 1)[0]
+    if is_sqlite_url(url):
+        path = url[len(SQLITE_SCHEME) + 1 :].split("?", 1)[0]
         if path and not path.startswith(":") and not path.startswith("file:"):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
     if current_revision(url) == head_revision():

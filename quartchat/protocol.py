@@ -7,13 +7,14 @@ and which error code a bad one gets. It knows nothing of rooms or sockets.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, ClassVar, Final, Literal, get_args
 
 import attrs
 import orjson
 
-from .errors import ChatError
+from .errors import ChatError, ErrorCode
 from .validate import (
+    ID_PATTERN,
     INT_MAX,
     ROOM_ID_RE,
     SENDER_ID_RE,
@@ -24,9 +25,11 @@ from .validate import (
 )
 
 __all__ = [
+    "HISTORY_PAGE",
     "PROTOCOL_VERSION",
     "ROOM_ID_RE",
     "SENDER_ID_RE",
+    "Action",
     "Command",
     "HistoryCmd",
     "JoinCmd",
@@ -45,12 +48,17 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION: Final = 1
-_ACTIONS: Final = frozenset({"join", "leave", "message", "history", "ping"})
+HISTORY_PAGE: Final = 50  # messages in a history page when `limit` is not given
+# Every client action; `refresh` exists in auth mode jwt only (Limits.refresh).
+Action = Literal["join", "leave", "message", "history", "ping", "refresh"]
+_ACTIONS: Final = frozenset(get_args(Action)) - {"refresh"}
 
 
 @attrs.frozen
 class JoinCmd:
     """``join``: enter a room, optionally replaying from ``since_seq`` or the last ``history``."""
+
+    action: ClassVar[Action] = "join"
 
     room_id: str
     since_seq: int | None = None
@@ -61,12 +69,16 @@ class JoinCmd:
 class LeaveCmd:
     """``leave``: stop receiving a room."""
 
+    action: ClassVar[Action] = "leave"
+
     room_id: str
 
 
 @attrs.frozen
 class PostCmd:
     """``message``: post ``content`` to a joined room."""
+
+    action: ClassVar[Action] = "message"
 
     room_id: str
     content: str
@@ -77,19 +89,25 @@ class PostCmd:
 class HistoryCmd:
     """``history``: a page of stored messages older than ``before_seq``."""
 
+    action: ClassVar[Action] = "history"
+
     room_id: str
     before_seq: int | None = None
-    limit: int = 50
+    limit: int = HISTORY_PAGE
 
 
 @attrs.frozen
 class PingCmd:
     """``ping``: answered with ``pong``."""
 
+    action: ClassVar[Action] = "ping"
+
 
 @attrs.frozen
 class RefreshCmd:
     """``refresh`` (auth mode "jwt"): replace the connection's token."""
+
+    action: ClassVar[Action] = "refresh"
 
     token: str = attrs.field(repr=False)
 
@@ -116,7 +134,7 @@ class _Echo:
         cmid = frame.get("client_msg_id")
         self.client_msg_id = cmid if action is not None and valid_client_msg_id(cmid) else None
 
-    def error(self, code: str, message: str) -> ChatError:
+    def error(self, code: ErrorCode, message: str) -> ChatError:
         return ChatError(
             code,
             message,
@@ -131,7 +149,7 @@ def _room_id(frame: dict[str, Any], echo: _Echo) -> str:
     if room is None:
         raise echo.error("invalid_field", "room_id is required")
     if not valid_room_id(room):
-        raise echo.error("invalid_field", "room_id must match ^[A-Za-z0-9_.:-]{1,64}$")
+        raise echo.error("invalid_field", f"room_id must match ^{ID_PATTERN}$")
     assert isinstance(room, str)
     return room
 
@@ -153,7 +171,7 @@ def _known(action: object, limits: Limits) -> bool:
 
 
 def refused(
-    code: str, message: str, text: str | bytes, limits: Limits, max_bytes: int
+    code: ErrorCode, message: str, text: str | bytes, limits: Limits, max_bytes: int
 ) -> ChatError:
     """The error for a frame refused before it is parsed (``rate_limited``, an
     oversized frame's ``too_large``), echoing the frame's envelope.
@@ -213,7 +231,7 @@ def parse_frame(text: str | bytes, limits: Limits) -> Command:
     if action == "history":
         before_seq = _opt_int(frame, "before_seq", 1, INT_MAX, echo)
         limit = _opt_int(frame, "limit", 1, limits.history_max, echo)
-        return HistoryCmd(room_id, before_seq, 50 if limit is None else min(limit, 100))
+        return HistoryCmd(room_id, before_seq, HISTORY_PAGE if limit is None else min(limit, 100))
     # action == "message"
     cmid = frame.get("client_msg_id")
     if cmid is not None and not valid_client_msg_id(cmid):

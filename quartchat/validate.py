@@ -17,15 +17,21 @@ __all__ = [
     "DATABASE_SCHEMES",
     "ID_PATTERN",
     "INT_MAX",
+    "MEMORY_URL",
+    "MYSQL_SCHEME",
     "REDIS_CLUSTER_SCHEME",
     "REDIS_SCHEMES",
     "ROOM_ID_RE",
     "SENDER_ID_PATTERN",
     "SENDER_ID_RE",
+    "SQLITE_SCHEME",
+    "InvalidValue",
     "check_int",
     "is_database_url",
+    "is_memory_url",
     "is_redis_cluster_url",
     "is_redis_url",
+    "is_sqlite_url",
     "parse_int",
     "valid_client_msg_id",
     "valid_name",
@@ -44,9 +50,16 @@ SENDER_ID_RE: Final = re.compile(SENDER_ID_PATTERN)
 # take spaces, underscores, "+" and non-ASCII digits). 20 digits is past INT_MAX.
 _INT_TEXT: Final = re.compile(r"-?[0-9]{1,20}")
 
-DATABASE_SCHEMES: Final = ("sqlite+aiosqlite://", "mysql+aiomysql://")
+SQLITE_SCHEME: Final = "sqlite+aiosqlite://"
+MYSQL_SCHEME: Final = "mysql+aiomysql://"
+DATABASE_SCHEMES: Final = (SQLITE_SCHEME, MYSQL_SCHEME)
+MEMORY_URL: Final = "memory://"  # the in-process broker
 REDIS_CLUSTER_SCHEME: Final = "redis+cluster://"  # startup nodes: host:port[,host:port...]
 REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://", REDIS_CLUSTER_SCHEME)
+
+
+class InvalidValue(ValueError):
+    """A value a validator refused (wrong type or out of range); the message says why."""
 
 
 def valid_room_id(value: object) -> bool:
@@ -70,11 +83,11 @@ def valid_client_msg_id(value: object) -> bool:
 
 
 def check_int(name: str, value: object, lo: int = 0, hi: int = INT_MAX) -> int:
-    """``value`` if it is an int (not a bool) in ``lo..hi``; else ValueError saying why."""
+    """``value`` if it is an int (not a bool) in ``lo..hi``; else :class:`InvalidValue`."""
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer")
+        raise InvalidValue(f"{name} must be an integer")
     if value < lo or value > min(hi, INT_MAX):
-        raise ValueError(f"{name} must be {lo}..{min(hi, INT_MAX)}")
+        raise InvalidValue(f"{name} must be {lo}..{min(hi, INT_MAX)}")
     return value
 
 
@@ -82,13 +95,23 @@ def parse_int(name: str, raw: str, lo: int = 0, hi: int = INT_MAX) -> int:
     """An integer written as text (a query parameter, a setting), checked like :func:`check_int`."""
     text = raw.strip()
     if _INT_TEXT.fullmatch(text) is None:
-        raise ValueError(f"{name} must be an integer")
+        raise InvalidValue(f"{name} must be an integer")
     return check_int(name, int(text), lo, hi)
 
 
 def is_database_url(url: str) -> bool:
     """True for a URL of a store we have (the async drivers, written explicitly)."""
     return url.startswith(DATABASE_SCHEMES)
+
+
+def is_sqlite_url(url: str) -> bool:
+    """True for an (embedded) SQLite store URL."""
+    return url.startswith(SQLITE_SCHEME)
+
+
+def is_memory_url(url: str) -> bool:
+    """True for the in-process broker, which fans out within one process only."""
+    return url == MEMORY_URL
 
 
 def is_redis_url(url: str) -> bool:

@@ -21,6 +21,7 @@ from quartchat.migrate import upgrade
 from quartchat.store.database import DatabaseStore
 
 from .fakes import Client
+from .mysql import mysql_server_url, mysql_url  # noqa: F401 (fixtures, found here by pytest)
 
 # Every test gets a hard time limit (pytest-timeout); awaits inside tests carry their own.
 TIMEOUT = 5.0

@@ -9,7 +9,8 @@ database and returns its ``mysql+aiomysql://.../<name>`` URL;
 The tests that use MariaDB must not silently turn into skips when it is down:
 the fixtures *fail*, naming the URL and how to start the service.
 
-Use the fixtures from a test module with ``from tests.mysql import mysql_url``.
+``tests/conftest.py`` imports the fixtures, so every test module may ask for
+``mysql_url`` by name.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ import socket
 import struct
 import threading
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 __all__ = ["TcpProxy", "ThreadedProxy"]
 
@@ -102,7 +102,7 @@ class TcpProxy:
     def is_cut(self) -> bool:
         return self._cut
 
-    async def start(self) -> TcpProxy:
+    async def start(self) -> Self:
         assert self._server is None and not self._closed, "start() once"
         self._server = await asyncio.start_server(
             self._handle, self.listen_host, self._listen_port, backlog=self.max_connections
@@ -142,7 +142,7 @@ class TcpProxy:
                 async with asyncio.timeout(5):
                     await self._server.wait_closed()
 
-    async def __aenter__(self) -> TcpProxy:
+    async def __aenter__(self) -> Self:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:
@@ -249,7 +249,7 @@ class ThreadedProxy:
         assert self._loop is not None, "proxy not started"
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(self.timeout)
 
-    def start(self) -> ThreadedProxy:
+    def start(self) -> Self:
         assert self._thread is None, "start() once"
         loop = asyncio.new_event_loop()
         self._loop = loop
@@ -298,7 +298,7 @@ class ThreadedProxy:
         if not loop.is_running():
             loop.close()
 
-    def __enter__(self) -> ThreadedProxy:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import socket
@@ -59,25 +60,24 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> ServerProcess:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "quartchat",
-                "serve",
-                "--bind",
-                f"127.0.0.1:{self.port}",
-                "--workers",
-                str(self.workers),
-            ],
-            cwd=self.workdir,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "quartchat",
+                    "serve",
+                    "--bind",
+                    f"127.0.0.1:{self.port}",
+                    "--workers",
+                    str(self.workers),
+                ],
+                cwd=self.workdir,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -183,6 +183,11 @@ class ChatClient:
             await asyncio.gather(self._reader, return_exceptions=True)
 
 
+# What a failed reconnect raises: refused or cut (OSError, websockets'), or closed
+# before the join was answered (ChatClient.wait_for's AssertionError).
+RECONNECT_ERRORS = (OSError, websockets.WebSocketException, AssertionError)
+
+
 class ReliableClient:
     """A client that follows the README's recipe: retry unacked posts with the same
     client_msg_id, and on any disconnect reconnect (to the next URL) and rejoin
@@ -238,7 +243,7 @@ class ReliableClient:
             try:
                 await self.connect(since_seq=self.last_seq)
                 return
-            except Exception:
+            except RECONNECT_ERRORS:
                 self.url_index += 1
                 await asyncio.sleep(0.2)
 
@@ -285,7 +290,7 @@ class ReliableClient:
                     "client_msg_id": cmid,
                 }
             )
-        except Exception:
+        except websockets.ConnectionClosed:
             pass  # closed: the run loop reconnects and resends
 
     async def settle(self, expected_last_seq: int, timeout: float = 20.0) -> None:
@@ -327,7 +332,7 @@ def check_room(members: list[ReliableClient], stored: dict[int, str]) -> dict[st
         seqs = [f["seq"] for f in m.received]
         report["delivered"][m.sender] = len(seqs)
         report["duplicates"] += len(seqs) - len(set(seqs))
-        report["out_of_order"] += sum(1 for a, b in zip(seqs, seqs[1:]) if b <= a)
+        report["out_of_order"] += sum(1 for a, b in itertools.pairwise(seqs) if b <= a)
         report["missing"] += len(set(all_seqs) - set(seqs))
         # Same message for the same seq everywhere.
         for f in m.received:

@@ -23,6 +23,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
             str(tmp_path / "work"),
         ],
         capture_output=True,
+        check=False,
         text=True,
         timeout=300,
     )

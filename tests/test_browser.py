@@ -436,7 +436,8 @@ async def test_jwt_mode_a_token_link_chats_in_its_rooms_and_is_refused_others(
     secret = "a-development-secret-of-32-bytes-or-more"
     srv = await make_server(QUARTCHAT_AUTH="jwt", QUARTCHAT_JWT_SECRET=secret)
     env = {**os.environ, "QUARTCHAT_AUTH": "jwt", "QUARTCHAT_JWT_SECRET": secret}
-    token = subprocess.run(
+    made = await asyncio.to_thread(  # a blocking run, off the event loop the browser needs
+        subprocess.run,
         [sys.executable, "-m", "quartchat", "token", "alice", "--rooms", "team-1:*"],
         env=env,
         cwd=tmp_path,
@@ -444,7 +445,8 @@ async def test_jwt_mode_a_token_link_chats_in_its_rooms_and_is_refused_others(
         text=True,
         check=True,
         timeout=30,
-    ).stdout.strip()
+    )
+    token = made.stdout.strip()
     alice = await Page.open(browser, f"{srv.http}/?token={token}&room=team-1:general")
     await alice.connected()
     await alice.page.wait_for_function(

@@ -1,4 +1,4 @@
-"""quartchat.client against a real `quartchat serve` (and, for jwt and 4003, a scripted fake server)."""
+"""quartchat.client against a real `quartchat serve`, and a scripted fake server (jwt, 4003)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sqlite3
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -171,7 +171,7 @@ class FakeServer:
         self.frames: list[dict[str, Any]] = []
         self.server: Any = None
 
-    async def __aenter__(self) -> FakeServer:
+    async def __aenter__(self) -> Self:
         async def handler(ws: Any) -> None:
             query = parse_qs(urlsplit(ws.request.path).query)
             self.queries.append(query)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,23 @@ def test_env_example_lists_every_setting() -> None:
     example = (Path(__file__).parent.parent / ".env.example").read_text()
     for var, default, _doc in SETTINGS_DOC:
         assert f"{var}=" in example, var
+
+
+@pytest.mark.parametrize("workers", ["0", "65", "two"])
+def test_workers_on_the_command_line_are_checked_like_the_setting(
+    workers: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`serve --workers N` is refused outside QUARTCHAT_WORKERS's 1..64, before anything starts
+    (it used to accept any N >= 1, and an int() of the text)."""
+    from quartchat.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no .env
+    for var in [v for v in os.environ if v.startswith("QUARTCHAT_")]:
+        monkeypatch.delenv(var)
+    assert main(["serve", "--workers", workers]) == 2
+    err = capsys.readouterr().err
+    assert f"--workers={workers!r}" in err, err
+    assert ("must be 1..64" if workers.isdigit() else "must be an integer") in err, err

@@ -23,6 +23,7 @@ def test_migrate_command_on_sqlite(tmp_path: Path) -> None:
         env=env,
         cwd=tmp_path,
         capture_output=True,
+        check=False,
         text=True,
         timeout=60,
     )
@@ -33,6 +34,7 @@ def test_migrate_command_on_sqlite(tmp_path: Path) -> None:
         env=env,
         cwd=tmp_path,
         capture_output=True,
+        check=False,
         text=True,
         timeout=60,
     )
@@ -46,6 +48,7 @@ def test_bad_setting_stops_the_start_naming_the_variable(tmp_path: Path) -> None
         env=env,
         cwd=tmp_path,
         capture_output=True,
+        check=False,
         text=True,
         timeout=60,
     )
@@ -57,6 +60,7 @@ def test_bad_setting_stops_the_start_naming_the_variable(tmp_path: Path) -> None
         env=env,
         cwd=tmp_path,
         capture_output=True,
+        check=False,
         text=True,
         timeout=60,
     )

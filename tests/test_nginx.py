@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Self
 
 import orjson
 import pytest
@@ -122,7 +123,7 @@ class Nginx:
         return f"ws://127.0.0.1:{self.port}/chat"
 
     def start(self, timeout: float = 10.0) -> Nginx:
-        check = subprocess.run([*self.cmd, "-t"], capture_output=True, timeout=30)
+        check = subprocess.run([*self.cmd, "-t"], capture_output=True, check=False, timeout=30)
         assert check.returncode == 0, f"nginx -t failed:\n{check.stderr.decode()}"
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
@@ -201,7 +202,7 @@ def server_of(client: ChatClient) -> str:
 async def test_websockets_through_nginx_reach_both_servers_and_talk_across(
     stack: tuple[Cluster, Nginx],
 ) -> None:
-    cluster, nginx = stack
+    _cluster, nginx = stack
     room = "via-nginx"
     clients = [await ChatClient(nginx.url, f"c{i}").connect() for i in range(6)]
     # A query-string token (auth mode jwt) must never reach nginx's access log.
@@ -337,7 +338,7 @@ class HttpPoller:
             self.statuses[status] = self.statuses.get(status, 0) + 1
             self._stop.wait(0.05)
 
-    def __enter__(self) -> HttpPoller:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

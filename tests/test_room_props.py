@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from quartchat.broker import Handler
 from quartchat.broker.memory import MemoryPresence
 from quartchat.config import Settings
+from quartchat.errors import ChatError
 from quartchat.hub import Hub
 from quartchat.migrate import upgrade
 from quartchat.room import Join, Leave, Publish
@@ -184,8 +185,8 @@ async def scenario(steps: Sequence[tuple[int, int, int]]) -> None:
                         seat.posted.append(cmid)
                 try:
                     hub.submit(seat.room, Publish(seat.client.conn, f"c{counter}", cmid))
-                except Exception:
-                    pass
+                except ChatError:
+                    pass  # refused (a full inbox): the socket would get an error frame
             elif kind == 3:  # (re)connect and join, with any since_seq / history
                 if seat.client is not None:
                     hub.disconnected(seat.client.conn)

@@ -33,7 +33,7 @@ from quartchat.migrate import sync_url, upgrade
 from quartchat.store import DuplicateError, NewMessage, StoredMessage, StoreError
 from quartchat.store.database import DatabaseStore
 from quartchat.store.schema import metadata
-from tests.mysql import mysql_server_url, mysql_url, with_host  # noqa: F401 (fixtures)
+from tests.mysql import with_host
 from tests.proxy import TcpProxy, ThreadedProxy
 
 T = 5.0  # bound of any single await in these tests
@@ -480,7 +480,7 @@ async def test_migrations_create_the_schema_of_schema_py(backend_url: str) -> No
 
 
 @pytest.fixture
-async def proxy(mysql_url: str) -> AsyncIterator[TcpProxy]:  # noqa: F811 (fixture)
+async def proxy(mysql_url: str) -> AsyncIterator[TcpProxy]:
     url = make_url(mysql_url)
     p = TcpProxy(url.host or "127.0.0.1", url.port or 3306)
     await within(p.start())
@@ -492,7 +492,7 @@ async def proxy(mysql_url: str) -> AsyncIterator[TcpProxy]:  # noqa: F811 (fixtu
 
 
 @pytest.fixture
-async def proxied(mysql_url: str, proxy: TcpProxy) -> AsyncIterator[DatabaseStore]:  # noqa: F811
+async def proxied(mysql_url: str, proxy: TcpProxy) -> AsyncIterator[DatabaseStore]:
     """A MariaDB store whose every connection goes through ``proxy``."""
     s = DatabaseStore(with_host(mysql_url, proxy.host, proxy.port), op_timeout=OP_TIMEOUT)
     await within(s.connect())
@@ -504,7 +504,7 @@ async def proxied(mysql_url: str, proxy: TcpProxy) -> AsyncIterator[DatabaseStor
 
 
 @pytest.fixture
-def mysql_sync(mysql_url: str) -> Iterator[Callable[..., Any]]:  # noqa: F811
+def mysql_sync(mysql_url: str) -> Iterator[Callable[..., Any]]:
     """Like ``sync_db``, straight to MariaDB (not through the proxy)."""
     yield from _sync_runner(mysql_url)
 
@@ -599,7 +599,7 @@ async def test_cut_in_the_middle_of_a_transaction_leaves_nothing(
     assert await within(mysql_sync(_stored("nr"))) == [1, 2, 3, 4, 5, 6]
 
 
-def _lock_waits(mysql_url: str) -> bool:  # noqa: F811
+def _lock_waits(mysql_url: str) -> bool:
     engine = _engine(mysql_url)
     try:
         with engine.connect() as c:
@@ -665,7 +665,7 @@ async def test_stalled_database_times_out_within_op_timeout(
         await within(s.close())
 
 
-async def test_proxy_close_leaves_no_task(mysql_url: str) -> None:  # noqa: F811
+async def test_proxy_close_leaves_no_task(mysql_url: str) -> None:
     url = make_url(mysql_url)
     before = asyncio.all_tasks()
     p = await within(TcpProxy(url.host or "127.0.0.1", url.port or 3306).start())
@@ -688,7 +688,7 @@ async def test_proxy_close_leaves_no_task(mysql_url: str) -> None:  # noqa: F811
         await within(asyncio.open_connection(p.host, p.port))
 
 
-def test_threaded_proxy_cut_restore_close(mysql_url: str) -> None:  # noqa: F811
+def test_threaded_proxy_cut_restore_close(mysql_url: str) -> None:
     """The thread-hosted proxy, for tests whose database clients are other processes."""
     url = make_url(mysql_url)
     proxy = ThreadedProxy(url.host or "127.0.0.1", url.port or 3306).start()

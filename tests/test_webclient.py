@@ -1,4 +1,4 @@
-"""The web client's routes: the page at / (browsers) and /client, the JS module and assets from memory."""
+"""The web client's routes: the page at / and /client, the JS module and assets from memory."""
 
 from __future__ import annotations
 

@@ -61,7 +61,7 @@ def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     values = sorted(values)
-    k = min(len(values) - 1, max(0, int(round(q / 100 * (len(values) - 1)))))
+    k = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
     return values[k]
 
 
@@ -112,7 +112,7 @@ def service_pids() -> dict[str, list[int]]:
     for name, pattern in (("redis", "redis-server"), ("mysql", "mariadbd")):
         try:
             out = subprocess.run(
-                ["pgrep", "-f", pattern], capture_output=True, text=True, timeout=5
+                ["pgrep", "-f", pattern], capture_output=True, check=False, text=True, timeout=5
             )
             pids[name] = [int(p) for p in out.stdout.split()]
         except (OSError, subprocess.SubprocessError):
@@ -190,25 +190,24 @@ class Servers:
         }
         for i in range(self.count):
             port = free_port()
-            log = open(self.workdir / f"bench-server{i}.log", "ab")
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "quartchat",
-                    "serve",
-                    "--bind",
-                    f"127.0.0.1:{port}",
-                    "--workers",
-                    str(self.workers),
-                ],
-                env={**env, "QUARTCHAT_SERVER_ID": f"bench{i}"},
-                cwd=self.workdir,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            log.close()
+            with open(self.workdir / f"bench-server{i}.log", "ab") as log:
+                proc = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "quartchat",
+                        "serve",
+                        "--bind",
+                        f"127.0.0.1:{port}",
+                        "--workers",
+                        str(self.workers),
+                    ],
+                    env={**env, "QUARTCHAT_SERVER_ID": f"bench{i}"},
+                    cwd=self.workdir,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
             self.procs.append(proc)
             self.ports.append(port)
         for port, proc in zip(self.ports, self.procs):
@@ -240,20 +239,21 @@ class Servers:
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+        import pymysql
+        import redis
+
         try:
             self._admin(f"DROP DATABASE IF EXISTS `{self.db_name}`")
-        except Exception:
-            pass
+        except (OSError, pymysql.Error) as exc:
+            print(f"bench: database {self.db_name} not dropped: {exc}", file=sys.stderr)
         try:
-            import redis
-
             client = redis.Redis.from_url(REDIS_URL)
             keys = list(client.scan_iter(match=f"{self.prefix}:*", count=1000))
             if keys:
                 client.delete(*keys)
             client.close()
-        except Exception:
-            pass
+        except (OSError, redis.RedisError) as exc:
+            print(f"bench: keys {self.prefix}:* not deleted: {exc}", file=sys.stderr)
 
 
 def _server_env(args: argparse.Namespace) -> dict[str, str]:
@@ -306,6 +306,10 @@ def _chat_url(url: str, sender: str) -> str:
     now = int(time.time())
     token = jwt.encode({"sub": sender, "iat": now, "exp": now + 3600}, secret, algorithm="HS256")
     return f"{url}?token={token}"
+
+
+# What a failed connect or join raises (counted as a failure; anything else is a bug).
+CONNECT_ERRORS = (OSError, websockets.WebSocketException, RuntimeError)
 
 
 async def _connect(url: str, sender: str) -> Any:
@@ -415,7 +419,7 @@ async def _gen_main(
                 ws = await _connect(url, f"{tag}-{room}-{idx}")
                 await _join(ws, room)
                 conns.append((room, idx, ws))
-            except Exception:
+            except CONNECT_ERRORS:
                 failures += 1
 
     await asyncio.gather(*(open_one(r, i, u) for r, i, u in assign))
@@ -671,7 +675,7 @@ async def _idle_connections(url: str, count: int, hold: float, pids: list[int]) 
                 # (each join announces itself to everyone already in the room).
                 await _join(ws, f"idle-{i // 10}")
                 conns.append(ws)
-            except Exception:
+            except CONNECT_ERRORS:
                 failures += 1
 
     t0 = time.monotonic()
@@ -690,7 +694,7 @@ async def _idle_connections(url: str, count: int, hold: float, pids: list[int]) 
 
 
 def sc_pingpong(args: argparse.Namespace) -> dict[str, Any]:
-    with servers_for(args) as (urls, servers):
+    with servers_for(args) as (urls, _servers):
         _use_uvloop()
         return asyncio.run(_pingpong(urls[0], urls[-1], args.count))
 
@@ -804,10 +808,14 @@ def summarize(name: str, r: dict[str, Any]) -> str:
     if name == "connections":
         return (
             f"{r['connected']}/{r['count']} connected, {r['connect_failures']} failures, "
-            f"{r['connect_per_s']:,.0f} connects/s, {r['kib_per_connection']} KiB RSS per connection"
+            f"{r['connect_per_s']:,.0f} connects/s, "
+            f"{r['kib_per_connection']} KiB RSS per connection"
         )
     if name == "pingpong":
-        return f"p50 {r['p50_ms']} ms, p90 {r['p90_ms']} ms, p99 {r['p99_ms']} ms, max {r['max_ms']} ms"
+        return (
+            f"p50 {r['p50_ms']} ms, p90 {r['p90_ms']} ms, "
+            f"p99 {r['p99_ms']} ms, max {r['max_ms']} ms"
+        )
     if name == "store":
         return (
             f"{r['messages']:,} messages in {r['seconds']} s: {r['stored_per_s']:,.0f} stored/s"

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 from ..events import PresenceEvent, encode_events
 from ..protocol import encode
-from ..validate import is_redis_cluster_url, is_redis_url
+from ..validate import is_memory_url, is_redis_cluster_url, is_redis_url
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -98,7 +98,7 @@ class Broker(Protocol):
 def create_broker(settings: Settings) -> Broker:
     """The broker for ``settings.broker_url``, by scheme."""
     url = settings.broker_url
-    if url == "memory://":
+    if is_memory_url(url):
         from .memory import MemoryBroker
 
         return MemoryBroker()

@@ -15,15 +15,16 @@ __all__ = ["Pace", "Post", "PostFailed", "Room", "backoff_delay", "stop_task"]
 
 log = logging.getLogger(__name__)
 
-CLOSE_NO_RECONNECT = 4003
-_RETRYABLE = frozenset({"rate_limited", "unavailable"})
 TokenSource = Callable[[], Awaitable[str]]
 
 
 def backoff_delay(
     attempt: int, initial: float, maximum: float, rnd: Callable[[], float] = random.random
 ) -> float:
-    """Exponential backoff with equal jitter: in [cap/2, cap], cap = min(maximum, initial * 2**attempt)."""
+    """Exponential backoff with equal jitter.
+
+    The delay is in [cap/2, cap], where cap = min(maximum, initial * 2**attempt).
+    """
     cap = min(maximum, initial * 2 ** min(attempt, 30))
     return float(cap / 2 + rnd() * cap / 2)
 

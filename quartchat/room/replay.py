@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable
 
 from .. import metrics
-from ..errors import CLOSE_SLOW_CONSUMER
+from ..errors import CloseCode
 from ..store import Store, StoreError
 from .frames import encode_row
 from .members import Member
@@ -40,7 +40,7 @@ async def _room_for_a_page(member: Member) -> bool:
             return await conn.wait_for_space()
     except TimeoutError:
         metrics.SLOW_CONSUMER_CLOSES.inc()
-        conn.close(CLOSE_SLOW_CONSUMER, "slow consumer: replay stalled")
+        conn.close(CloseCode.SLOW_CONSUMER, "slow consumer: replay stalled")
         return False
 
 

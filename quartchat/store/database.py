@@ -36,6 +36,7 @@ from typing import Any
 from databases import Database
 from databases.interfaces import ConnectionBackend
 
+from ..validate import is_sqlite_url
 from . import Appended, DuplicateError, NewMessage, StoredMessage, StoreError
 from .append import Request, append_in, reply, row_of
 from .counters import CounterReader
@@ -76,7 +77,7 @@ class DatabaseStore:
         connection makes them fail at once)."""
         self.url = url
         self.op_timeout = op_timeout
-        self.dialect = Dialect(sqlite=url.startswith("sqlite"))
+        self.dialect = Dialect(sqlite=is_sqlite_url(url))
         if self.dialect.sqlite:
             self._db = Database(url, timeout=30)
         else:
