@@ -13,6 +13,7 @@ import orjson
 import pytest
 import redis.asyncio
 
+from quartchat import metrics
 from quartchat.broker import Broker
 from quartchat.broker.memory import MemoryBroker
 from quartchat.broker.redis import RedisBroker
@@ -305,6 +306,9 @@ async def test_cluster_rooms_spread_over_every_master(redis_cluster: Any) -> Non
         carried = b.masters()
         assert len(carried) == 3 and sum(carried.values()) == 30, carried
         assert all(n > 0 for n in carried.values()), carried
+        for node in carried:  # one connection per master, up
+            up = metrics.REGISTRY.get_sample_value("quartchat_broker_node_up", {"node": node})
+            assert up == 1, node
         # The cluster's own view: each master lists the shard channels it carries.
         for port in redis_cluster.masters():
             client = redis_cluster.client(port)

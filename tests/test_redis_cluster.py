@@ -18,6 +18,7 @@ import pytest
 import redis
 from redis.crc import key_slot
 
+from quartchat import metrics
 from quartchat.broker import BrokerError
 from quartchat.broker.redis_cluster import RedisClusterBroker, parse_cluster_url
 from quartchat.config import ConfigError, Settings
@@ -220,6 +221,14 @@ async def test_a_frozen_master_costs_only_its_own_rooms(tmp_path: Path) -> None:
         for room in others:
             assert inboxes[room].items == [b"during"], "untouched rooms need no catch-up"
         assert sub.connected
+        sample = metrics.REGISTRY.get_sample_value
+        assert sample("quartchat_broker_node_up", {"node": f"127.0.0.1:{victim}"}) == 0
+        alive = next(p for p in servers.ports if p != victim)
+        new_owner = servers.owner("{t:r0}:chan", via=alive)
+        resubscribed = sample(
+            "quartchat_broker_node_resubscribes_total", {"node": f"127.0.0.1:{new_owner}"}
+        )
+        assert resubscribed is not None and resubscribed >= len(frozen)
         print(
             f"\nfrozen master: {len(frozen)} of {len(rooms)} rooms told to catch up after "
             f"{recovered:.2f}s, publishing to them again after {publishing:.2f}s; the other "
