@@ -23,7 +23,7 @@ from quartchat.broker import BrokerError
 from quartchat.broker.redis_cluster import RedisClusterBroker, parse_cluster_url
 from quartchat.config import ConfigError, Settings
 
-from .cluster import Cluster, summary
+from .cluster import Cluster, eventually, summary
 from .redis_cluster_util import RedisClusterServers
 from .servers import ReliableClient, check_room
 from .test_broker_contract import Inbox
@@ -111,6 +111,12 @@ async def stream_with_fault(
         assert report["missing"] == 0
         assert set(report["delivered"].values()) == {4 * count}
         assert resume < 10, "delivery resumes within seconds"
+        for server in (a, b):  # presence moved or failed over with the slot
+            await eventually(
+                lambda s=server: s.http_get(f"/api/rooms/{ROOM}/members")["members"],
+                sorted(on),
+                timeout=15,
+            )
         for m in members:
             await m.close()
         return cluster, servers
