@@ -94,6 +94,15 @@ class RedisClusterServers:
         )
 
     def start(self) -> RedisClusterServers:
+        """Spawn, create the cluster, wait until it is ok; on any failure, stop them all."""
+        try:
+            self._create()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _create(self) -> None:
         for port in self.ports:
             self._spawn(port)
         for port in self.ports:
@@ -114,7 +123,6 @@ class RedisClusterServers:
             timeout=60,
         )
         self.wait_ok()
-        return self
 
     def _wait_ping(self, port: int) -> None:
         client = self.client(port)
