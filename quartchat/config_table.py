@@ -26,7 +26,10 @@ SPEC: list[tuple[str, str, str, values.Parser, str]] = [
         "QUARTCHAT_BROKER_URL",
         "memory://",
         values.broker_url,
-        "Fan-out between processes: memory:// (one process) or redis://HOST:PORT/DB",
+        (
+            "Fan-out between processes: memory:// (one process), redis://HOST:PORT/DB, or "
+            "redis+cluster://HOST:PORT[,HOST:PORT...] (a Redis Cluster, sharded pub/sub)"
+        ),
     ),
     (
         "bind",

@@ -17,6 +17,7 @@ from .validate import (
     INT_MAX,
     is_database_url,
     is_memory_url,
+    is_redis_cluster_url,
     is_redis_url,
     parse_int,
     valid_name,
@@ -95,10 +96,19 @@ def database_url(name: str, raw: str) -> str:
 
 def broker_url(name: str, raw: str) -> str:
     url = raw.strip()
+    if is_redis_cluster_url(url):
+        from .broker.redis_cluster import parse_cluster_url
+
+        try:
+            parse_cluster_url(url)
+        except ValueError as exc:  # names host:port parts only, never the credentials
+            raise ConfigError(f"{name}: {exc}") from None
+        return url
     if is_memory_url(url) or is_redis_url(url):
         return url
     raise ConfigError(
-        f"{name}={raw!r}: unsupported broker URL (use memory:// or redis://host:port/db)"
+        f"{name}={raw!r}: unsupported broker URL "
+        "(use memory://, redis://host:port/db or redis+cluster://host:port[,host:port...])"
     )
 
 

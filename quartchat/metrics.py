@@ -52,6 +52,9 @@ __all__ = [
     "ACTIVE_ROOMS",
     "ASYNCIO_TASKS",
     "BROKER_DROPPED",
+    "BROKER_NODE_RECONNECTS",
+    "BROKER_NODE_RESUBSCRIBES",
+    "BROKER_NODE_UP",
     "BROKER_RECONNECTS",
     "BROKER_RESUBSCRIBES",
     "BROKER_UP",
@@ -217,6 +220,29 @@ BROKER_RECONNECTS = Counter(
 BROKER_RESUBSCRIBES = Counter(
     "broker_resubscribes",
     "Room channels resubscribed after a reconnect",
+    namespace=NS,
+    registry=REGISTRY,
+)
+# redis+cluster:// only, labelled by master ("host:port", the cluster's own few nodes).
+BROKER_NODE_UP = Gauge(
+    "broker_node_up",
+    "1 while the sharded pub/sub connection to a cluster master is up",
+    ["node"],
+    namespace=NS,
+    registry=REGISTRY,
+    multiprocess_mode="livemin",
+)
+BROKER_NODE_RECONNECTS = Counter(
+    "broker_node_reconnects",
+    "Sharded pub/sub connections (re-)established to a cluster master",
+    ["node"],
+    namespace=NS,
+    registry=REGISTRY,
+)
+BROKER_NODE_RESUBSCRIBES = Counter(
+    "broker_node_resubscribes",
+    "Room channels resubscribed on a cluster master after a loss, failover or slot move",
+    ["node"],
     namespace=NS,
     registry=REGISTRY,
 )

@@ -20,7 +20,13 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 
 from .config import Settings
-from .validate import MYSQL_SCHEME, SQLITE_SCHEME, is_redis_url, is_sqlite_url
+from .validate import (
+    MYSQL_SCHEME,
+    SQLITE_SCHEME,
+    is_redis_cluster_url,
+    is_redis_url,
+    is_sqlite_url,
+)
 
 __all__ = [
     "MIGRATION_ERRORS",
@@ -110,7 +116,22 @@ def upgrade_locked(settings: Settings) -> None:
         return
     import redis
 
-    client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5)
+    client: redis.Redis | redis.RedisCluster
+    if is_redis_cluster_url(settings.broker_url):
+        from .broker.redis_cluster import parse_cluster_url
+
+        parsed = parse_cluster_url(settings.broker_url)
+        client = redis.RedisCluster(
+            startup_nodes=[
+                redis.cluster.ClusterNode(h, p)  # type: ignore[no-untyped-call]
+                for h, p in parsed.nodes
+            ],
+            username=parsed.username,
+            password=parsed.password,
+            socket_connect_timeout=5,
+        )
+    else:
+        client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5)
     try:
         with client.lock(
             f"{settings.redis_prefix}:lock:migrate", timeout=600, blocking_timeout=600

@@ -19,6 +19,7 @@ __all__ = [
     "INT_MAX",
     "MEMORY_URL",
     "MYSQL_SCHEME",
+    "REDIS_CLUSTER_SCHEME",
     "REDIS_SCHEMES",
     "ROOM_ID_RE",
     "SENDER_ID_PATTERN",
@@ -28,6 +29,7 @@ __all__ = [
     "check_int",
     "is_database_url",
     "is_memory_url",
+    "is_redis_cluster_url",
     "is_redis_url",
     "is_sqlite_url",
     "parse_int",
@@ -52,7 +54,8 @@ SQLITE_SCHEME: Final = "sqlite+aiosqlite://"
 MYSQL_SCHEME: Final = "mysql+aiomysql://"
 DATABASE_SCHEMES: Final = (SQLITE_SCHEME, MYSQL_SCHEME)
 MEMORY_URL: Final = "memory://"  # the in-process broker
-REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://")
+REDIS_CLUSTER_SCHEME: Final = "redis+cluster://"  # startup nodes: host:port[,host:port...]
+REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://", REDIS_CLUSTER_SCHEME)
 
 
 class InvalidValue(ValueError):
@@ -112,5 +115,10 @@ def is_memory_url(url: str) -> bool:
 
 
 def is_redis_url(url: str) -> bool:
-    """True for a Redis broker URL."""
+    """True for a Redis broker URL (a single Redis, or a Redis Cluster)."""
     return url.startswith(REDIS_SCHEMES)
+
+
+def is_redis_cluster_url(url: str) -> bool:
+    """True for a Redis Cluster broker URL (``redis+cluster://host:port[,host:port...]``)."""
+    return url.startswith(REDIS_CLUSTER_SCHEME)

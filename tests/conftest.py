@@ -151,3 +151,16 @@ async def make_hub(make_settings: Callable[..., Settings]) -> AsyncIterator[Call
             hub.disconnected(c.conn)
         if hub.started:
             await hub.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Generator[Any, None, None]:
+    """A 3-master Redis Cluster (6 processes on free ports) shared by the tests that only
+    use it; fault tests start their own (tests/redis_cluster_util.py)."""
+    from .redis_cluster_util import RedisClusterServers
+
+    servers = RedisClusterServers(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        yield servers.start()
+    finally:
+        servers.close()

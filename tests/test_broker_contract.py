@@ -1,4 +1,5 @@
-"""One contract suite for every Broker: memory and Redis (shared server, own prefix)."""
+"""One contract suite for every Broker: memory, Redis (shared server, own prefix) and
+Redis Cluster (a 3-master cluster of the test session's own, redis+cluster://)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import orjson
 import pytest
 import redis.asyncio
 
+from quartchat import metrics
 from quartchat.broker import Broker
 from quartchat.broker.memory import MemoryBroker
 from quartchat.broker.redis import RedisBroker
+from quartchat.broker.redis_cluster import RedisClusterBroker
 from quartchat.events import PresenceEvent, decode_events
 
 from .redis_util import REDIS_URL, RedisServer, check_shared_redis, drop_prefix, unique_prefix
@@ -43,12 +46,15 @@ class Inbox:
         assert len(self.items) == n, self.items
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 async def make_broker(request: pytest.FixtureRequest) -> AsyncIterator[Callable[[], Any]]:
     brokers: list[Any] = []
     prefix = unique_prefix()
     if request.param == "redis":
         check_shared_redis()
+    cluster_url = None
+    if request.param == "redis-cluster":
+        cluster_url = request.getfixturevalue("redis_cluster").url
     shared_memory = MemoryBroker()
 
     async def make() -> Broker:
@@ -58,7 +64,11 @@ async def make_broker(request: pytest.FixtureRequest) -> AsyncIterator[Callable[
                 await shared_memory.start()
             brokers.append(shared_memory)
             return shared_memory
-        broker = RedisBroker(REDIS_URL, prefix=prefix, server_id=f"node{len(brokers)}")
+        broker: Any
+        if cluster_url is not None:
+            broker = RedisClusterBroker(cluster_url, prefix=prefix, server_id=f"node{len(brokers)}")
+        else:
+            broker = RedisBroker(REDIS_URL, prefix=prefix, server_id=f"node{len(brokers)}")
         await broker.start()
         brokers.append(broker)
         return broker
@@ -278,3 +288,39 @@ async def test_dead_process_members_are_reaped_with_leave_events_once() -> None:
         for broker in lives:
             await broker.close()
         drop_prefix(prefix)
+
+
+async def test_cluster_rooms_spread_over_every_master(redis_cluster: Any) -> None:
+    """redis+cluster://: each room's channel lives on the master owning its slot; one
+    process subscribes through one connection per master, and every master carries some."""
+    prefix = unique_prefix()
+    a = RedisClusterBroker(redis_cluster.url, prefix=prefix, server_id="pub")
+    b = RedisClusterBroker(redis_cluster.url, prefix=prefix, server_id="sub")
+    await a.start()
+    await b.start()
+    try:
+        rooms = [f"room-{i}" for i in range(30)]
+        inboxes = {room: Inbox() for room in rooms}
+        for room in rooms:
+            await b.subscribe(room, inboxes[room])
+        carried = b.masters()
+        assert len(carried) == 3 and sum(carried.values()) == 30, carried
+        assert all(n > 0 for n in carried.values()), carried
+        for node in carried:  # one connection per master, up
+            up = metrics.REGISTRY.get_sample_value("quartchat_broker_node_up", {"node": node})
+            assert up == 1, node
+        # The cluster's own view: each master lists the shard channels it carries.
+        for port in redis_cluster.masters():
+            client = redis_cluster.client(port)
+            listed = client.execute_command("PUBSUB SHARDCHANNELS", f"{{{prefix}:*")
+            client.close()
+            assert len(listed) == carried[f"127.0.0.1:{port}"], (port, listed)
+        for room in rooms:
+            await a.publish(room, room.encode())
+        for room in rooms:
+            assert await inboxes[room].wait(1) == [room.encode()]
+        await b.unsubscribe("room-0", inboxes["room-0"])
+        assert sum(b.masters().values()) == 29
+    finally:
+        await a.close()
+        await b.close()

@@ -1,5 +1,6 @@
 """End-to-end across servers: two `quartchat serve` processes with two workers each,
-sharing Redis and MariaDB, with clients spread over both."""
+sharing Redis (the shared server, or a Redis Cluster through redis+cluster://) and
+MariaDB, with clients spread over both."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ from .cluster import Cluster, eventually, summary
 from .servers import ChatClient, ReliableClient, check_room
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path)
+@pytest.fixture(params=["redis", "redis-cluster"])
+def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
+    url = None
+    if request.param == "redis-cluster":
+        url = request.getfixturevalue("redis_cluster").url
+    c = Cluster(tmp_path, redis_url=url)
     try:
         yield c
     finally:
@@ -24,6 +28,8 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 async def test_room_spanning_servers_same_order_retries_and_reconnects(cluster: Cluster) -> None:
     a, b = cluster.start(2, workers=2)
+    scheme = cluster.redis_url.split("://", 1)[0]
+    assert f"broker {scheme})" in a.log(), "the servers use the broker under test"
     urls = [a.url, b.url]
     room = "spanning"
     # Six members, alternating servers (and, within a server, spread over workers).

@@ -1,8 +1,9 @@
 """The broker seam: fan-out of room events between processes, and presence.
 
 A :class:`Broker` is chosen by URL: ``memory://`` (one process, the embedded
-default) or ``redis://`` (any number of processes and hosts). The Redis
-implementation is imported lazily so the embedded mode needs no Redis client.
+default), ``redis://`` (any number of processes and hosts) or
+``redis+cluster://`` (a Redis Cluster: sharded pub/sub). The Redis
+implementations are imported lazily so the embedded mode needs no Redis client.
 
 Seqs are not the broker's business (the store assigns them). Presence is: the
 broker keeps this process's local presence table (what rooms told it through
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 from ..events import PresenceEvent, encode_events
 from ..protocol import encode
-from ..validate import is_memory_url, is_redis_url
+from ..validate import is_memory_url, is_redis_cluster_url, is_redis_url
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -101,6 +102,16 @@ def create_broker(settings: Settings) -> Broker:
         from .memory import MemoryBroker
 
         return MemoryBroker()
+    if is_redis_cluster_url(url):
+        from .redis_cluster import RedisClusterBroker
+
+        return RedisClusterBroker(
+            url,
+            prefix=settings.redis_prefix,
+            server_id=settings.server_id,
+            pool_size=settings.redis_pool_size,
+            timeout_s=settings.redis_timeout_s,
+        )
     if is_redis_url(url):
         from .redis import RedisBroker
 

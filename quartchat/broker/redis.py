@@ -43,7 +43,7 @@ from . import BrokerError, Handler
 from .redis_presence import RedisPresence
 from .redis_scripts import Keys
 
-__all__ = ["RedisBroker"]
+__all__ = ["Outbox", "RedisBroker", "publisher_loop", "send_publish"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,51 @@ def _wrap(exc: BaseException) -> BrokerError:
 
 
 _ERRORS = (RedisError, OSError, RuntimeError, TimeoutError)
+
+# Publishes waiting for the publisher task: (channel, payload, the caller's waiter).
+Outbox = asyncio.Queue[tuple[str, bytes, asyncio.Future[None]]]
+
+
+async def send_publish(outbox: Outbox, channel: str, payload: bytes, timeout_s: float) -> None:
+    """Queue one publish and wait until the publisher sent it (BrokerError past ``timeout_s``)."""
+    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    try:
+        async with asyncio.timeout(timeout_s):
+            await outbox.put((channel, payload, waiter))
+            await waiter
+    except TimeoutError as exc:
+        raise BrokerError(f"redis: publish not sent within {timeout_s:g} s") from exc
+
+
+async def publisher_loop(client: Any, outbox: Outbox, command: str) -> None:
+    """Send queued publishes (``command`` is PUBLISH, or SPUBLISH on a cluster), everything
+    queued at once in one pipeline (on a cluster: one per master, sent concurrently)."""
+    while True:
+        batch = [await outbox.get()]
+        while len(batch) < _PUBLISH_BATCH and not outbox.empty():
+            batch.append(outbox.get_nowait())
+        batch = [item for item in batch if not item[2].done()]  # given up by the caller
+        if not batch:
+            continue
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                for channel, payload, _ in batch:
+                    pipe.execute_command(command, channel, payload)
+                results = await pipe.execute(raise_on_error=False)
+        except asyncio.CancelledError:
+            for _, _, waiter in batch:
+                if not waiter.done():
+                    waiter.set_exception(BrokerError("redis: broker closed"))
+            raise
+        except Exception as exc:  # noqa: BLE001 - every waiter must hear of it
+            results = [exc] * len(batch)
+        for (_, _, waiter), result in zip(batch, results):
+            if waiter.done():
+                continue
+            if isinstance(result, Exception):
+                waiter.set_exception(_wrap(result))
+            else:
+                waiter.set_result(None)
 
 
 class RedisBroker:
@@ -122,9 +167,7 @@ class RedisBroker:
         self._handlers: dict[str, list[Handler]] = defaultdict(list)
         self._confirm: dict[bytes, asyncio.Future[None]] = {}
         self._sub_lock = asyncio.Lock()
-        self._outbox: asyncio.Queue[tuple[str, bytes, asyncio.Future[None]]] = asyncio.Queue(
-            _PUBLISH_QUEUE
-        )
+        self._outbox: Outbox = asyncio.Queue(_PUBLISH_QUEUE)
         self._tasks: list[asyncio.Task[None]] = []
         self._last_pong = 0.0
         self._last_ping = 0.0
@@ -179,42 +222,10 @@ class RedisBroker:
     # ---- publishing -------------------------------------------------------
 
     async def publish(self, room_id: str, payload: bytes) -> None:
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                await self._outbox.put((self.keys.channel(room_id), payload, waiter))
-                await waiter
-        except TimeoutError as exc:
-            raise BrokerError(f"redis: publish not sent within {self.timeout_s:g} s") from exc
+        await send_publish(self._outbox, self.keys.channel(room_id), payload, self.timeout_s)
 
     async def _publisher(self) -> None:
-        """Send queued publishes, everything queued at once in one pipeline."""
-        while True:
-            batch = [await self._outbox.get()]
-            while len(batch) < _PUBLISH_BATCH and not self._outbox.empty():
-                batch.append(self._outbox.get_nowait())
-            batch = [item for item in batch if not item[2].done()]  # given up by the caller
-            if not batch:
-                continue
-            try:
-                async with self._r.pipeline(transaction=False) as pipe:
-                    for channel, payload, _ in batch:
-                        pipe.publish(channel, payload)
-                    results = await pipe.execute(raise_on_error=False)
-            except asyncio.CancelledError:
-                for _, _, waiter in batch:
-                    if not waiter.done():
-                        waiter.set_exception(BrokerError("redis: broker closed"))
-                raise
-            except Exception as exc:  # noqa: BLE001 - every waiter must hear of it
-                results = [exc] * len(batch)
-            for (_, _, waiter), result in zip(batch, results):
-                if waiter.done():
-                    continue
-                if isinstance(result, Exception):
-                    waiter.set_exception(_wrap(result))
-                else:
-                    waiter.set_result(None)
+        await publisher_loop(self._r, self._outbox, "PUBLISH")
 
     # ---- channels ---------------------------------------------------------
 

@@ -32,7 +32,8 @@ from itertools import islice
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from . import BrokerError, presence_payload
 from . import redis_scripts as lua
@@ -54,7 +55,22 @@ Key = tuple[str, str]  # (room_id, sender_id)
 
 
 def _errors() -> tuple[type[BaseException], ...]:
-    return (RedisError, OSError, BrokerError, TimeoutError)
+    return (RedisError, RedisClusterException, OSError, BrokerError, TimeoutError)
+
+
+class _Script:
+    """A registered script. On a cluster, queued in a pipeline as a plain EVALSHA:
+    redis-py refuses script calls on a ClusterPipeline (RedisClusterException)."""
+
+    def __init__(self, script: AsyncScript, sharded: bool) -> None:
+        self.script = script
+        self.sharded = sharded
+
+    async def __call__(self, keys: list[str], args: Iterable[Any] = (), client: Any = None) -> Any:
+        if self.sharded and client is not None:
+            client.execute_command("EVALSHA", self.script.sha, len(keys), *keys, *args)
+            return None
+        return await self.script(keys=keys, args=list(args), client=client)
 
 
 class RedisPresence:
@@ -62,7 +78,7 @@ class RedisPresence:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: aioredis.Redis | aioredis.RedisCluster,
         keys: lua.Keys,
         node: str,
         *,
@@ -70,8 +86,15 @@ class RedisPresence:
         publish: Callable[[str, bytes], Awaitable[None]],
         heartbeat_s: float = 5.0,
         dead_after_s: float = 20.0,
+        sharded: bool = False,
     ) -> None:
-        self._r = client
+        # Any: redis-py types a script's client= as Redis | RedisCluster, and a
+        # ClusterPipeline is neither (it works: scripts queue as EVALSHA).
+        self._r: Any = client
+        # On a cluster the scripts SPUBLISH, and a pipeline does not load them by
+        # itself: a master that never saw them (new, promoted, restarted) answers
+        # NOSCRIPT, and _loaded() loads them on every master before the retry.
+        self._sharded = sharded
         self._keys = keys
         self.node = node
         self._node_head = node.encode() + b"\0"
@@ -81,7 +104,12 @@ class RedisPresence:
         self.dead_after_s = dead_after_s
         self._window_ms = int(dead_after_s * 1000)
         scripts = {
-            name: client.register_script(getattr(lua, name))
+            name: _Script(
+                client.register_script(
+                    lua.sharded(getattr(lua, name)) if sharded else getattr(lua, name)
+                ),
+                sharded,
+            )
             for name in (
                 "JOIN",
                 "LEAVE",
@@ -159,7 +187,11 @@ class RedisPresence:
                         await self._lua["MEMBERS"](
                             keys=[self._keys.presence(room_id)[0]], client=pipe
                         )
-                    results = await pipe.execute()
+                    results = await pipe.execute(raise_on_error=False)
+                await self._loaded(results)
+                for res in results:
+                    if isinstance(res, Exception):
+                        raise res
                 counts += [len(self._merge(r, res[1:])) for r, res in zip(chunk, results)]
         except _errors() as exc:
             raise BrokerError(f"redis: {type(exc).__name__}: {exc}") from exc
@@ -181,7 +213,16 @@ class RedisPresence:
 
     # ---- lifecycle --------------------------------------------------------
 
+    async def _loaded(self, results: Iterable[Any]) -> None:
+        """Load every script on every master if a pipeline met NOSCRIPT (cluster only:
+        a plain Redis pipeline loads its scripts itself)."""
+        if any(isinstance(r, NoScriptError) for r in results):
+            for script in self._lua.values():
+                await self._r.script_load(script.script.script)
+
     async def start(self) -> None:
+        if self._sharded:
+            await self._loaded([NoScriptError()])
         await self._beat()
         self._last_beat = self._healthy_since = time.monotonic()
         self._tasks = [
@@ -294,6 +335,7 @@ class RedisPresence:
                     keys=[self._keys.rooms], client=pipe, args=[self._window_ms, *sorted(joined)]
                 )
             results = await pipe.execute(raise_on_error=False)
+        await self._loaded(results)
         return list(results[: len(ops)])
 
     def _redis_now(self) -> int:
@@ -365,6 +407,7 @@ class RedisPresence:
                     keys=[self._keys.rooms], client=pipe, args=[self._window_ms, *chunk]
                 )
                 results = await pipe.execute(raise_on_error=False)
+            await self._loaded(results)
             for room_id, result in zip(chunk, results):
                 if isinstance(result, Exception):
                     raise result
@@ -385,7 +428,11 @@ class RedisPresence:
                     await self._lua["EXPIRED"](
                         keys=[self._keys.presence(room_id)[0]], args=[_REAP_LIMIT], client=pipe
                     )
-                found = await pipe.execute()
+                found = await pipe.execute(raise_on_error=False)
+            await self._loaded(found)
+            for res in found:
+                if isinstance(res, Exception):
+                    raise res
             todo = []
             for room_id, res in zip(chunk, found):
                 entries = [e for e in res[1:] if not e.startswith(self._node_head)]
@@ -403,6 +450,7 @@ class RedisPresence:
                         keys=self._keys.presence(room_id), args=args, client=pipe
                     )
                 results = await pipe.execute(raise_on_error=False)
+            await self._loaded(results)
             for (room_id, _now, _entries), result in zip(todo, results):
                 if isinstance(result, int) and result > 0:
                     self.reaped += result

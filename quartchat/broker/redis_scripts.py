@@ -20,6 +20,9 @@ on behalf of a caller carry the caller's estimate of Redis time and refuse
 (return -1) when they run more than ``ARGV stale`` ms later than that: a
 command that sat in a socket buffer while Redis was frozen must not act on
 the world as it is after the thaw (the caller retries with fresh state).
+
+On a Redis Cluster the scripts announce with ``SPUBLISH`` (:func:`sharded`):
+the channel is declared in KEYS, in the slot of the room's other keys.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ __all__ = [
     "REFRESH",
     "TOUCH_ROOMS",
     "Keys",
+    "sharded",
 ]
 
 _NOW = """
@@ -44,6 +48,11 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 _FRESH = """
 if math.abs(now - tonumber(ARGV[1])) > tonumber(ARGV[2]) then return -1 end
 """
+
+
+def sharded(script: str) -> str:
+    """The script for a Redis Cluster: its announcements go out with SPUBLISH."""
+    return script.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'")
 
 
 class Keys:
