@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable
 
 from .errors import ConfigError
+from .logs import redact
 from .validate import (
     INT_MAX,
     is_database_url,
@@ -52,7 +53,7 @@ def int_range(lo: int, hi: int = INT_MAX) -> Callable[[str, str], int]:
         try:
             return parse_int(name, raw, lo, hi)
         except ValueError as exc:
-            raise ConfigError(f"{name}={raw!r}: {exc}") from None
+            raise ConfigError(f"{name}={redact(raw)!r}: {exc}") from None
 
     return parse
 
@@ -62,10 +63,10 @@ def float_range(lo: float, hi: float | None = None) -> Callable[[str, str], floa
         try:
             value = float(raw.strip())
         except ValueError:
-            raise ConfigError(f"{name}={raw!r}: expected a number") from None
+            raise ConfigError(f"{name}={redact(raw)!r}: expected a number") from None
         if not (value >= lo) or (hi is not None and value > hi):
             bound = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-            raise ConfigError(f"{name}={raw!r}: must be {bound}")
+            raise ConfigError(f"{name}={redact(raw)!r}: must be {bound}")
         return value
 
     return parse
@@ -77,7 +78,7 @@ def boolean(name: str, raw: str) -> bool:
         return True
     if value in {"0", "false", "no", "off", ""}:
         return False
-    raise ConfigError(f"{name}={raw!r}: expected true or false")
+    raise ConfigError(f"{name}={redact(raw)!r}: expected true or false")
 
 
 def database_url(name: str, raw: str) -> str:
@@ -86,11 +87,11 @@ def database_url(name: str, raw: str) -> str:
         return url
     if url.startswith(("mysql://", "mysql+pymysql://", "sqlite://")):
         raise ConfigError(
-            f"{name}={raw!r}: write the async driver explicitly, "
+            f"{name}={redact(raw)!r}: write the async driver explicitly, "
             "sqlite+aiosqlite:///path or mysql+aiomysql://user:pass@host/db"
         )
     raise ConfigError(
-        f"{name}={raw!r}: unsupported database URL (use sqlite+aiosqlite:// or mysql+aiomysql://)"
+        f"{name}={redact(raw)!r}: unsupported database URL (use sqlite+aiosqlite:// or mysql+aiomysql://)"
     )
 
 
@@ -107,7 +108,7 @@ def broker_url(name: str, raw: str) -> str:
     if is_memory_url(url) or is_redis_url(url):
         return url
     raise ConfigError(
-        f"{name}={raw!r}: unsupported broker URL "
+        f"{name}={redact(raw)!r}: unsupported broker URL "
         "(use memory://, redis://host:port/db or redis+cluster://host:port[,host:port...])"
     )
 
@@ -120,7 +121,9 @@ def bind(name: str, raw: str) -> str:
             raise ValueError("no HOST:PORT")
         parse_int("port", match.group(2), 0, 65535)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r}: expected HOST:PORT, e.g. 127.0.0.1:8080") from None
+        raise ConfigError(
+            f"{name}={redact(raw)!r}: expected HOST:PORT, e.g. 127.0.0.1:8080"
+        ) from None
     return value
 
 
@@ -128,40 +131,40 @@ def identifier(name: str, raw: str) -> str:
     """A server id or key prefix: the room-id rule."""
     value = raw.strip()
     if not valid_name(value):
-        raise ConfigError(f"{name}={raw!r}: 1-64 characters of A-Z a-z 0-9 _ . : -")
+        raise ConfigError(f"{name}={redact(raw)!r}: 1-64 characters of A-Z a-z 0-9 _ . : -")
     return value
 
 
 def origins(name: str, raw: str) -> tuple[str, ...]:
     items = tuple(item.strip() for item in raw.split(",") if item.strip())
     if not items:
-        raise ConfigError(f"{name}={raw!r}: give * or a comma-separated list of origins")
+        raise ConfigError(f"{name}={redact(raw)!r}: give * or a comma-separated list of origins")
     return items
 
 
 def log_level(name: str, raw: str) -> str:
     value = raw.strip().upper()
     if value not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
-        raise ConfigError(f"{name}={raw!r}: one of debug, info, warning, error, critical")
+        raise ConfigError(f"{name}={redact(raw)!r}: one of debug, info, warning, error, critical")
     return value
 
 
 def event_loop(name: str, raw: str) -> str:
     value = raw.strip().lower()
     if value not in {"auto", "uvloop", "asyncio"}:
-        raise ConfigError(f"{name}={raw!r}: one of auto, uvloop, asyncio")
+        raise ConfigError(f"{name}={redact(raw)!r}: one of auto, uvloop, asyncio")
     if value == "uvloop":
         try:
             import uvloop  # noqa: F401
         except ImportError:
-            raise ConfigError(f"{name}={raw!r}: uvloop is not installed") from None
+            raise ConfigError(f"{name}={redact(raw)!r}: uvloop is not installed") from None
     return value
 
 
 def auth_mode(name: str, raw: str) -> str:
     value = raw.strip().lower()
     if value not in {"none", "jwt"}:
-        raise ConfigError(f"{name}={raw!r}: one of none, jwt")
+        raise ConfigError(f"{name}={redact(raw)!r}: one of none, jwt")
     return value
 
 
@@ -190,10 +193,10 @@ def algorithms(name: str, raw: str) -> tuple[str, ...]:
     chosen = []
     for item in items:
         if item.lower() == "none":
-            raise ConfigError(f"{name}={raw!r}: `none` (unsigned tokens) is never accepted")
+            raise ConfigError(f"{name}={redact(raw)!r}: `none` (unsigned tokens) is never accepted")
         if item.lower() not in known:
             raise ConfigError(
-                f"{name}={raw!r}: unknown algorithm {item!r}; use one of "
+                f"{name}={redact(raw)!r}: unknown algorithm {item!r}; use one of "
                 f"{', '.join(sorted(known.values()))}"
             )
         chosen.append(known[item.lower()])

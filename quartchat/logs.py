@@ -61,15 +61,18 @@ class TextFormatter(logging.Formatter):
 
 # A token in a query string (hypercorn's access log prints the request line,
 # `GET /chat?token=...`) or in an Authorization header value.
+# And the password of a URL's user info (``redis://:secret@host``, ``mysql+aiomysql://u:p@h``).
 _SECRET_RE = re.compile(
     r"((?:[?&]|\b)(?:token|access_token|api_key)=)[^&\s\"']+|"
-    r"(\b[Bb]earer\s+)[^\s\"',]+"
+    r"(\b[Bb]earer\s+)[^\s\"',]+|"
+    r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@\"']*:)[^@\s/\"']+(?=@)"
 )
 
 
 def redact(text: str) -> str:
-    """``text`` with query-string tokens and bearer credentials replaced by ``[redacted]``."""
-    return _SECRET_RE.sub(lambda m: (m.group(1) or m.group(2)) + "[redacted]", text)
+    """``text`` with query-string tokens, bearer credentials and URL passwords
+    replaced by ``[redacted]``."""
+    return _SECRET_RE.sub(lambda m: (m.group(1) or m.group(2) or m.group(3)) + "[redacted]", text)
 
 
 class RedactSecrets(logging.Filter):

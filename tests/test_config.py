@@ -92,3 +92,28 @@ def test_workers_on_the_command_line_are_checked_like_the_setting(
     err = capsys.readouterr().err
     assert f"--workers={workers!r}" in err, err
     assert ("must be 1..64" if workers.isdigit() else "must be an integer") in err, err
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("QUARTCHAT_BROKER_URL", "rediss+bogus://alice:hunter2secret@h:6379/0"),
+        ("QUARTCHAT_DATABASE_URL", "mysql://root:hunter2secret@127.0.0.1/db"),
+        ("QUARTCHAT_DATABASE_URL", "postgres://root:hunter2secret@127.0.0.1/db"),
+    ],
+)
+def test_a_refused_url_is_named_without_its_password(var: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({var: value}, env_file=None)
+    message = str(info.value)
+    assert var in message and "hunter2secret" not in message and "[redacted]@" in message
+
+
+def test_the_broker_factory_names_an_unknown_url_without_its_password() -> None:
+    from quartchat.broker import create_broker
+
+    settings = Settings.from_env({}, env_file=None)
+    object.__setattr__(settings, "broker_url", "nats://u:hunter2secret@h:4222")
+    with pytest.raises(ValueError) as info:
+        create_broker(settings)
+    assert "hunter2secret" not in str(info.value)

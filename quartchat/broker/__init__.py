@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from ..events import PresenceEvent, encode_events
+from ..logs import redact
 from ..protocol import encode
 from ..validate import is_memory_url, is_redis_cluster_url, is_redis_url
 
@@ -122,4 +123,4 @@ def create_broker(settings: Settings) -> Broker:
             pool_size=settings.redis_pool_size,
             timeout_s=settings.redis_timeout_s,
         )
-    raise ValueError(f"unsupported broker URL {url!r}")
+    raise ValueError(f"unsupported broker URL {redact(url)!r}")
