@@ -133,18 +133,24 @@ HANDSHAKE_ATTACKS: dict[str, Callable[[], str]] = {
 
 @pytest.mark.parametrize("attack", sorted(HANDSHAKE_ATTACKS))
 async def test_handshake_attacks_get_401_json_and_no_upgrade(app: Quart, attack: str) -> None:
-    status, body = await refused(app, f"/chat?token={HANDSHAKE_ATTACKS[attack]()}")
+    tok = HANDSHAKE_ATTACKS[attack]()
+    status, body = await refused(app, f"/chat?token={tok}")
     assert status == 401, attack
     assert body["error"] == "unauthorized" and body["message"], body
-    assert SECRET not in body["message"]
+    text = orjson.dumps(body).decode()
+    assert SECRET not in text
+    assert all(part not in text for part in tok.split(".") if len(part) > 8), "token echoed"
 
 
 async def test_missing_token_is_401_and_sender_id_does_not_help(app: Quart) -> None:
     for path in ("/chat", "/chat?sender_id=alice"):
         status, body = await refused(app, path)
         assert (status, body["error"]) == (401, "unauthorized") and body["message"]
-    status, _ = await refused(app, "/chat", headers={"Authorization": "Basic YWxpY2U6eA=="})
-    assert status == 401
+    basic = "YWxpY2U6eA=="  # alice:x
+    status, body = await refused(app, "/chat", headers={"Authorization": f"Basic {basic}"})
+    assert status == 401 and set(body) == {"error", "message"}, body
+    assert body["error"] == "unauthorized" and isinstance(body["message"], str) and body["message"]
+    assert basic not in body["message"]
 
 
 async def test_audience_and_issuer_when_configured(jwt_settings: Callable[..., Settings]) -> None:
@@ -429,7 +435,12 @@ async def test_http_read_routes_need_credentials_in_jwt_mode(app: Quart) -> None
     async def get(path: str, credential: str | None) -> tuple[int, Any]:
         headers = {"Authorization": f"Bearer {credential}"} if credential else {}
         response = await client.get(path, headers=headers)
-        return response.status_code, await response.get_json()
+        body = await response.get_json()
+        if response.status_code >= 400 and credential:
+            # A refusal never echoes the credential it refused (or one part of it).
+            text = orjson.dumps(body).decode()
+            assert all(p not in text for p in credential.split(".") if len(p) > 8), body
+        return response.status_code, body
 
     allowed = token(rooms=["team-1:*"])
     for path in ("/api/rooms/team-1:a/messages", "/api/rooms/team-1:a/members"):

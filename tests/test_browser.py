@@ -458,13 +458,29 @@ async def test_jwt_mode_a_token_link_chats_in_its_rooms_and_is_refused_others(
     shown = await alice.wait_shown("team-1:general", 1)
     assert [(m["content"], m["own"]) for m in shown] == [("hello from a token", True)]
     assert stored(tmp_path / "chat.db", "team-1:general")[0][1:3] == ("alice", "hello from a token")
+    # Every error the page's client hears (the frames as the server sent them).
+    await alice.page.evaluate(
+        "() => { window.heard = []; window.quartchatApp.client.on('error', e => heard.push(e)); }"
+    )
     await alice.page.fill("#join-room", "other")
     await alice.page.press("#join-room", "Enter")
     await alice.page.wait_for_function(
         "document.getElementById('problem').textContent.includes('forbidden')", timeout=WAIT_MS
     )
+    heard = await alice.page.evaluate("() => window.heard")
+    assert [(e["code"], e.get("action"), e.get("room_id")) for e in heard] == [
+        ("forbidden", "join", "other")
+    ], heard
+    problem = await alice.page.text_content("#problem")
+    assert problem is not None and problem.startswith("forbidden: "), problem
+    assert token not in problem
     assert stored(tmp_path / "chat.db", "other") == []
-    # Without a token the page cannot connect: the handshake is refused with 401.
+    # Without a token the page cannot connect: the handshake is refused with 401, and the
+    # page says so in words (a browser never sees the status, so the text names the causes).
     anon = await Page.open(browser, f"{srv.http}/?sender_id=mallory&room=team-1:general")
     await anon.page.wait_for_function("!document.getElementById('problem').hidden", timeout=WAIT_MS)
-    assert alice.errors == []
+    problem = await anon.page.text_content("#problem")
+    assert problem is not None and problem.startswith("Could not connect"), problem
+    assert "missing or expired token" in problem, problem
+    assert await anon.page.get_attribute("#status", "data-state") != "open"
+    assert alice.errors == [] and anon.errors == []

@@ -1,7 +1,8 @@
 """Auth mode "jwt" and the server API on two real `quartchat serve` processes sharing
 Redis (own prefix) and MariaDB (own database): publish with its retry key across
 servers, disconnect and kick reaching sockets on both servers within 2 s, and a
-log-capture check that no token, secret or API key reaches the logs."""
+check that no token, secret or API key reaches the logs, the /metrics scrape or an
+HTTP error body."""
 
 from __future__ import annotations
 
@@ -72,6 +73,11 @@ def call(
             return r.status, orjson.loads(r.read())
     except urllib.error.HTTPError as exc:
         return exc.code, orjson.loads(exc.read())
+
+
+def scrape(server: ServerProcess) -> str:
+    with urllib.request.urlopen(server.http + "/metrics", timeout=10) as r:
+        return str(r.read().decode())
 
 
 async def acall(*args: Any, **kw: Any) -> tuple[int, Any]:
@@ -210,7 +216,9 @@ def test_wrong_key_is_401_and_no_key_is_404(cluster: Cluster) -> None:
 
 
 @pytest.mark.timeout(90)
-async def test_logs_hold_no_token_secret_or_api_key(cluster: Cluster) -> None:
+async def test_logs_metrics_and_error_bodies_hold_no_token_secret_or_api_key(
+    cluster: Cluster,
+) -> None:
     s0, s1 = cluster.servers
     room = "team-9:logs"
     secrets_used = [SECRET, API_KEY]
@@ -219,13 +227,24 @@ async def test_logs_hold_no_token_secret_or_api_key(cluster: Cluster) -> None:
     await alice.connect()
     bob_token = mint_token(SECRET, "bob-l", ttl_s=300)
     secrets_used.append(bob_token)
+    carol = TokenClient(s1.url, "carol-l", rooms=["team-9:*"])
+    secrets_used.append(carol.token)
+    await carol.connect()
     import websockets
 
     bob_ws = await websockets.connect(
         s1.url, additional_headers={"Authorization": f"Bearer {bob_token}"}, ping_interval=None
     )
+    refusals: list[bytes] = []  # every HTTP error body a bad token or key got
+
+    def refused_call(status: int, *args: Any, **kw: Any) -> None:
+        got, body = call(*args, **kw)
+        assert got == status, (got, body)
+        refusals.append(orjson.dumps(body))
+
     try:
         await alice.join(room)
+        await carol.join(room)
         await alice.send(
             {"action": "message", "room_id": room, "content": "hi", "client_msg_id": "l1"}
         )
@@ -233,40 +252,61 @@ async def test_logs_hold_no_token_secret_or_api_key(cluster: Cluster) -> None:
         fresh = mint_token(SECRET, "alice-l", ttl_s=600, rooms=["team-9:*"])
         wrong = mint_token(SECRET, "mallory", ttl_s=600)
         forged_ = mint_token("not-the-secret-but-long-enough-000000", "alice-l")
-        secrets_used += [fresh, wrong, forged_]
+        expired = mint_token(SECRET, "alice-l", ttl_s=-60)
+        secrets_used += [fresh, wrong, forged_, expired]
         await alice.send({"action": "refresh", "token": fresh})
         await alice.wait_for(lambda: bool(alice.of("refreshed")))
-        await alice.send({"action": "refresh", "token": wrong})
+        for bad in (wrong, expired):
+            await alice.send({"action": "refresh", "token": bad})
         await alice.wait_for(
-            lambda: any(f.get("code") == "unauthorized" for f in alice.of("error"))
+            lambda: len([f for f in alice.of("error") if f.get("code") == "unauthorized"]) == 2
         )
         await alice.send({"action": "join", "room_id": "other"})
         await alice.wait_for(lambda: any(f.get("code") == "forbidden" for f in alice.of("error")))
-        # A refused handshake with a forged token, HTTP reads, API calls.
-        with pytest.raises(websockets.InvalidStatus) as refused:
-            await TokenClient(s1.url, "alice-l", token=forged_).connect()
-        assert refused.value.response.status_code == 401
+        # Refused handshakes with a forged and an expired token, HTTP reads, API calls.
+        for bad in (forged_, expired):
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                await TokenClient(s1.url, "alice-l", token=bad).connect()
+            assert refused.value.response.status_code == 401
+            refusals.append(refused.value.response.body)
         assert call(s0, "GET", f"/api/rooms/{room}/messages", credential=alice.token)[0] == 200
-        assert call(s0, "GET", "/api/rooms/other/messages", credential=alice.token)[0] == 403
-        assert call(s1, "GET", "/api/rooms", credential=forged_)[0] == 401
-        assert call(s1, "GET", f"/api/rooms?token={forged_}", credential=None)[0] == 401
+        refused_call(403, s0, "GET", "/api/rooms/other/messages", credential=alice.token)
+        refused_call(401, s0, "GET", f"/api/rooms/{room}/messages", credential=expired)
+        refused_call(401, s1, "GET", "/api/rooms", credential=forged_)
+        refused_call(401, s1, "GET", f"/api/rooms?token={forged_}", credential=None)
         assert (
             call(
                 s1, "POST", f"/api/rooms/{room}/messages", {"sender_id": "backend", "content": "x"}
             )[0]
             == 201
         )
-        assert call(s1, "POST", "/api/users/nobody/disconnect", credential=API_KEY + "x")[0] == 401
+        for path, body in (
+            (f"/api/rooms/{room}/messages", {"sender_id": "backend", "content": "x"}),
+            ("/api/users/nobody/disconnect", None),
+            (f"/api/rooms/{room}/kick", {"sender_id": "carol-l"}),
+        ):
+            refused_call(401, s1, "POST", path, body, credential=API_KEY + "x")
+            refused_call(401, s0, "POST", path, body, credential=fresh)
+        assert call(s0, "POST", f"/api/rooms/{room}/kick", {"sender_id": "carol-l"})[0] == 202
+        await carol.wait_for(lambda: bool(carol.of("left", room)), timeout=3)
         assert call(s0, "POST", "/api/users/bob-l/disconnect")[0] == 202
         async with asyncio.timeout(3):
             await bob_ws.wait_closed()
         assert bob_ws.close_code == 4003
     finally:
         await alice.close()
+        await carol.close()
         await bob_ws.close()
     await asyncio.sleep(0.3)  # let the servers write their last access-log lines
     logs = "\n".join(s.log_path.read_text(errors="replace") for s in (s0, s1))
     assert '"GET /chat' in logs, "the access log saw the handshakes"
+    scrapes = {i: await asyncio.to_thread(scrape, s) for i, s in enumerate((s0, s1))}
+    for name, text in scrapes.items():
+        assert "quartchat_handshakes_refused" in text, name  # a real scrape, not an error page
+    assert len(refusals) == 12 and all(b'"error"' in body for body in refusals)
+    places = {"logs": logs, **{f"/metrics of server {n}": t for n, t in scrapes.items()}}
+    places |= {f"error body {i}": body.decode() for i, body in enumerate(refusals)}
     for secret in secrets_used:
         for part in {secret, *secret.split(".")[1:]}:  # payload and signature parts too
-            assert part not in logs, f"a secret ({len(part)} chars) reached the logs"
+            for place, text in places.items():
+                assert part not in text, f"a secret ({len(part)} chars) reached {place}"
