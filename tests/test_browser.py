@@ -472,8 +472,14 @@ async def test_jwt_mode_a_token_link_chats_in_its_rooms_and_is_refused_others(
         ("forbidden", "join", "other")
     ], heard
     problem = await alice.page.text_content("#problem")
-    assert problem is not None and problem.startswith("forbidden: "), problem
+    assert problem is not None and problem.startswith("Could not join other: forbidden: "), problem
     assert token not in problem
+    # The refused room is gone from the page too: the view is back on the room it can use.
+    rooms = await alice.page.eval_on_selector_all(
+        "#my-rooms li", "els => els.map(e => e.textContent)"
+    )
+    assert not any("other" in r for r in rooms), rooms
+    assert "team-1:general" in (await alice.page.text_content("#room-title") or "")
     assert stored(tmp_path / "chat.db", "other") == []
     # Without a token the page cannot connect: the handshake is refused with 401, and the
     # page says so in words (a browser never sees the status, so the text names the causes).

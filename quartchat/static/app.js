@@ -248,7 +248,11 @@ function start(name) {
   });
   client.on("error", (e) => {
     if (e.code === "handshake_refused") showProblem(e.message);
-    else if (!e.client_msg_id && e.code !== "rate_limited") showProblem(`${e.code}: ${e.message}`);
+    else if (e.action === "join" && e.room_id && !client.rooms.has(e.room_id)) {
+      // A refused join (forbidden, too many rooms, ...): the client dropped the room; so does the view.
+      showProblem(`Could not join ${e.room_id}: ${e.code}: ${e.message}`);
+      removeRoom(e.room_id);
+    } else if (!e.client_msg_id && e.code !== "rate_limited") showProblem(`${e.code}: ${e.message}`);
   });
   client.on("joined", (j) => {
     const v = view(j.roomId);
