@@ -41,7 +41,8 @@ from redis.exceptions import RedisClusterException
 
 from .. import metrics
 from . import BrokerError, Handler
-from .cluster_pubsub import Address, ShardedSubscriber
+from .cluster_nodes import Address
+from .cluster_pubsub import ShardedSubscriber
 from .redis_presence import RedisPresence
 from .redis_publisher import _ERRORS, Outbox, _wrap, publisher_loop, send_publish
 from .redis_scripts import Keys
