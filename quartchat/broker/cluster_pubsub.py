@@ -159,7 +159,7 @@ class ShardedSubscriber:
             except _ERRORS as exc:
                 log.warning("unsubscribe %s failed: %s", room_id, exc)
 
-    # ---- links ------------------------------------------------------
+    # ---- links --------------------------------------------------------------------
 
     def _owner(self, room_id: str) -> str:
         channel = self._chan(room_id)
