@@ -4,26 +4,12 @@ Namespace ``quartchat``; no per-room or per-user labels (unbounded
 cardinality). Label values come from small closed sets: actions, error codes,
 close codes, HTTP statuses, store operations.
 
-Several worker processes on one host (``quartchat serve --workers N``) use
-prometheus-client's multiprocess mode: each process writes its values to
-``*_<pid>.db`` files in ``PROMETHEUS_MULTIPROC_DIR`` and :func:`render`, on
-whichever worker the scrape reaches, sums them for the whole host. The mode is
-chosen once, when prometheus-client is first imported, from that environment
-variable: the launcher sets it (and empties the directory) before it starts
-any worker, and never imports this module itself (its metrics would leave
-files of their own). A single process without the variable keeps the plain
-in-process registry.
-
-Gauges say how workers combine (``multiprocess_mode``): ``livesum`` for
+They live in :data:`REGISTRY`, which :mod:`quartchat.exposition` owns with
+the multiprocess mode (several workers on one host) and the rendering of a
+scrape. Gauges say how workers combine (``multiprocess_mode``): ``livesum`` for
 counts (connections, rooms, queued frames), ``livemax``/``livemin`` for
 worst-case readings; ``live*`` modes drop a dead worker's value when the
 launcher calls ``mark_process_dead``.
-
-A scrape is rendered off the event loop (:func:`render_async`, one render
-at a time in a thread of its own): in multiprocess mode it reads and sums
-every worker's files, which would otherwise stall every socket of the worker
-the scrape reached. It is rendered afresh for each scrape (no cache), so a
-value is visible in the next scrape after it changed.
 
 Queue depths cost no more than a counter on the message path: the room inbox
 is observed once per command the actor takes, and the sockets' outbound
@@ -32,21 +18,10 @@ queues are sampled every second (:func:`quartchat.server.sample_queues`).
 
 from __future__ import annotations
 
-import asyncio
-import os
-from concurrent.futures import ThreadPoolExecutor
-
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
-from prometheus_client import values as _values
+from prometheus_client import Counter, Gauge, Histogram
 
 from .errors import ERROR_CODES, CloseCode
+from .exposition import REGISTRY
 
 __all__ = [
     "ACTIVE_ROOMS",
@@ -61,7 +36,6 @@ __all__ = [
     "CONNECTIONS_CLOSED",
     "CONNECTIONS_OPEN",
     "CONNECTIONS_OPENED",
-    "CONTENT_TYPE_LATEST",
     "DELIVERY_LATENCY",
     "DRAIN_SECONDS",
     "ERRORS_SENT",
@@ -74,7 +48,6 @@ __all__ = [
     "MESSAGES_DELIVERED",
     "MESSAGES_PUBLISHED",
     "MESSAGES_STORED",
-    "MULTIPROCESS",
     "OUTBOUND_QUEUED",
     "OUTBOUND_QUEUE_MAX",
     "RATE_LIMITED",
@@ -89,19 +62,9 @@ __all__ = [
     "STORE_ERRORS",
     "STORE_WRITE_LATENCY",
     "THREADS",
-    "render",
-    "render_async",
 ]
 
 NS = "quartchat"
-REGISTRY = CollectorRegistry(auto_describe=True)
-# True when values live in PROMETHEUS_MULTIPROC_DIR (decided by prometheus-client
-# at its import, which is what counts, not the environment now).
-MULTIPROCESS: bool = bool(getattr(_values.ValueClass, "_multiprocess", False))
-if MULTIPROCESS:
-    # Each metric defined below opens its file there at once: the directory must exist.
-    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
-
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 # ---- connections -------------------------------------------------------------
@@ -394,25 +357,3 @@ for _status in (400, 403, 503):
     HANDSHAKES_REFUSED.labels(status=str(_status))
 for _op in ("insert", "max_seq", "fill", "replay", "history", "clients"):
     STORE_ERRORS.labels(op=_op)
-
-
-def render() -> tuple[bytes, str]:
-    """The exposition text for this host (every worker's values in multiprocess mode)."""
-    if MULTIPROCESS:
-        from prometheus_client import multiprocess
-
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
-
-
-# One thread renders, so scrapes (however many at once) never stall the event
-# loop and never read the multiprocess files concurrently. Its thread starts
-# at the first scrape.
-_RENDERER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics-render")
-
-
-async def render_async() -> tuple[bytes, str]:
-    """:func:`render`, run in the renderer thread (for the ``/metrics`` route)."""
-    return await asyncio.get_running_loop().run_in_executor(_RENDERER, render)

@@ -14,7 +14,7 @@ from typing import Any
 
 from quart import Blueprint, Response, request
 
-from . import metrics
+from . import exposition
 from .auth import AuthError, TokenVerifier, api_key_matches, bearer
 from .config import Settings
 from .hub import Hub
@@ -108,7 +108,7 @@ def routes_blueprint(
 
     @routes.get("/metrics")
     async def metrics_route() -> Response:
-        body, content_type = await metrics.render_async()  # off the event loop
+        body, content_type = await exposition.render_async()  # off the event loop
         return Response(body, content_type=content_type)
 
     @routes.get("/api/rooms")

@@ -16,7 +16,7 @@ This module must not import prometheus-client at import time (the app and
 the hub are imported when a worker starts serving): the launcher imports it
 in the parent process, which sets up ``PROMETHEUS_MULTIPROC_DIR`` for its
 workers, and a single process empties that directory before its first metric
-exists (see :mod:`quartchat.metrics`).
+exists (see :mod:`quartchat.exposition`).
 """
 
 from __future__ import annotations

@@ -191,10 +191,10 @@ async def test_a_live_process_whose_members_were_reaped_announces_them_again() -
         await watch.wait(1)
         # a's heartbeat did not reach Redis for a dead window: its entry expired.
         await probe.zadd(f"{{{prefix}:r}}:m", {f"{a.node}\0alice": 0})
-        await b.presence._reap()
+        await b.presence.heartbeat.reap()
         await watch.wait(2)
         assert await b.presence.members("r") == []
-        await a.presence._beat()  # a is back
+        await a.presence.heartbeat.beat()  # a is back
         await watch.wait(3)
         assert presence_events(watch.items) == [
             ("join", "alice"),
@@ -202,7 +202,7 @@ async def test_a_live_process_whose_members_were_reaped_announces_them_again() -
             ("join", "alice"),
         ]
         assert await b.presence.members("r") == ["alice"]
-        await a.presence._beat()
+        await a.presence.heartbeat.beat()
         await watch.stays_at(3)
     finally:
         await probe.aclose()
@@ -220,13 +220,13 @@ async def test_a_change_computed_too_long_ago_is_refused_then_retried() -> None:
     await a.start()
     probe = redis.asyncio.Redis.from_url(REDIS_URL)
     try:
-        a.presence._offset_ms -= 60_000  # as if computed a minute before Redis runs it
+        a.presence.heartbeat._offset_ms -= 60_000  # as if computed a minute before Redis runs it
         join(a, "r", "late")
         entries = f"{{{prefix}:r}}:m"
         await asyncio.sleep(0.5)  # the worker tries and is refused: nothing applied
         assert await probe.zcard(entries) == 0
         assert a.presence._dirty, "still queued for a retry"
-        await a.presence._beat()  # fresh Redis time: the retry goes through
+        await a.presence.heartbeat.beat()  # fresh Redis time: the retry goes through
         await settle(a)
         assert await probe.zrange(entries, 0, -1) == [f"{a.node}\0late".encode()]
     finally:

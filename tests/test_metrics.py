@@ -29,7 +29,7 @@ import pytest
 from quart import Quart
 from quart.testing.connections import WebsocketDisconnectError, WebsocketResponseError
 
-from quartchat import metrics
+from quartchat import exposition, metrics
 from quartchat.app import create_app
 from quartchat.config import Settings
 from quartchat.hub import Hub
@@ -536,7 +536,7 @@ async def test_metrics_route_renders_off_the_event_loop(
     app: Quart, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A slow render (many workers' files) does not stall the loop; values stay exact."""
-    real = metrics.generate_latest
+    real = exposition.generate_latest
     render_threads: list[int] = []
 
     def slow_generate_latest(registry: Any) -> bytes:
@@ -544,7 +544,7 @@ async def test_metrics_route_renders_off_the_event_loop(
         time.sleep(0.5)  # stands in for summing every worker's files
         return real(registry)
 
-    monkeypatch.setattr(metrics, "generate_latest", slow_generate_latest)
+    monkeypatch.setattr(exposition, "generate_latest", slow_generate_latest)
     stalls: list[float] = []
 
     async def ticker() -> None:
@@ -575,8 +575,8 @@ async def test_metrics_route_renders_off_the_event_loop(
 
 _WRITER = textwrap.dedent("""
     import os, sys
-    from quartchat import metrics
-    assert metrics.MULTIPROCESS
+    from quartchat import exposition, metrics
+    assert exposition.MULTIPROCESS
     metrics.CONNECTIONS_OPENED.inc(int(sys.argv[1]))
     metrics.CONNECTIONS_OPEN.inc(int(sys.argv[1]))
     metrics.BROKER_UP.set(int(sys.argv[2]))
@@ -588,10 +588,10 @@ _READER = textwrap.dedent("""
     import json, os
     from prometheus_client import multiprocess
     from prometheus_client.parser import text_string_to_metric_families
-    from quartchat import metrics
+    from quartchat import exposition, metrics
     # This reader defined the metrics too (broker_up 0): it plays a dead worker.
     multiprocess.mark_process_dead(os.getpid())
-    body, _ = metrics.render()
+    body, _ = exposition.render()
     print(json.dumps({s.name + json.dumps(s.labels, sort_keys=True): s.value
                       for f in text_string_to_metric_families(body.decode()) for s in f.samples}))
 """)

@@ -2,10 +2,10 @@
 
 A room's channel ``{P:room}:chan`` lives in the room's hash slot; the master
 owning that slot is the only node that carries it (``SSUBSCRIBE`` /
-``SPUBLISH``). This module keeps the slot map (``CLUSTER SLOTS``, read on a
-short-lived connection), one raw RESP2 connection per master with subscribed
-rooms (a :class:`_Link`), and the set of rooms that are wanted but not
-subscribed anywhere right now (``_stale``).
+``SPUBLISH``). This module keeps one :class:`Link` per master with
+subscribed rooms and reads what each one hears, which room went to which
+link, and the set of rooms that are wanted but not subscribed anywhere right
+now (``_stale``). The slot map and the links themselves are cluster_nodes.py's.
 
 A room becomes stale when its link is lost (an error, or the watchdog: no
 pong or message for ``3 x ping_interval_s``), when its master answers
@@ -33,58 +33,21 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from redis.asyncio.connection import Connection
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.crc import key_slot
-from redis.exceptions import MovedError, RedisError, ResponseError
+from redis.exceptions import MovedError, ResponseError
 
 from .. import metrics
 from . import BrokerError
+from .cluster_nodes import _ERRORS, Address, Link, SlotMap
 from .redis_scripts import Keys
 
 __all__ = ["ShardedSubscriber"]
 
 log = logging.getLogger(__name__)
 
-_SLOTS = 16384
-_SUBSCRIBE_BATCH = 500  # SSUBSCRIBE commands written at once to one node
 _BACKOFF_MIN_S = 0.05
 _BACKOFF_MAX_S = 1.0  # a failover takes seconds: look again at least every second
 _PING_TOKEN = b"quartchat-watchdog"
-_ERRORS = (RedisError, OSError, RuntimeError, TimeoutError, BrokerError)
-
-Address = tuple[str, int]
-
-
-def _name(addr: Address) -> str:
-    return f"{addr[0]}:{addr[1]}"
-
-
-class _Link:
-    """The subscription connection to one master, and the rooms subscribed through it."""
-
-    def __init__(self, name: str, conn: Connection) -> None:
-        self.name = name
-        self.conn = conn
-        self.rooms: set[str] = set()  # SSUBSCRIBE sent here (confirmed or not yet)
-        self.leaving: set[bytes] = set()  # SUNSUBSCRIBE sent by us, reply not yet seen
-        self.task: asyncio.Task[None] | None = None
-        self.alive = True
-        self.last_heard = self.last_ping = time.monotonic()
-
-    async def send(self, commands: list[tuple[Any, ...]]) -> None:
-        for start in range(0, len(commands), _SUBSCRIBE_BATCH):
-            chunk = commands[start : start + _SUBSCRIBE_BATCH]
-            await self.conn.send_packed_command(self.conn.pack_commands(chunk), check_health=False)
-
-    def abort(self) -> None:
-        """Close at once: a black-holed socket never finishes a graceful close."""
-        self.alive = False
-        writer = self.conn._writer  # redis-py offers no abort
-        if writer is not None:
-            writer.transport.abort()
-        self.conn._close()  # type: ignore[no-untyped-call]
 
 
 class ShardedSubscriber:
@@ -101,17 +64,14 @@ class ShardedSubscriber:
         timeout_s: float,
         ping_interval_s: float,
     ) -> None:
-        self._startup = startup
         self._keys = keys
         self._dispatch = dispatch
-        self._username, self._password = username, password
         self.timeout_s = timeout_s
         self.ping_interval_s = ping_interval_s
-        self._slots: list[str] = [""] * _SLOTS  # slot -> master name ("" uncovered)
-        self._addrs: dict[str, Address] = {}  # master name -> address
+        self._map = SlotMap(startup, username=username, password=password, timeout_s=timeout_s)
         self._rooms: set[str] = set()  # wanted
-        self._home: dict[str, _Link] = {}  # room -> link its SSUBSCRIBE went to
-        self._links: dict[str, _Link] = {}
+        self._home: dict[str, Link] = {}  # room -> link its SSUBSCRIBE went to
+        self._links: dict[str, Link] = {}
         self._stale: set[str] = set()  # wanted, not subscribed: resubscribe, then None
         self._confirm: dict[bytes, asyncio.Future[None]] = {}
         self._lock = asyncio.Lock()
@@ -122,7 +82,7 @@ class ShardedSubscriber:
     # ---- lifecycle ----------------------------------------------------------
 
     async def start(self) -> None:
-        await self._refresh_slots()
+        await self._map.refresh(self._links)
         self.connected = True
         self._task = asyncio.create_task(self._supervise(), name="cluster-pubsub")
 
@@ -144,7 +104,7 @@ class ShardedSubscriber:
 
     def masters(self) -> dict[str, int]:
         """Master name -> number of subscribed rooms it carries (tests, metrics)."""
-        out: dict[str, int] = dict.fromkeys(self._addrs, 0)
+        out: dict[str, int] = dict.fromkeys(self._map.addrs, 0)
         for link in self._home.values():
             out[link.name] = out.get(link.name, 0) + 1
         return out
@@ -199,81 +159,29 @@ class ShardedSubscriber:
             except _ERRORS as exc:
                 log.warning("unsubscribe %s failed: %s", room_id, exc)
 
-    # ---- slots and links ------------------------------------------------------
+    # ---- links --------------------------------------------------------------------
 
     def _owner(self, room_id: str) -> str:
-        slot = key_slot(self._keys.channel(room_id).encode())
-        owner = self._slots[slot]
+        channel = self._chan(room_id)
+        owner = self._map.owner(channel)
         if not owner:
-            raise BrokerError(f"redis cluster: slot {slot} is not covered")
+            raise BrokerError(f"redis cluster: slot {key_slot(channel)} is not covered")
         return owner
 
-    async def _refresh_slots(self) -> None:
-        """Read CLUSTER SLOTS from the first node that answers (live links' nodes first)."""
-        seen: list[Address] = []
-        for addr in [
-            *(self._addrs[n] for n in self._links if n in self._addrs),
-            *random.sample(list(self._addrs.values()), len(self._addrs)),
-            *self._startup,
-        ]:
-            if addr not in seen:
-                seen.append(addr)
-        errors = []
-        for addr in seen:
-            try:
-                async with asyncio.timeout(self.timeout_s):
-                    raw = await self._cluster_slots(addr)
-            except _ERRORS as exc:
-                errors.append(f"{_name(addr)}: {type(exc).__name__}: {exc}")
-                continue
-            slots = [""] * _SLOTS
-            addrs: dict[str, Address] = {}
-            for entry in raw:
-                start, end, master = int(entry[0]), int(entry[1]), entry[2]
-                host = master[0].decode() if isinstance(master[0], bytes) else str(master[0])
-                name = _name((host, int(master[1])))
-                addrs[name] = (host, int(master[1]))
-                slots[start : end + 1] = [name] * (end - start + 1)
-            self._slots, self._addrs = slots, addrs
-            return
-        raise BrokerError("redis cluster: no node answered CLUSTER SLOTS: " + "; ".join(errors))
-
-    async def _cluster_slots(self, addr: Address) -> Any:
-        conn = self._connection(addr)
-        try:
-            await conn.connect()  # type: ignore[no-untyped-call]
-            await conn.send_command("CLUSTER", "SLOTS", check_health=False)
-            return await conn.read_response()
-        finally:
-            await conn.disconnect(nowait=True)
-
-    def _connection(self, addr: Address) -> Connection:
-        return Connection(
-            host=addr[0],
-            port=addr[1],
-            protocol=2,  # the pushes (ssubscribe, sunsubscribe) then come as replies
-            socket_connect_timeout=2,
-            socket_timeout=self.timeout_s,
-            socket_keepalive=True,
-            retry=Retry(NoBackoff(), retries=0),  # a reconnect must be seen, not hidden
-            username=self._username,
-            password=self._password,
-        )
-
-    async def _link(self, name: str) -> _Link:
+    async def _link(self, name: str) -> Link:
         link = self._links.get(name)
         if link is not None and link.alive:
             return link
-        conn = self._connection(self._addrs[name])
+        conn = self._map.connection(self._map.addrs[name])
         await conn.connect()  # type: ignore[no-untyped-call]
-        link = _Link(name, conn)
+        link = Link(name, conn)
         self._links[name] = link
         link.task = asyncio.create_task(self._listen(link), name=f"cluster-pubsub-{name}")
         metrics.BROKER_NODE_UP.labels(name).set(1)
         metrics.BROKER_NODE_RECONNECTS.labels(name).inc()
         return link
 
-    async def _subscribe(self, link: _Link, rooms: Iterable[str]) -> None:
+    async def _subscribe(self, link: Link, rooms: Iterable[str]) -> None:
         """SSUBSCRIBE the rooms on ``link``: one command per slot, written in batches."""
         by_slot: dict[int, list[bytes]] = defaultdict(list)
         for room_id in rooms:
@@ -290,7 +198,7 @@ class ShardedSubscriber:
         if self._stale:
             self._kick.set()
 
-    def _lost(self, link: _Link, why: str) -> None:
+    def _lost(self, link: Link, why: str) -> None:
         if not link.alive:
             return
         log.warning("redis cluster pub/sub connection to %s lost: %s", link.name, why)
@@ -304,7 +212,7 @@ class ShardedSubscriber:
         self._make_stale(link.rooms)
         link.rooms = set()
 
-    def _evict(self, link: _Link, rooms: Iterable[str]) -> None:
+    def _evict(self, link: Link, rooms: Iterable[str]) -> None:
         """The rooms are no longer subscribed at ``link`` (their slot moved)."""
         for room_id in rooms:
             link.rooms.discard(room_id)
@@ -314,7 +222,7 @@ class ShardedSubscriber:
 
     # ---- the listener of one link -----------------------------------------------
 
-    async def _listen(self, link: _Link) -> None:
+    async def _listen(self, link: Link) -> None:
         while link.alive:
             try:
                 async with asyncio.timeout(self.timeout_s):
@@ -347,7 +255,7 @@ class ShardedSubscriber:
     def _chan(self, room_id: str) -> bytes:
         return self._keys.channel(room_id).encode()
 
-    def _on_reply(self, link: _Link, reply: Any) -> None:
+    def _on_reply(self, link: Link, reply: Any) -> None:
         if not isinstance(reply, list) or len(reply) < 3:
             return  # a pong ([b"pong", token] once subscribed, the bare token before)
         kind, channel = reply[0], reply[1]
@@ -407,9 +315,9 @@ class ShardedSubscriber:
     async def _resync(self) -> list[str]:
         """Refresh the slot map; subscribe every stale room on its owner; -> rooms confirmed."""
         async with self._lock:
-            await self._refresh_slots()
+            await self._map.refresh(self._links)
             for room_id, link in list(self._home.items()):
-                if self._slots[key_slot(self._chan(room_id))] != link.name:
+                if self._map.owner(self._chan(room_id)) != link.name:
                     self._evict(link, [room_id])  # our map said otherwise: move it
                     if link.alive:
                         link.leaving.add(self._chan(room_id))
@@ -417,7 +325,7 @@ class ShardedSubscriber:
             self._stale &= self._rooms
             groups: dict[str, list[str]] = defaultdict(list)
             for room_id in self._stale:
-                owner = self._slots[key_slot(self._chan(room_id))]
+                owner = self._map.owner(self._chan(room_id))
                 if owner:
                     groups[owner].append(room_id)
             waiters: dict[str, asyncio.Future[None]] = {}
@@ -448,7 +356,7 @@ class ShardedSubscriber:
                     self._stale.discard(room_id)
                     recovered.append(room_id)
             for name, link in list(self._links.items()):
-                if not link.rooms and name not in self._addrs:
+                if not link.rooms and name not in self._map.addrs:
                     link.abort()  # no longer a master
                     if link.task is not None:
                         link.task.cancel()

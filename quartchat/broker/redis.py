@@ -7,9 +7,9 @@ presence keys; ``@control`` (process-wide messages) is ``{P:@control}:chan``.
 Commands share one ``BlockingConnectionPool`` of ``pool_size`` connections:
 a caller waits at most ``timeout_s`` for a connection (redis-py 8's plain
 pool refuses at once past 100 with MaxConnectionsError). Publishes go
-through one publisher task that sends whatever is queued in one pipeline;
-``publish()`` returns once its payload was sent, and raises BrokerError
-when sending failed or took longer than ``timeout_s``.
+through one publisher task (redis_publisher.py) that sends whatever is
+queued in one pipeline; ``publish()`` returns once its payload was sent, and
+raises BrokerError when sending failed or took longer than ``timeout_s``.
 
 Pub/sub is at-most-once: when the connection drops, everything published in
 the meantime is lost. The listener sends its own PING every
@@ -36,75 +36,22 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 
 from .. import metrics
 from . import BrokerError, Handler
 from .redis_presence import RedisPresence
+from .redis_publisher import _ERRORS, Outbox, _wrap, publisher_loop, send_publish
 from .redis_scripts import Keys
 
-__all__ = ["Outbox", "RedisBroker", "publisher_loop", "send_publish"]
+__all__ = ["RedisBroker"]
 
 log = logging.getLogger(__name__)
 
 _BACKOFF_MIN_S = 0.05
 _BACKOFF_MAX_S = 2.0
 _SUBSCRIBE_BATCH = 500
-_PUBLISH_BATCH = 500
 _PUBLISH_QUEUE = 10_000
 _PING_TOKEN = b"quartchat-watchdog"
-
-
-def _wrap(exc: BaseException) -> BrokerError:
-    return BrokerError(f"redis: {type(exc).__name__}: {exc}")
-
-
-_ERRORS = (RedisError, OSError, RuntimeError, TimeoutError)
-
-# Publishes waiting for the publisher task: (channel, payload, the caller's waiter).
-Outbox = asyncio.Queue[tuple[str, bytes, asyncio.Future[None]]]
-
-
-async def send_publish(outbox: Outbox, channel: str, payload: bytes, timeout_s: float) -> None:
-    """Queue one publish and wait until the publisher sent it (BrokerError past ``timeout_s``)."""
-    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    try:
-        async with asyncio.timeout(timeout_s):
-            await outbox.put((channel, payload, waiter))
-            await waiter
-    except TimeoutError as exc:
-        raise BrokerError(f"redis: publish not sent within {timeout_s:g} s") from exc
-
-
-async def publisher_loop(client: Any, outbox: Outbox, command: str) -> None:
-    """Send queued publishes (``command`` is PUBLISH, or SPUBLISH on a cluster), everything
-    queued at once in one pipeline (on a cluster: one per master, sent concurrently)."""
-    while True:
-        batch = [await outbox.get()]
-        while len(batch) < _PUBLISH_BATCH and not outbox.empty():
-            batch.append(outbox.get_nowait())
-        batch = [item for item in batch if not item[2].done()]  # given up by the caller
-        if not batch:
-            continue
-        try:
-            async with client.pipeline(transaction=False) as pipe:
-                for channel, payload, _ in batch:
-                    pipe.execute_command(command, channel, payload)
-                results = await pipe.execute(raise_on_error=False)
-        except asyncio.CancelledError:
-            for _, _, waiter in batch:
-                if not waiter.done():
-                    waiter.set_exception(BrokerError("redis: broker closed"))
-            raise
-        except Exception as exc:  # noqa: BLE001 - every waiter must hear of it
-            results = [exc] * len(batch)
-        for (_, _, waiter), result in zip(batch, results):
-            if waiter.done():
-                continue
-            if isinstance(result, Exception):
-                waiter.set_exception(_wrap(result))
-            else:
-                waiter.set_result(None)
 
 
 class RedisBroker:

@@ -4,8 +4,8 @@ Same contract and names as the ``redis://`` broker (redis.py): a room's
 channel is ``{P:room}:chan`` and its presence keys are ``{P:room}:...``, all in
 the room's hash slot, so one master carries everything of a room. Payloads go
 out with ``SPUBLISH`` (classic PUBLISH would be copied to every node) through
-the same publisher task as redis:// (one pipeline per master per batch), and
-the presence scripts announce with SPUBLISH too. Process-wide keys
+the same publisher task as redis:// (redis_publisher.py; one pipeline per
+master per batch), and the presence scripts announce with SPUBLISH too. Process-wide keys
 (``{P}:rooms``) sit in a slot of their own and no script touches two slots.
 
 Commands and scripts use redis-py's ``RedisCluster``. Its per-master pools
@@ -41,9 +41,10 @@ from redis.exceptions import RedisClusterException
 
 from .. import metrics
 from . import BrokerError, Handler
-from .cluster_pubsub import Address, ShardedSubscriber
-from .redis import _ERRORS, Outbox, _wrap, publisher_loop, send_publish
+from .cluster_nodes import Address
+from .cluster_pubsub import ShardedSubscriber
 from .redis_presence import RedisPresence
+from .redis_publisher import _ERRORS, Outbox, _wrap, publisher_loop, send_publish
 from .redis_scripts import Keys
 
 __all__ = ["ClusterURL", "GatedPresence", "RedisClusterBroker", "parse_cluster_url"]

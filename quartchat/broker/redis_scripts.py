@@ -23,11 +23,26 @@ the world as it is after the thaw (the caller retries with fresh state).
 
 On a Redis Cluster the scripts announce with ``SPUBLISH`` (:func:`sharded`):
 the channel is declared in KEYS, in the slot of the room's other keys.
+
+:class:`Scripts` registers every script on one client; callers queue them in
+pipelines of at most :data:`BATCH` calls (:func:`chunks`) and hand each
+pipeline's results to :meth:`Scripts.loaded`, which loads the scripts on
+every master of a cluster that answered NOSCRIPT (the call is retried).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+
+from . import BrokerError
+
 __all__ = [
+    "BATCH",
+    "ERRORS",
     "EXPIRED",
     "JOIN",
     "LEAVE",
@@ -35,10 +50,25 @@ __all__ = [
     "MEMBERS",
     "REAP",
     "REFRESH",
+    "STALE_MS",
     "TOUCH_ROOMS",
     "Keys",
+    "Script",
+    "Scripts",
+    "chunks",
     "sharded",
 ]
+
+BATCH = 500  # script calls (changes, or rooms) per pipeline
+STALE_MS = 5000  # a change computed longer ago than this is refused and retried
+# What a script call (or a pipeline of them) may raise.
+ERRORS: tuple[type[BaseException], ...] = (
+    RedisError,
+    RedisClusterException,
+    OSError,
+    BrokerError,
+    TimeoutError,
+)
 
 _NOW = """
 local t = redis.call('TIME')
@@ -216,3 +246,60 @@ table.insert(out, 1, tostring(now))
 return out
 """
 )
+
+
+def chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class Script:
+    """A registered script. On a cluster, queued in a pipeline as a plain EVALSHA:
+    redis-py refuses script calls on a ClusterPipeline (RedisClusterException)."""
+
+    def __init__(self, script: AsyncScript, sharded: bool) -> None:
+        self.script = script
+        self.sharded = sharded
+
+    async def __call__(self, keys: list[str], args: Iterable[Any] = (), client: Any = None) -> Any:
+        if self.sharded and client is not None:
+            client.execute_command("EVALSHA", self.script.sha, len(keys), *keys, *args)
+            return None
+        return await self.script(keys=keys, args=list(args), client=client)
+
+
+class Scripts:
+    """Every presence script, registered on one client (by name: ``scripts["JOIN"]``)."""
+
+    def __init__(self, client: Any, *, cluster: bool) -> None:
+        # Any: redis-py types a script's client= as Redis | RedisCluster, and a
+        # ClusterPipeline is neither (it works: scripts queue as EVALSHA).
+        self._r = client
+        texts = {
+            "JOIN": JOIN,
+            "LEAVE": LEAVE,
+            "REFRESH": REFRESH,
+            "EXPIRED": EXPIRED,
+            "REAP": REAP,
+            "MEMBERS": MEMBERS,
+            "TOUCH_ROOMS": TOUCH_ROOMS,
+            "LIVE_ROOMS": LIVE_ROOMS,
+        }
+        self._by_name = {
+            name: Script(client.register_script(sharded(text) if cluster else text), cluster)
+            for name, text in texts.items()
+        }
+
+    def __getitem__(self, name: str) -> Script:
+        return self._by_name[name]
+
+    async def loaded(self, results: Iterable[Any]) -> None:
+        """Load every script on every master if a pipeline met NOSCRIPT (cluster only:
+        a plain Redis pipeline loads its scripts itself)."""
+        if any(isinstance(r, NoScriptError) for r in results):
+            await self.load()
+
+    async def load(self) -> None:
+        """Load every script (on a cluster: on every master)."""
+        for script in self._by_name.values():
+            await self._r.script_load(script.script.script)
