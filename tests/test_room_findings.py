@@ -1,6 +1,12 @@
 """Regression tests for the room-core findings of the "guarantees under races,
 bursts, churn and failures" issue (numbers as in the issue). Each drives real
-hubs and room actors through their inboxes; only sockets are fakes."""
+hubs and room actors through their inboxes; only sockets are fakes.
+
+The findings were seen on 5fa4684, the main before the room rebuild (its
+child is d5512b1, "Room core rebuilt as a package"). The tests were written
+with the rebuild and use its API (``Hub.submit`` with ``quartchat.room``'s
+commands, ``RoomActor.settle``, ``Ordering``); 5fa4684's single-module room
+differs in parts of it."""
 
 from __future__ import annotations
 
