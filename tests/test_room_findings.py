@@ -340,55 +340,87 @@ async def test_13_a_full_room_refuses_joins_and_posts_but_never_leaves(hub_facto
     await alice.socket.next_of("left")
 
 
-# -- 3: the sequencer going back in time (Redis restored from an old snapshot) ------------
+# -- 3: Redis going back in time (restarted from an old snapshot) -----------------------
 
 
 async def test_3_redis_going_back_in_time_costs_no_message(
     make_hub: Callable[..., Any], tmp_path: Any
 ) -> None:
+    """Two hubs on a private Redis post into one room; Redis is snapshotted (SAVE) after
+    10 posts, and after 30 it is killed and started again from that old RDB (its
+    channels, presence and every other key as they were 20 posts ago) while posts go
+    on. Every member gets every stored seq once, in order; every ack is stored."""
+    import redis.asyncio as aioredis
+
     from quartchat.broker.redis import RedisBroker
 
     from .redis_util import RedisServer, unique_prefix
 
     server = RedisServer(tmp_path).start()
     prefix = unique_prefix()
+    posted = 0
+    acks: list[dict[str, Any]] = []
     try:
-        hubs, members = [], []
+        members: list[tuple[Hub, Client]] = []
         for n in range(2):
-            broker = RedisBroker(server.url, prefix=prefix, server_id=f"s{n}")
+            broker = RedisBroker(server.url, prefix=prefix, server_id=f"s{n}", timeout_s=1.0)
             hub, client = await make_hub(broker=broker, gap_timeout_s=0.05)
-            hubs.append(hub)
             for k in range(2):
                 c = client(f"u{n}{k}")
                 await join(hub, c)
                 members.append((hub, c))
-        import redis.asyncio as aioredis
 
+        async def post(count: int, pause: float = 0.0) -> None:
+            nonlocal posted
+            for _ in range(count):
+                hub, c = members[posted % len(members)]
+                hub.submit(ROOM, Publish(c.conn, f"a{posted}", f"a{posted}"))
+                posted += 1
+                await asyncio.sleep(pause)
+
+        async def all_acked() -> None:
+            for hub, c in members:
+                mine = sum(1 for i in range(posted) if i % len(members) == members.index((hub, c)))
+                await c.socket.next_of("ack", mine, timeout=20)
+
+        await post(10)
+        await all_acked()
         r = aioredis.Redis.from_url(server.url)
         try:
-            for i in range(10):
-                hub, c = members[i % len(members)]
-                hub.submit(ROOM, Publish(c.conn, f"a{i}", f"a{i}"))
-                await c.socket.next_of("ack", i // len(members) + 1)
-            snapshot = {k: await r.get(k) for k in await r.keys(f"{prefix}:seq:*")}
-            for i in range(10, 30):
-                hub, c = members[i % len(members)]
-                hub.submit(ROOM, Publish(c.conn, f"a{i}", f"a{i}"))
-                await c.socket.next_of("ack", i // len(members) + 1)
-            for key, value in snapshot.items():  # Redis comes back from an old snapshot
-                await r.set(key, value)
-            for i in range(30, 60):
-                hub, c = members[i % len(members)]
-                hub.submit(ROOM, Publish(c.conn, f"a{i}", f"a{i}"))
-            for hub, c in members:
-                await c.socket.next_of("ack", 15, timeout=20)
+            assert [k async for k in r.scan_iter(match=f"*{prefix}*")], "the hubs use Redis"
+            await r.set("marker:then", 1)
+            await r.save()  # the old snapshot: dump.rdb in the server's --dir
+            await r.set("marker:later", 1)
         finally:
             await r.aclose()
+        await post(20)
+        await all_acked()
+        # Posts go on while Redis is killed and comes back from the old RDB.
+        posting = asyncio.create_task(post(30, pause=0.05))
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(server.kill)  # kill -9: the publishes meanwhile are lost
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(server.start)  # same port and --dir: it loads the old RDB
+        await posting
+        r = aioredis.Redis.from_url(server.url)
+        try:
+            back_in_time = await r.exists("marker:then") and not await r.exists("marker:later")
+        finally:
+            await r.aclose()
+        assert back_in_time, "Redis came back from the old snapshot"
+        await all_acked()
+        for hub, c in members:
+            acks += c.socket.of("ack")
         for hub, c in members:
             await wait_for(lambda c=c: len(seqs_of(c)) >= 60, timeout=20)
-            assert seqs_of(c) == list(range(1, 61)), c.conn.sender_id
-        contents = {f["content"] for f in members[0][1].socket.of("message")}
-        assert contents == {f"a{i}" for i in range(60)}
+        rows = await members[0][0].store.after(ROOM, 0, None, 1000)
+        stored = {row.seq: row.content for row in rows}
+        assert sorted(stored) == list(range(1, 61))
+        assert sorted(a["seq"] for a in acks) == list(range(1, 61)), "every post acked once"
+        await asyncio.sleep(0.5)  # a duplicate would arrive by now
+        for hub, c in members:
+            got = [(f["seq"], f["content"]) for f in c.socket.of("message")]
+            assert got == sorted(stored.items()), c.conn.sender_id
     finally:
         server.kill()
 
