@@ -451,3 +451,92 @@ async def test_10_joins_and_messages_do_not_wait_for_presence(hub_factory: Any) 
         hub.submit(ROOM, Publish(clients[0].conn, "hello", None))
         for c in clients:
             await c.socket.next_of("message")
+
+
+# -- 13b: a client gone during the server's close wait leaves no task behind ---------------
+
+
+async def _raw_socket(server: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A WebSocket opened by hand, so the test decides what (not) to answer."""
+    import base64
+    import os
+
+    host, port = server.url.split("//")[1].split("/")[0].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        (
+            f"GET /chat?sender_id=gone HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer
+
+
+def _masked_text(data: bytes) -> bytes:
+    import os
+
+    mask = os.urandom(4)
+    assert len(data) < 126
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+    return bytes([0x81, 0x80 | len(data)]) + mask + body
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    first, second = await reader.readexactly(2)
+    size = second & 0x7F
+    if size == 126:
+        size = int.from_bytes(await reader.readexactly(2), "big")
+    elif size == 127:
+        size = int.from_bytes(await reader.readexactly(8), "big")
+    return first & 0x0F, await reader.readexactly(size)
+
+
+async def test_13_a_client_gone_during_the_close_wait_leaves_no_task(tmp_path: Any) -> None:
+    """The server closes (1008: too many errors) and waits for the client's close frame
+    (session._CLOSE_WAIT_S); the client resets the TCP connection instead of answering.
+    Its reader and writer tasks must not outlive the socket: the server's asyncio task
+    count (/metrics) comes back to idle."""
+    import socket
+    import struct
+
+    from .servers import ServerProcess
+    from .test_churn import _idle, _settled
+
+    server = ServerProcess(
+        tmp_path,
+        {
+            "QUARTCHAT_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/wait.db",
+            "QUARTCHAT_RATE_PER_S": "0",
+            "QUARTCHAT_LOG_LEVEL": "warning",
+        },
+        name="closewait",
+    ).start()
+    try:
+        idle = await _idle(server)
+
+        async def one() -> None:
+            reader, writer = await _raw_socket(server)
+            while (await _read_frame(reader))[0] != 0x1:  # the welcome (maybe after a ping)
+                pass
+            writer.write(b"".join(_masked_text(b"not json") for _ in range(250)))
+            await writer.drain()
+            while True:
+                opcode, body = await _read_frame(reader)
+                if opcode == 0x8:
+                    assert int.from_bytes(body[:2], "big") == 1008
+                    break
+            # No close frame back: reset the connection while the server waits for one.
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+
+        async with asyncio.timeout(20):
+            await asyncio.gather(*(one() for _ in range(10)))
+        g = await _settled(server, idle["asyncio_tasks"], idle["threads"], timeout=10.0)
+        assert g["hub_connections"] == 0 and g["connections_open"] == 0, g
+        assert g["asyncio_tasks"] <= idle["asyncio_tasks"], (idle, g)
+    finally:
+        server.stop()
