@@ -540,3 +540,29 @@ async def test_13_a_client_gone_during_the_close_wait_leaves_no_task(tmp_path: A
         assert g["asyncio_tasks"] <= idle["asyncio_tasks"], (idle, g)
     finally:
         server.stop()
+
+
+# -- 13e: the store's set of rooms it knows have a counter row stays bounded ------------
+
+
+async def test_13_the_stores_known_rooms_stay_bounded_and_appends_still_work(
+    store: DatabaseStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from quartchat.store import database
+
+    monkeypatch.setattr(database, "_KNOWN_ROOMS_MAX", 5)
+
+    def post(i: int) -> NewMessage:
+        return NewMessage(f"id-{i}", "alice", f"c{i}", f"m{i}", 1_700_000_000_000 + i)
+
+    n = 0
+    for round_ in range(3):  # rooms forgotten by the bound are written again
+        for k in range(12):
+            (answer,) = await store.append(f"known-{k}", [post(n)])
+            n += 1
+            assert answer.created and answer.row.seq == round_ + 1, (round_, k)
+            assert len(store._known_rooms) <= 5
+    for k in range(12):
+        rows = await store.after(f"known-{k}", 0, None, 10)
+        assert [r.seq for r in rows] == [1, 2, 3]
+        assert await store.max_seq(f"known-{k}") == 3
