@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from quartchat import metrics
-from quartchat.broker.memory import MemoryBroker
+from quartchat.broker.memory import MemoryBroker, MemoryPresence
 from quartchat.errors import ChatError
 from quartchat.hub import Hub
 from quartchat.room import History, Join, Leave, Publish
@@ -428,18 +428,60 @@ async def test_3_redis_going_back_in_time_costs_no_message(
 # -- 10: the delivery path never waits for presence ---------------------------------------
 
 
+SLOW_S = 30.0  # how long each presence operation takes (Redis slow or gone)
+
+
+class SlowPresence:
+    """Presence whose every operation takes ``SLOW_S``: a write (join/leave) is applied,
+    and its presence event published, that long after the call; reads and ``settle``
+    wait that long too. The calls themselves never block, as the seam promises."""
+
+    def __init__(self, inner: MemoryPresence) -> None:
+        self.inner = inner
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.calls = 0
+
+    def join(self, room_id: str, sender_id: str) -> None:
+        self._later(self.inner.join, room_id, sender_id)
+
+    def leave(self, room_id: str, sender_id: str) -> None:
+        self._later(self.inner.leave, room_id, sender_id)
+
+    def _later(self, apply: Callable[[str, str], None], room_id: str, sender_id: str) -> None:
+        self.calls += 1
+
+        async def slowly() -> None:
+            await asyncio.sleep(SLOW_S)
+            apply(room_id, sender_id)  # then published on the room's channel
+
+        task = asyncio.create_task(slowly())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def members(self, room_id: str) -> list[str]:
+        await asyncio.sleep(SLOW_S)
+        return await self.inner.members(room_id)
+
+    async def rooms(self) -> list[tuple[str, int]]:
+        await asyncio.sleep(SLOW_S)
+        return await self.inner.rooms()
+
+    async def settle(self) -> None:
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def clear(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        self.inner.clear()
+
+
 class SlowPresenceBroker(MemoryBroker):
-    """The memory broker whose presence reads hang (Redis slow or gone)."""
+    """The memory broker with :class:`SlowPresence`."""
 
     def __init__(self) -> None:
         super().__init__()
-        slow = self.presence
-
-        async def members(room_id: str) -> list[str]:
-            await asyncio.sleep(30)
-            return []
-
-        slow.members = members  # type: ignore[method-assign]
+        self.slow = SlowPresence(self._presence)
+        self._presence = self.slow  # type: ignore[assignment]
 
 
 async def test_10_joins_and_messages_do_not_wait_for_presence(hub_factory: Any) -> None:
@@ -566,3 +608,62 @@ async def test_13_the_stores_known_rooms_stay_bounded_and_appends_still_work(
         rows = await store.after(f"known-{k}", 0, None, 10)
         assert [r.seq for r in rows] == [1, 2, 3]
         assert await store.max_seq(f"known-{k}") == 3
+
+
+async def test_10_joins_leaves_and_messages_do_not_wait_for_presence_writes(
+    hub_factory: Any,
+) -> None:
+    """Every presence operation (read, join/leave write, its publish) takes 30 s: 20
+    joins, 10 leaves and a message on each of two hubs still complete within 3 s."""
+    shared = SlowPresenceBroker()
+    a, client_a = await hub_factory(broker=shared)
+    b, client_b = await hub_factory(broker=shared)
+    clients = [(a, client_a(f"a{i}")) for i in range(10)] + [
+        (b, client_b(f"b{i}")) for i in range(10)
+    ]
+    async with asyncio.timeout(3):  # one presence operation takes 10 times as long
+        for hub, c in clients:
+            await join(hub, c)
+        for hub, c in clients[5:15]:
+            c.conn.rooms.discard(ROOM)
+            hub.submit(ROOM, Leave(c.conn))
+        for hub, c in clients[5:15]:
+            await c.socket.next_of("left")
+        staying = clients[:5] + clients[15:]
+        a.submit(ROOM, Publish(clients[0][1].conn, "from a", None))
+        b.submit(ROOM, Publish(clients[-1][1].conn, "from b", None))
+        for hub, c in staying:
+            got = await c.socket.next_of("message", 2)
+            assert sorted(m["content"] for m in got) == ["from a", "from b"]
+    assert shared.slow.calls == 20 + 10, "the joins and leaves did reach the slow presence"
+    assert shared.slow.tasks, "and were still being applied"
+
+
+async def test_10_a_reconnect_storm_does_not_delay_a_message(hub_factory: Any) -> None:
+    """200 members leave and rejoin at once (presence slow as above); a message posted
+    in the middle of the storm reaches every member within 3 s."""
+    hub, client = await hub_factory(broker=SlowPresenceBroker())
+    clients = [client(f"s{i}") for i in range(200)]
+    for c in clients:
+        await join(hub, c)
+    poster = clients[0]
+    async with asyncio.timeout(3):
+        for c in clients[1:]:
+            c.conn.rooms.discard(ROOM)
+            hub.submit(ROOM, Leave(c.conn))
+            c.conn.rooms.add(ROOM)
+            hub.submit(ROOM, Join(c.conn, since_seq=0))
+        hub.submit(ROOM, Publish(poster.conn, "in the storm", None))
+        for c in clients[1:]:  # and the storm goes on behind it
+            c.conn.rooms.discard(ROOM)
+            hub.submit(ROOM, Leave(c.conn))
+            c.conn.rooms.add(ROOM)
+            hub.submit(ROOM, Join(c.conn, since_seq=1))
+        for c in clients:
+            got = await c.socket.next_of("message", timeout=3)
+            assert [m["content"] for m in got] == ["in the storm"], c.conn.sender_id
+        for c in clients[1:]:
+            await c.socket.next_of("joined", 3)
+    await asyncio.sleep(0.2)
+    for c in clients:
+        assert len(c.socket.of("message")) == 1, "once, not replayed again after since_seq=1"
