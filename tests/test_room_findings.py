@@ -716,3 +716,58 @@ async def test_2_after_a_slow_commit_since_seq_replays_it_exactly_and_hubs_agree
     assert pairs(bob_again) == stored[seen[-1] :], "exactly after since_seq"
     assert pairs(carol) == stored
     assert pairs(alice) == pairs(erin) == stored, "both hubs hand out the same list"
+
+
+# -- 6: a publish that fails on the writer's path loses nothing ----------------------------
+
+
+class PublishFailsBroker:
+    """Another server's view of a shared memory broker whose publishes all fail
+    (Redis refusing the PUBLISH); subscriptions and presence work."""
+
+    def __init__(self, shared: MemoryBroker) -> None:
+        self._shared = shared
+        self.failed = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._shared, name)
+
+    async def publish(self, room_id: str, payload: bytes) -> None:
+        from quartchat.broker import BrokerError
+
+        self.failed += 1
+        raise BrokerError("injected: publish failed")
+
+    async def close(self) -> None:
+        return None  # the shared broker is the other hub's to close
+
+
+async def test_6_a_failed_publish_is_acked_and_reaches_the_other_server(
+    hub_factory: Any,
+) -> None:
+    """alice's server cannot publish. Her post (the room's last message: no later one
+    reveals the hole) is still stored and acked, and reaches bob on the other server
+    within seconds, by that server's position check (2 s by default)."""
+    shared = MemoryBroker()
+    failing = PublishFailsBroker(shared)
+    a, client_a = await hub_factory(broker=failing)
+    b, client_b = await hub_factory(broker=shared)
+    alice, bob = client_a("alice"), client_b("bob")
+    await join(a, alice)
+    await join(b, bob)
+    a.submit(ROOM, Publish(alice.conn, "unpublished", "u-1"))
+    ack = (await alice.socket.next_of("ack"))[-1]
+    assert ack["seq"] == 1 and ack["client_msg_id"] == "u-1"
+    assert [r.content for r in await b.store.after(ROOM, 0, None, 10)] == ["unpublished"]
+    await alice.socket.next_of("message")  # delivered on its own server at once
+    got = await bob.socket.next_of("message", timeout=5)
+    assert [(m["seq"], m["content"]) for m in got] == [(1, "unpublished")]
+    assert failing.failed == 1, "the publish was tried, and failed"
+    # The writer goes on: the next post is stored, acked and reaches bob too.
+    a.submit(ROOM, Publish(alice.conn, "next", "u-2"))
+    assert (await alice.socket.next_of("ack", 2))[-1]["seq"] == 2
+    got = await bob.socket.next_of("message", 2, timeout=5)
+    assert [(m["seq"], m["content"]) for m in got] == [(1, "unpublished"), (2, "next")]
+    assert failing.failed == 2
+    await asyncio.sleep(0.3)
+    assert len(bob.socket.of("message")) == 2
