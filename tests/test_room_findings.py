@@ -1,6 +1,12 @@
 """Regression tests for the room-core findings of the "guarantees under races,
 bursts, churn and failures" issue (numbers as in the issue). Each drives real
-hubs and room actors through their inboxes; only sockets are fakes."""
+hubs and room actors through their inboxes; only sockets are fakes.
+
+The findings were seen on 5fa4684, the main before the room rebuild (its
+child is d5512b1, "Room core rebuilt as a package"). The tests were written
+with the rebuild and use its API (``Hub.submit`` with ``quartchat.room``'s
+commands, ``RoomActor.settle``, ``Ordering``); 5fa4684's single-module room
+differs in parts of it."""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ from typing import Any
 import pytest
 
 from quartchat import metrics
-from quartchat.broker.memory import MemoryBroker
+from quartchat.broker.memory import MemoryBroker, MemoryPresence
 from quartchat.errors import ChatError
 from quartchat.hub import Hub
 from quartchat.room import History, Join, Leave, Publish
@@ -334,55 +340,87 @@ async def test_13_a_full_room_refuses_joins_and_posts_but_never_leaves(hub_facto
     await alice.socket.next_of("left")
 
 
-# -- 3: the sequencer going back in time (Redis restored from an old snapshot) ------------
+# -- 3: Redis going back in time (restarted from an old snapshot) -----------------------
 
 
 async def test_3_redis_going_back_in_time_costs_no_message(
     make_hub: Callable[..., Any], tmp_path: Any
 ) -> None:
+    """Two hubs on a private Redis post into one room; Redis is snapshotted (SAVE) after
+    10 posts, and after 30 it is killed and started again from that old RDB (its
+    channels, presence and every other key as they were 20 posts ago) while posts go
+    on. Every member gets every stored seq once, in order; every ack is stored."""
+    import redis.asyncio as aioredis
+
     from quartchat.broker.redis import RedisBroker
 
     from .redis_util import RedisServer, unique_prefix
 
     server = RedisServer(tmp_path).start()
     prefix = unique_prefix()
+    posted = 0
+    acks: list[dict[str, Any]] = []
     try:
-        hubs, members = [], []
+        members: list[tuple[Hub, Client]] = []
         for n in range(2):
-            broker = RedisBroker(server.url, prefix=prefix, server_id=f"s{n}")
+            broker = RedisBroker(server.url, prefix=prefix, server_id=f"s{n}", timeout_s=1.0)
             hub, client = await make_hub(broker=broker, gap_timeout_s=0.05)
-            hubs.append(hub)
             for k in range(2):
                 c = client(f"u{n}{k}")
                 await join(hub, c)
                 members.append((hub, c))
-        import redis.asyncio as aioredis
 
+        async def post(count: int, pause: float = 0.0) -> None:
+            nonlocal posted
+            for _ in range(count):
+                hub, c = members[posted % len(members)]
+                hub.submit(ROOM, Publish(c.conn, f"a{posted}", f"a{posted}"))
+                posted += 1
+                await asyncio.sleep(pause)
+
+        async def all_acked() -> None:
+            for hub, c in members:
+                mine = sum(1 for i in range(posted) if i % len(members) == members.index((hub, c)))
+                await c.socket.next_of("ack", mine, timeout=20)
+
+        await post(10)
+        await all_acked()
         r = aioredis.Redis.from_url(server.url)
         try:
-            for i in range(10):
-                hub, c = members[i % len(members)]
-                hub.submit(ROOM, Publish(c.conn, f"a{i}", f"a{i}"))
-                await c.socket.next_of("ack", i // len(members) + 1)
-            snapshot = {k: await r.get(k) for k in await r.keys(f"{prefix}:seq:*")}
-            for i in range(10, 30):
-                hub, c = members[i % len(members)]
-                hub.submit(ROOM, Publish(c.conn, f"a{i}", f"a{i}"))
-                await c.socket.next_of("ack", i // len(members) + 1)
-            for key, value in snapshot.items():  # Redis comes back from an old snapshot
-                await r.set(key, value)
-            for i in range(30, 60):
-                hub, c = members[i % len(members)]
-                hub.submit(ROOM, Publish(c.conn, f"a{i}", f"a{i}"))
-            for hub, c in members:
-                await c.socket.next_of("ack", 15, timeout=20)
+            assert [k async for k in r.scan_iter(match=f"*{prefix}*")], "the hubs use Redis"
+            await r.set("marker:then", 1)
+            await r.save()  # the old snapshot: dump.rdb in the server's --dir
+            await r.set("marker:later", 1)
         finally:
             await r.aclose()
+        await post(20)
+        await all_acked()
+        # Posts go on while Redis is killed and comes back from the old RDB.
+        posting = asyncio.create_task(post(30, pause=0.05))
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(server.kill)  # kill -9: the publishes meanwhile are lost
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(server.start)  # same port and --dir: it loads the old RDB
+        await posting
+        r = aioredis.Redis.from_url(server.url)
+        try:
+            back_in_time = await r.exists("marker:then") and not await r.exists("marker:later")
+        finally:
+            await r.aclose()
+        assert back_in_time, "Redis came back from the old snapshot"
+        await all_acked()
+        for hub, c in members:
+            acks += c.socket.of("ack")
         for hub, c in members:
             await wait_for(lambda c=c: len(seqs_of(c)) >= 60, timeout=20)
-            assert seqs_of(c) == list(range(1, 61)), c.conn.sender_id
-        contents = {f["content"] for f in members[0][1].socket.of("message")}
-        assert contents == {f"a{i}" for i in range(60)}
+        rows = await members[0][0].store.after(ROOM, 0, None, 1000)
+        stored = {row.seq: row.content for row in rows}
+        assert sorted(stored) == list(range(1, 61))
+        assert sorted(a["seq"] for a in acks) == list(range(1, 61)), "every post acked once"
+        await asyncio.sleep(0.5)  # a duplicate would arrive by now
+        for hub, c in members:
+            got = [(f["seq"], f["content"]) for f in c.socket.of("message")]
+            assert got == sorted(stored.items()), c.conn.sender_id
     finally:
         server.kill()
 
@@ -390,18 +428,60 @@ async def test_3_redis_going_back_in_time_costs_no_message(
 # -- 10: the delivery path never waits for presence ---------------------------------------
 
 
+SLOW_S = 30.0  # how long each presence operation takes (Redis slow or gone)
+
+
+class SlowPresence:
+    """Presence whose every operation takes ``SLOW_S``: a write (join/leave) is applied,
+    and its presence event published, that long after the call; reads and ``settle``
+    wait that long too. The calls themselves never block, as the seam promises."""
+
+    def __init__(self, inner: MemoryPresence) -> None:
+        self.inner = inner
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.calls = 0
+
+    def join(self, room_id: str, sender_id: str) -> None:
+        self._later(self.inner.join, room_id, sender_id)
+
+    def leave(self, room_id: str, sender_id: str) -> None:
+        self._later(self.inner.leave, room_id, sender_id)
+
+    def _later(self, apply: Callable[[str, str], None], room_id: str, sender_id: str) -> None:
+        self.calls += 1
+
+        async def slowly() -> None:
+            await asyncio.sleep(SLOW_S)
+            apply(room_id, sender_id)  # then published on the room's channel
+
+        task = asyncio.create_task(slowly())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def members(self, room_id: str) -> list[str]:
+        await asyncio.sleep(SLOW_S)
+        return await self.inner.members(room_id)
+
+    async def rooms(self) -> list[tuple[str, int]]:
+        await asyncio.sleep(SLOW_S)
+        return await self.inner.rooms()
+
+    async def settle(self) -> None:
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def clear(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        self.inner.clear()
+
+
 class SlowPresenceBroker(MemoryBroker):
-    """The memory broker whose presence reads hang (Redis slow or gone)."""
+    """The memory broker with :class:`SlowPresence`."""
 
     def __init__(self) -> None:
         super().__init__()
-        slow = self.presence
-
-        async def members(room_id: str) -> list[str]:
-            await asyncio.sleep(30)
-            return []
-
-        slow.members = members  # type: ignore[method-assign]
+        self.slow = SlowPresence(self._presence)
+        self._presence = self.slow  # type: ignore[assignment]
 
 
 async def test_10_joins_and_messages_do_not_wait_for_presence(hub_factory: Any) -> None:
@@ -413,3 +493,281 @@ async def test_10_joins_and_messages_do_not_wait_for_presence(hub_factory: Any) 
         hub.submit(ROOM, Publish(clients[0].conn, "hello", None))
         for c in clients:
             await c.socket.next_of("message")
+
+
+# -- 13b: a client gone during the server's close wait leaves no task behind ---------------
+
+
+async def _raw_socket(server: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A WebSocket opened by hand, so the test decides what (not) to answer."""
+    import base64
+    import os
+
+    host, port = server.url.split("//")[1].split("/")[0].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        (
+            f"GET /chat?sender_id=gone HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer
+
+
+def _masked_text(data: bytes) -> bytes:
+    import os
+
+    mask = os.urandom(4)
+    assert len(data) < 126
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+    return bytes([0x81, 0x80 | len(data)]) + mask + body
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    first, second = await reader.readexactly(2)
+    size = second & 0x7F
+    if size == 126:
+        size = int.from_bytes(await reader.readexactly(2), "big")
+    elif size == 127:
+        size = int.from_bytes(await reader.readexactly(8), "big")
+    return first & 0x0F, await reader.readexactly(size)
+
+
+async def test_13_a_client_gone_during_the_close_wait_leaves_no_task(tmp_path: Any) -> None:
+    """The server closes (1008: too many errors) and waits for the client's close frame
+    (session._CLOSE_WAIT_S); the client resets the TCP connection instead of answering.
+    Its reader and writer tasks must not outlive the socket: the server's asyncio task
+    count (/metrics) comes back to idle."""
+    import socket
+    import struct
+
+    from .servers import ServerProcess
+    from .test_churn import _idle, _settled
+
+    server = ServerProcess(
+        tmp_path,
+        {
+            "QUARTCHAT_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/wait.db",
+            "QUARTCHAT_RATE_PER_S": "0",
+            "QUARTCHAT_LOG_LEVEL": "warning",
+        },
+        name="closewait",
+    ).start()
+    try:
+        idle = await _idle(server)
+
+        async def one() -> None:
+            reader, writer = await _raw_socket(server)
+            while (await _read_frame(reader))[0] != 0x1:  # the welcome (maybe after a ping)
+                pass
+            writer.write(b"".join(_masked_text(b"not json") for _ in range(250)))
+            await writer.drain()
+            while True:
+                opcode, body = await _read_frame(reader)
+                if opcode == 0x8:
+                    assert int.from_bytes(body[:2], "big") == 1008
+                    break
+            # No close frame back: reset the connection while the server waits for one.
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+
+        async with asyncio.timeout(20):
+            await asyncio.gather(*(one() for _ in range(10)))
+        g = await _settled(server, idle["asyncio_tasks"], idle["threads"], timeout=10.0)
+        assert g["hub_connections"] == 0 and g["connections_open"] == 0, g
+        assert g["asyncio_tasks"] <= idle["asyncio_tasks"], (idle, g)
+    finally:
+        server.stop()
+
+
+# -- 13e: the store's set of rooms it knows have a counter row stays bounded ------------
+
+
+async def test_13_the_stores_known_rooms_stay_bounded_and_appends_still_work(
+    store: DatabaseStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from quartchat.store import database
+
+    monkeypatch.setattr(database, "_KNOWN_ROOMS_MAX", 5)
+
+    def post(i: int) -> NewMessage:
+        return NewMessage(f"id-{i}", "alice", f"c{i}", f"m{i}", 1_700_000_000_000 + i)
+
+    n = 0
+    for round_ in range(3):  # rooms forgotten by the bound are written again
+        for k in range(12):
+            (answer,) = await store.append(f"known-{k}", [post(n)])
+            n += 1
+            assert answer.created and answer.row.seq == round_ + 1, (round_, k)
+            assert len(store._known_rooms) <= 5
+    for k in range(12):
+        rows = await store.after(f"known-{k}", 0, None, 10)
+        assert [r.seq for r in rows] == [1, 2, 3]
+        assert await store.max_seq(f"known-{k}") == 3
+
+
+async def test_10_joins_leaves_and_messages_do_not_wait_for_presence_writes(
+    hub_factory: Any,
+) -> None:
+    """Every presence operation (read, join/leave write, its publish) takes 30 s: 20
+    joins, 10 leaves and a message on each of two hubs still complete within 3 s."""
+    shared = SlowPresenceBroker()
+    a, client_a = await hub_factory(broker=shared)
+    b, client_b = await hub_factory(broker=shared)
+    clients = [(a, client_a(f"a{i}")) for i in range(10)] + [
+        (b, client_b(f"b{i}")) for i in range(10)
+    ]
+    async with asyncio.timeout(3):  # one presence operation takes 10 times as long
+        for hub, c in clients:
+            await join(hub, c)
+        for hub, c in clients[5:15]:
+            c.conn.rooms.discard(ROOM)
+            hub.submit(ROOM, Leave(c.conn))
+        for hub, c in clients[5:15]:
+            await c.socket.next_of("left")
+        staying = clients[:5] + clients[15:]
+        a.submit(ROOM, Publish(clients[0][1].conn, "from a", None))
+        b.submit(ROOM, Publish(clients[-1][1].conn, "from b", None))
+        for hub, c in staying:
+            got = await c.socket.next_of("message", 2)
+            assert sorted(m["content"] for m in got) == ["from a", "from b"]
+    assert shared.slow.calls == 20 + 10, "the joins and leaves did reach the slow presence"
+    assert shared.slow.tasks, "and were still being applied"
+
+
+async def test_10_a_reconnect_storm_does_not_delay_a_message(hub_factory: Any) -> None:
+    """200 members leave and rejoin at once (presence slow as above); a message posted
+    in the middle of the storm reaches every member within 3 s."""
+    hub, client = await hub_factory(broker=SlowPresenceBroker())
+    clients = [client(f"s{i}") for i in range(200)]
+    for c in clients:
+        await join(hub, c)
+    poster = clients[0]
+    async with asyncio.timeout(3):
+        for c in clients[1:]:
+            c.conn.rooms.discard(ROOM)
+            hub.submit(ROOM, Leave(c.conn))
+            c.conn.rooms.add(ROOM)
+            hub.submit(ROOM, Join(c.conn, since_seq=0))
+        hub.submit(ROOM, Publish(poster.conn, "in the storm", None))
+        for c in clients[1:]:  # and the storm goes on behind it
+            c.conn.rooms.discard(ROOM)
+            hub.submit(ROOM, Leave(c.conn))
+            c.conn.rooms.add(ROOM)
+            hub.submit(ROOM, Join(c.conn, since_seq=1))
+        for c in clients:
+            got = await c.socket.next_of("message", timeout=3)
+            assert [m["content"] for m in got] == ["in the storm"], c.conn.sender_id
+        for c in clients[1:]:
+            await c.socket.next_of("joined", 3)
+    await asyncio.sleep(0.2)
+    for c in clients:
+        assert len(c.socket.of("message")) == 1, "once, not replayed again after since_seq=1"
+
+
+async def test_2_after_a_slow_commit_since_seq_replays_it_exactly_and_hubs_agree(
+    hub_factory: Any,
+) -> None:
+    """The slow-commit scenario, then: a member who left after seeing only the fast
+    message rejoins on the other server with ``since_seq``, and a newcomer joins with
+    ``since_seq=0``. Both get exactly what the store holds after their position, and
+    every member on both hubs has the same (seq, content) list."""
+    shared = MemoryBroker()
+    a, client_a = await hub_factory(broker=shared)
+    b, client_b = await hub_factory(broker=shared)
+    alice, bob, erin = client_a("alice"), client_b("bob"), client_b("erin")
+    await join(a, alice)
+    await join(b, bob)
+    await join(b, erin)
+    store_a: GatedStore = a.store  # type: ignore[assignment]
+    store_a.gate = asyncio.Event()
+    a.submit(ROOM, Publish(alice.conn, "slow", "slow-1"))
+    await asyncio.wait_for(store_a.at_gate.wait(), 5)
+    b.submit(ROOM, Publish(bob.conn, "fast", "fast-1"))
+    await bob.socket.next_of("ack")
+    await bob.socket.next_of("message")
+    seen = seqs_of(bob)
+    bob.conn.rooms.discard(ROOM)  # bob goes away having seen only the fast one
+    b.submit(ROOM, Leave(bob.conn))
+    await bob.socket.next_of("left")
+    await asyncio.sleep(5.5)  # longer than the old skip timeout
+    store_a.gate.set()
+    await alice.socket.next_of("ack")
+    rows = await a.store.after(ROOM, 0, None, 100)
+    stored = [(r.seq, r.content) for r in rows]
+    assert stored == [(1, "fast"), (2, "slow")]
+    bob_again = client_a("bob")  # reconnects to the other server
+    await join(a, bob_again, since_seq=seen[-1])
+    carol = client_b("carol")
+    await join(b, carol, since_seq=0)
+
+    def pairs(c: Client) -> list[tuple[int, str]]:
+        return [(f["seq"], f["content"]) for f in c.socket.of("message")]
+
+    await bob_again.socket.next_of("message", len(stored) - seen[-1])
+    for c in (alice, erin, carol):
+        await c.socket.next_of("message", 2)
+    await asyncio.sleep(0.3)  # a duplicate or a late extra would be here by now
+    assert seen == [1]
+    assert pairs(bob_again) == stored[seen[-1] :], "exactly after since_seq"
+    assert pairs(carol) == stored
+    assert pairs(alice) == pairs(erin) == stored, "both hubs hand out the same list"
+
+
+# -- 6: a publish that fails on the writer's path loses nothing ----------------------------
+
+
+class PublishFailsBroker:
+    """Another server's view of a shared memory broker whose publishes all fail
+    (Redis refusing the PUBLISH); subscriptions and presence work."""
+
+    def __init__(self, shared: MemoryBroker) -> None:
+        self._shared = shared
+        self.failed = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._shared, name)
+
+    async def publish(self, room_id: str, payload: bytes) -> None:
+        from quartchat.broker import BrokerError
+
+        self.failed += 1
+        raise BrokerError("injected: publish failed")
+
+    async def close(self) -> None:
+        return None  # the shared broker is the other hub's to close
+
+
+async def test_6_a_failed_publish_is_acked_and_reaches_the_other_server(
+    hub_factory: Any,
+) -> None:
+    """alice's server cannot publish. Her post (the room's last message: no later one
+    reveals the hole) is still stored and acked, and reaches bob on the other server
+    within seconds, by that server's position check (2 s by default)."""
+    shared = MemoryBroker()
+    failing = PublishFailsBroker(shared)
+    a, client_a = await hub_factory(broker=failing)
+    b, client_b = await hub_factory(broker=shared)
+    alice, bob = client_a("alice"), client_b("bob")
+    await join(a, alice)
+    await join(b, bob)
+    a.submit(ROOM, Publish(alice.conn, "unpublished", "u-1"))
+    ack = (await alice.socket.next_of("ack"))[-1]
+    assert ack["seq"] == 1 and ack["client_msg_id"] == "u-1"
+    assert [r.content for r in await b.store.after(ROOM, 0, None, 10)] == ["unpublished"]
+    await alice.socket.next_of("message")  # delivered on its own server at once
+    got = await bob.socket.next_of("message", timeout=5)
+    assert [(m["seq"], m["content"]) for m in got] == [(1, "unpublished")]
+    assert failing.failed == 1, "the publish was tried, and failed"
+    # The writer goes on: the next post is stored, acked and reaches bob too.
+    a.submit(ROOM, Publish(alice.conn, "next", "u-2"))
+    assert (await alice.socket.next_of("ack", 2))[-1]["seq"] == 2
+    got = await bob.socket.next_of("message", 2, timeout=5)
+    assert [(m["seq"], m["content"]) for m in got] == [(1, "unpublished"), (2, "next")]
+    assert failing.failed == 2
+    await asyncio.sleep(0.3)
+    assert len(bob.socket.of("message")) == 2
