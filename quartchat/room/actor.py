@@ -314,7 +314,7 @@ class RoomActor(RoomHandlers):
         elif isinstance(item, c.SyncFailed):
             self._sync_at = now + RETRY_S
         elif isinstance(item, c.View):
-            self.members.seen(item.senders)
+            self._on_view(item)
         elif isinstance(item, c.ReplayDone):
             self._on_replay_done(item.member)
         elif isinstance(item, c.Clamp):

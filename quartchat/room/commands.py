@@ -98,9 +98,11 @@ class SyncFailed:
 
 @attrs.frozen(eq=False)
 class View:
-    """Senders present cluster-wide, read once when the room starts."""
+    """Senders present cluster-wide: read when the room starts, and again after
+    the broker may have lost presence events (``refresh``: a reconnect)."""
 
     senders: Sequence[str]
+    refresh: bool = False
 
 
 @attrs.frozen(eq=False)

@@ -57,6 +57,10 @@ def joined_frame(room_id: str, last_seq: int, members: Sequence[str]) -> dict[st
     return {"type": "joined", "room_id": room_id, "last_seq": last_seq, "members": list(members)}
 
 
+def presence_frame(room_id: str, sender_id: str, event: str) -> dict[str, Any]:
+    return {"type": "presence", "room_id": room_id, "event": event, "sender_id": sender_id}
+
+
 def left_frame(room_id: str, reason: str | None) -> dict[str, Any]:
     frame: dict[str, Any] = {"type": "left", "room_id": room_id}
     if reason is not None:

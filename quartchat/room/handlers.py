@@ -22,9 +22,10 @@ from ..broker import Broker, BrokerError
 from ..errors import ChatError
 from ..events import MessageEvent, PresenceEvent, decode_events
 from ..fastsend import prepare
+from ..protocol import encode
 from ..store import Store, StoreError
 from . import commands as c
-from .frames import ack_frame, encode_row, joined_frame, left_frame
+from .frames import ack_frame, encode_row, joined_frame, left_frame, presence_frame
 from .members import Member, Members
 from .ordering import Entry, Ordering
 from .replay import replay
@@ -68,14 +69,28 @@ class RoomHandlers:
             return
         self._inbox.put_nowait(c.Synced(last))
 
-    async def _read_view(self) -> None:
+    async def _read_view(self, refresh: bool = False) -> None:
         try:
             async with asyncio.timeout(VIEW_WAIT_S):
                 senders = await self.broker.presence.members(self.room_id)
         except (BrokerError, TimeoutError) as exc:  # best effort: local members still count
             log.info("presence view unavailable: %s", exc, extra={"room_id": self.room_id})
             return
-        self._inbox.put_nowait(c.View(senders))
+        self._inbox.put_nowait(c.View(senders, refresh))
+
+    def _on_view(self, view: c.View) -> None:
+        if not view.refresh:
+            self.members.seen(view.senders)
+            return
+        # Presence events published while the broker was away are lost: tell the
+        # members what changed meanwhile, as the events would have.
+        came, went = self.members.refresh(view.senders)
+        for event, senders in (("join", came), ("leave", went)):
+            for sender in senders:
+                frame = encode(presence_frame(self.room_id, sender, event))
+                for member in self.members:
+                    if member.conn.sender_id != sender:
+                        member.conn.send(frame)
 
     def _on_synced(self, last_seq: int, now: float) -> None:
         self._sync_at = None
@@ -204,8 +219,10 @@ class RoomHandlers:
 
     def _on_deliver(self, payload: bytes | None, now: float) -> None:
         if payload is None:
-            # The broker may have lost payloads (a reconnect): catch up from the store.
+            # The broker may have lost payloads (a reconnect): catch up from the
+            # store, and re-read presence (its events are not stored).
             self.order.hint(None)
+            self._spawn(self._read_view(refresh=True))
             return
         entries: list[Entry] = []
         holds = self.order.holds

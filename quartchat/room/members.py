@@ -80,6 +80,15 @@ class Members:
         """The cluster-wide read made when the room started."""
         self._remote.update(senders)
 
+    def refresh(self, senders: Iterable[str]) -> tuple[list[str], list[str]]:
+        """A cluster-wide read made after presence events may have been lost:
+        it replaces the remote view. -> (senders now present, senders now gone),
+        as the room's members see them (local senders are always present)."""
+        before = set(self.view())
+        self._remote = set(senders)
+        after = set(self.view())
+        return sorted(after - before), sorted(before - after)
+
     def presence(self, sender: str, event: str) -> None:
         """A presence event from the room's channel (first in / last out anywhere)."""
         if event == "join":

@@ -151,3 +151,12 @@ class Writer:
                 exc,
                 extra={"room_id": self.room_id},
             )
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A bug in a broker must not end the room's writer (later posts would
+            # never be acked): the rows are stored, other servers catch up.
+            log.exception(
+                "publish raised (other servers catch up from the store)",
+                extra={"room_id": self.room_id},
+            )
