@@ -417,7 +417,12 @@ def check(
         by_seq = {r.seq: r for r in rows}
         for client in clients:
             requests = joins[client.conn.conn_id]
-            for n, run in enumerate(stream(client, room)):
+            runs = stream(client, room)
+            if len(runs) < len(requests):
+                # A leave before the room's start-up read cancels the joins still waiting
+                # for it (answered with not_joined, no joined frame): those are the first.
+                requests = requests[len(requests) - len(runs) :]
+            for n, run in enumerate(runs):
                 joined, messages = run[0], run[1:]
                 got = [m["seq"] for m in messages]
                 assert got == sorted(set(got)), f"strictly increasing: {got}"
