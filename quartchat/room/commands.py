@@ -103,6 +103,7 @@ class View:
 
     senders: Sequence[str]
     refresh: bool = False
+    maybe: Sequence[str] = ()  # refresh: also present in one of its two reads
 
 
 @attrs.frozen(eq=False)

@@ -70,13 +70,25 @@ class RoomHandlers:
         self._inbox.put_nowait(c.Synced(last))
 
     async def _read_view(self, refresh: bool = False) -> None:
+        presence = self.broker.presence
         try:
             async with asyncio.timeout(VIEW_WAIT_S):
-                senders = await self.broker.presence.members(self.room_id)
+                senders = await presence.members(self.room_id)
+            if not refresh:
+                self._inbox.put_nowait(c.View(senders))
+                return
+            # Right after an outage Redis may not yet hold what live servers are about
+            # to re-assert (their entries expired while it was away, and each server
+            # refreshes them on its next heartbeat): read again after one, and take as
+            # changed only what both reads agree on.
+            await asyncio.sleep(getattr(presence, "heartbeat_s", 0.0) + 1.0)
+            async with asyncio.timeout(VIEW_WAIT_S):
+                again = await presence.members(self.room_id)
         except (BrokerError, TimeoutError) as exc:  # best effort: local members still count
             log.info("presence view unavailable: %s", exc, extra={"room_id": self.room_id})
             return
-        self._inbox.put_nowait(c.View(senders, refresh))
+        both = sorted(set(senders) & set(again))
+        self._inbox.put_nowait(c.View(both, True, sorted(set(senders) | set(again))))
 
     def _on_view(self, view: c.View) -> None:
         if not view.refresh:
@@ -84,7 +96,7 @@ class RoomHandlers:
             return
         # Presence events published while the broker was away are lost: tell the
         # members what changed meanwhile, as the events would have.
-        came, went = self.members.refresh(view.senders)
+        came, went = self.members.refresh(view.senders, view.maybe)
         for event, senders in (("join", came), ("leave", went)):
             for sender in senders:
                 frame = encode(presence_frame(self.room_id, sender, event))

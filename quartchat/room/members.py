@@ -80,12 +80,13 @@ class Members:
         """The cluster-wide read made when the room started."""
         self._remote.update(senders)
 
-    def refresh(self, senders: Iterable[str]) -> tuple[list[str], list[str]]:
-        """A cluster-wide read made after presence events may have been lost:
-        it replaces the remote view. -> (senders now present, senders now gone),
-        as the room's members see them (local senders are always present)."""
+    def refresh(self, present: Iterable[str], maybe: Iterable[str]) -> tuple[list[str], list[str]]:
+        """Two cluster-wide reads made after presence events may have been lost:
+        ``present`` in both, ``maybe`` in either. A sender in neither is gone, one in
+        both is present, the rest stay as they were. -> (senders now present, senders
+        now gone), as the room's members see them (local senders always are)."""
         before = set(self.view())
-        self._remote = set(senders)
+        self._remote = (self._remote & set(maybe)) | set(present)
         after = set(self.view())
         return sorted(after - before), sorted(before - after)
 
