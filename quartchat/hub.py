@@ -19,7 +19,7 @@ from .broker import Broker, BrokerError, create_broker
 from .config import Settings
 from .connection import Connection
 from .errors import ChatError, CloseCode
-from .room import History, Join, Leave, Publish, RoomActor, RoomConfig, page_json
+from .room import History, Join, Leave, Post, RoomActor, RoomConfig, page_json
 from .store import Store, StoredMessage, StoreError, create_store
 
 __all__ = ["ClientTracker", "Hub"]
@@ -184,9 +184,9 @@ class Hub:
         """Retired actors whose task is still finishing its cleanup."""
         return len(self._retiring)
 
-    def submit(self, room_id: str, command: Join | Leave | Publish | History) -> None:
+    def submit(self, room_id: str, command: Join | Leave | Post | History) -> None:
         """Hand a command to the room; raises ChatError when the room refuses it."""
-        if self.draining and isinstance(command, Publish | Join | History):
+        if self.draining and isinstance(command, Post | Join | History):
             raise ChatError("unavailable", "server is shutting down; reconnect elsewhere")
         if isinstance(command, History):
             self._history(room_id, command)  # a read: no actor needed
@@ -212,7 +212,7 @@ class Hub:
             asyncio.get_running_loop().create_future()
         )
         self.actor(room_id).offer(
-            Publish(None, content, client_msg_id, sender_id=sender_id, reply=reply)
+            Post(None, content, client_msg_id, sender_id=sender_id, reply=reply)
         )
         try:
             # The writer answers within a store operation or two; a lost answer is unavailable.

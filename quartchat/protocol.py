@@ -1,7 +1,13 @@
-"""Wire protocol v1: client frames decoded into frozen commands, server frames encoded.
+"""Wire protocol v1: client frames decoded into frozen requests, server frames encoded.
 
 This module owns every rule of PROTOCOL.md about what a valid client frame is
 and which error code a bad one gets. It knows nothing of rooms or sockets.
+
+Names: a decoded client frame is a *request* (``JoinRequest`` ...); the
+session turns it into the room actor's *command* (:mod:`.room.commands`:
+``Join`` ...), which adds the connection. The wire action ``message`` is a
+*post* everywhere in the code (``PostRequest``, ``room.Post``, the client's
+``Post``); the broker's ``publish`` is the pub/sub verb for any payload.
 """
 
 from __future__ import annotations
@@ -30,14 +36,14 @@ __all__ = [
     "ROOM_ID_RE",
     "SENDER_ID_RE",
     "Action",
-    "Command",
-    "HistoryCmd",
-    "JoinCmd",
-    "LeaveCmd",
+    "HistoryRequest",
+    "JoinRequest",
+    "LeaveRequest",
     "Limits",
-    "PingCmd",
-    "PostCmd",
-    "RefreshCmd",
+    "PingRequest",
+    "PostRequest",
+    "RefreshRequest",
+    "Request",
     "encode",
     "format_sent_at",
     "message_frame",
@@ -55,7 +61,7 @@ _ACTIONS: Final = frozenset(get_args(Action)) - {"refresh"}
 
 
 @attrs.frozen
-class JoinCmd:
+class JoinRequest:
     """``join``: enter a room, optionally replaying from ``since_seq`` or the last ``history``."""
 
     action: ClassVar[Action] = "join"
@@ -66,7 +72,7 @@ class JoinCmd:
 
 
 @attrs.frozen
-class LeaveCmd:
+class LeaveRequest:
     """``leave``: stop receiving a room."""
 
     action: ClassVar[Action] = "leave"
@@ -75,7 +81,7 @@ class LeaveCmd:
 
 
 @attrs.frozen
-class PostCmd:
+class PostRequest:
     """``message``: post ``content`` to a joined room."""
 
     action: ClassVar[Action] = "message"
@@ -86,7 +92,7 @@ class PostCmd:
 
 
 @attrs.frozen
-class HistoryCmd:
+class HistoryRequest:
     """``history``: a page of stored messages older than ``before_seq``."""
 
     action: ClassVar[Action] = "history"
@@ -97,14 +103,14 @@ class HistoryCmd:
 
 
 @attrs.frozen
-class PingCmd:
+class PingRequest:
     """``ping``: answered with ``pong``."""
 
     action: ClassVar[Action] = "ping"
 
 
 @attrs.frozen
-class RefreshCmd:
+class RefreshRequest:
     """``refresh`` (auth mode "jwt"): replace the connection's token."""
 
     action: ClassVar[Action] = "refresh"
@@ -112,7 +118,7 @@ class RefreshCmd:
     token: str = attrs.field(repr=False)
 
 
-Command = JoinCmd | LeaveCmd | PostCmd | HistoryCmd | PingCmd | RefreshCmd
+Request = JoinRequest | LeaveRequest | PostRequest | HistoryRequest | PingRequest | RefreshRequest
 
 
 @attrs.frozen
@@ -195,7 +201,7 @@ def refused(
     return echo.error(code, message)
 
 
-def parse_frame(text: str | bytes, limits: Limits) -> Command:
+def parse_frame(text: str | bytes, limits: Limits) -> Request:
     """Decode one client text frame into a command, or raise :class:`ChatError`."""
     if isinstance(text, bytes):
         raise ChatError("unsupported_frame", "binary frames are not supported; send JSON text")
@@ -213,25 +219,27 @@ def parse_frame(text: str | bytes, limits: Limits) -> Command:
     echo = _Echo(action, frame)
 
     if action == "ping":
-        return PingCmd()
+        return PingRequest()
     if action == "refresh":
         token = frame.get("token")
         if not isinstance(token, str) or not token:
             raise ChatError(
                 "invalid_field", "token is required and must be a string", action="refresh"
             )
-        return RefreshCmd(token)
+        return RefreshRequest(token)
     room_id = _room_id(frame, echo)
     if action == "join":
         since_seq = _opt_int(frame, "since_seq", 0, INT_MAX, echo)
         history = _opt_int(frame, "history", 0, limits.history_max, echo)
-        return JoinCmd(room_id, since_seq, history)
+        return JoinRequest(room_id, since_seq, history)
     if action == "leave":
-        return LeaveCmd(room_id)
+        return LeaveRequest(room_id)
     if action == "history":
         before_seq = _opt_int(frame, "before_seq", 1, INT_MAX, echo)
         limit = _opt_int(frame, "limit", 1, limits.history_max, echo)
-        return HistoryCmd(room_id, before_seq, HISTORY_PAGE if limit is None else min(limit, 100))
+        return HistoryRequest(
+            room_id, before_seq, HISTORY_PAGE if limit is None else min(limit, 100)
+        )
     # action == "message"
     cmid = frame.get("client_msg_id")
     if cmid is not None and not valid_client_msg_id(cmid):
@@ -247,7 +255,7 @@ def parse_frame(text: str | bytes, limits: Limits) -> Command:
         or len(content.encode("utf-8", "surrogatepass")) > limits.max_content
     ):
         raise echo.error("too_large", f"content is larger than {limits.max_content} bytes")
-    return PostCmd(room_id, content, cmid)
+    return PostRequest(room_id, content, cmid)
 
 
 def encode(frame: dict[str, Any] | str) -> str:

@@ -29,20 +29,20 @@ from .fastsend import decline_compression, fast_sender_for
 from .hub import Hub
 from .protocol import (
     PROTOCOL_VERSION,
-    Command,
-    HistoryCmd,
-    JoinCmd,
-    LeaveCmd,
+    HistoryRequest,
+    JoinRequest,
+    LeaveRequest,
     Limits,
-    PingCmd,
-    PostCmd,
-    RefreshCmd,
+    PingRequest,
+    PostRequest,
+    RefreshRequest,
+    Request,
     encode,
     parse_frame,
     refused,
     valid_sender_id,
 )
-from .room import History, Join, Leave, Publish
+from .room import History, Join, Leave, Post
 from .routes import error_response
 from .validate import SENDER_ID_PATTERN
 
@@ -242,7 +242,7 @@ class ChatSession:
                     )
                     self.conn.close(CloseCode.POLICY, "too many errors")
 
-    def _decode(self, data: str | bytes) -> Command:
+    def _decode(self, data: str | bytes) -> Request:
         """The frame's command; ChatError for a refused or malformed frame."""
         limits = self.endpoint.limits
         frame_limit = self.endpoint.settings.frame_limit
@@ -261,22 +261,22 @@ class ChatSession:
             )
         return parse_frame(data, limits)
 
-    def dispatch(self, command: Command) -> None:
+    def dispatch(self, command: Request) -> None:
         """Carry out one command; any ChatError it raises echoes the command's envelope."""
         metrics.FRAMES_RECEIVED.labels(action=command.action).inc()
         try:
             match command:
-                case PingCmd():
+                case PingRequest():
                     self.conn.send(_PONG)
-                case PostCmd():
+                case PostRequest():
                     self._post(command)
-                case JoinCmd():
+                case JoinRequest():
                     self._join(command)
-                case LeaveCmd():
+                case LeaveRequest():
                     self._leave(command)
-                case HistoryCmd():
+                case HistoryRequest():
                     self._history(command)
-                case RefreshCmd():
+                case RefreshRequest():
                     self._refresh(command)
         except ChatError as error:
             room_id = getattr(command, "room_id", None)
@@ -288,13 +288,13 @@ class ChatSession:
         if self.auth is not None and not allowed(self.auth.grant):
             raise ChatError("forbidden", f"the token does not allow {what} in this room")
 
-    def _post(self, command: PostCmd) -> None:
+    def _post(self, command: PostRequest) -> None:
         self._allow(lambda grant: grant.may_post(command.room_id), "message")
         if command.room_id not in self.conn.rooms:
             raise ChatError("not_joined", "join the room before posting")
-        self.hub.submit(command.room_id, Publish(self.conn, command.content, command.client_msg_id))
+        self.hub.submit(command.room_id, Post(self.conn, command.content, command.client_msg_id))
 
-    def _join(self, command: JoinCmd) -> None:
+    def _join(self, command: JoinRequest) -> None:
         self._allow(lambda grant: grant.may_read(command.room_id), "join")
         rooms, max_rooms = self.conn.rooms, self.endpoint.settings.max_rooms
         if command.room_id not in rooms and len(rooms) >= max_rooms:
@@ -302,17 +302,17 @@ class ChatSession:
         self.hub.submit(command.room_id, Join(self.conn, command.since_seq, command.history))
         rooms.add(command.room_id)
 
-    def _leave(self, command: LeaveCmd) -> None:
+    def _leave(self, command: LeaveRequest) -> None:
         if command.room_id not in self.conn.rooms:
             raise ChatError("not_joined", "not joined to this room")
         self.conn.rooms.discard(command.room_id)
         self.hub.submit(command.room_id, Leave(self.conn))
 
-    def _history(self, command: HistoryCmd) -> None:
+    def _history(self, command: HistoryRequest) -> None:
         self._allow(lambda grant: grant.may_read(command.room_id), "history")
         self.hub.submit(command.room_id, History(self.conn, command.before_seq, command.limit))
 
-    def _refresh(self, command: RefreshCmd) -> None:
+    def _refresh(self, command: RefreshRequest) -> None:
         verifier = self.endpoint.verifier
         # parse_frame knows `refresh` only in jwt mode, where every session has a token.
         assert verifier is not None and self.auth is not None

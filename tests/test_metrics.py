@@ -33,7 +33,7 @@ from quartchat import exposition, metrics
 from quartchat.app import create_app
 from quartchat.config import Settings
 from quartchat.hub import Hub
-from quartchat.room import Join, Leave, Publish
+from quartchat.room import Join, Leave, Post
 from quartchat.server import reset_metrics_dir, sample_queues, sample_registry
 from quartchat.store import StoreError
 from quartchat.store.database import DatabaseStore
@@ -223,7 +223,7 @@ async def test_messages_stored_published_delivered_and_latency(hub_factory: Any)
         (f"{lat}_bucket", {"le": "2.5"}),
     )
     for i in range(5):
-        hub.submit(ROOM, Publish(alice.conn, f"m{i}", None))
+        hub.submit(ROOM, Post(alice.conn, f"m{i}", None))
     await alice.socket.next_of("ack", 5)
     await bob.socket.next_of("message", 5)
     await alice.socket.next_of("message", 5)
@@ -255,10 +255,10 @@ async def test_store_write_latency_batch_size_and_errors(hub_factory: Any) -> No
     )
     # The first write is held for 0.2 s; nine posts queue behind it and go as one batch.
     store.gate = asyncio.Event()
-    hub.submit(ROOM, Publish(alice.conn, "first", None))
+    hub.submit(ROOM, Post(alice.conn, "first", None))
     await asyncio.wait_for(store.entered.wait(), 5)
     for i in range(9):
-        hub.submit(ROOM, Publish(alice.conn, f"m{i}", None))
+        hub.submit(ROOM, Post(alice.conn, f"m{i}", None))
     await wait_for(lambda: hub.actors[ROOM]._inbox.empty())
     await asyncio.sleep(0.2)
     store.gate.set()
@@ -269,7 +269,7 @@ async def test_store_write_latency_batch_size_and_errors(hub_factory: Any) -> No
     assert d(f"{w}_sum") >= 0.2, "the held write took at least 0.2 s"
     # A failed write is counted as an error, not as a write.
     store.down = True
-    hub.submit(ROOM, Publish(alice.conn, "lost", None))
+    hub.submit(ROOM, Post(alice.conn, "lost", None))
     err = await alice.socket.next_of("error")
     assert err[-1]["code"] == "unavailable"
     assert d(q("store_errors_total"), op="insert") == 1
@@ -348,7 +348,7 @@ async def test_replayed_messages_since_seq_and_history(hub_factory: Any) -> None
     alice = client("alice")
     await join(hub, alice)
     for i in range(10):
-        hub.submit(ROOM, Publish(alice.conn, f"m{i}", None))
+        hub.submit(ROOM, Post(alice.conn, f"m{i}", None))
     await alice.socket.next_of("ack", 10)
     d = Deltas(q("replayed_messages_total"))
     bob = client("bob")
@@ -377,7 +377,7 @@ async def test_slow_consumer_close(hub_factory: Any) -> None:
     slow.conn.rooms.add(ROOM)
     hub.submit(ROOM, Join(slow.conn))  # the stalled socket never reads its joined frame
     for i in range(40):
-        hub.submit(ROOM, Publish(fast.conn, f"m{i}", None))
+        hub.submit(ROOM, Post(fast.conn, f"m{i}", None))
         if i % 10 == 9:
             await fast.socket.next_of("message", i + 1)
     assert slow.conn.close_code == 4008
@@ -407,7 +407,7 @@ async def test_active_rooms_inbox_depth_and_outbound_queues(hub_factory: Any) ->
     hub.submit(ROOM, Join(slow.conn))
     # Fifty posts queued at once: the actor sees an inbox of 49, 48, ... 0.
     for i in range(50):
-        hub.submit(ROOM, Publish(alice.conn, f"m{i}", None))
+        hub.submit(ROOM, Post(alice.conn, f"m{i}", None))
     await alice.socket.next_of("ack", 50)
     await alice.socket.next_of("message", 50)
     assert d(q("inbox_depth_count")) >= 50
@@ -419,7 +419,7 @@ async def test_active_rooms_inbox_depth_and_outbound_queues(hub_factory: Any) ->
     slow2.conn.rooms.add("second")
     hub.submit("second", Join(slow2.conn))
     for i in range(5):
-        hub.submit("second", Publish(alice.conn, f"s{i}", None))
+        hub.submit("second", Post(alice.conn, f"s{i}", None))
     await alice.socket.next_of("ack", 55)
     await wait_for(lambda: slow.conn.queued == 50 and slow2.conn.queued == 5)
     sample_queues(hub)

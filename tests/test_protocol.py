@@ -6,12 +6,12 @@ import pytest
 
 from quartchat.errors import ChatError
 from quartchat.protocol import (
-    HistoryCmd,
-    JoinCmd,
-    LeaveCmd,
+    HistoryRequest,
+    JoinRequest,
+    LeaveRequest,
     Limits,
-    PingCmd,
-    PostCmd,
+    PingRequest,
+    PostRequest,
     format_sent_at,
     parse_frame,
 )
@@ -26,19 +26,23 @@ def error_of(frame: str | bytes) -> ChatError:
 
 
 def test_valid_frames() -> None:
-    assert parse_frame('{"action":"ping"}', LIMITS) == PingCmd()
-    assert parse_frame('{"action":"join","room_id":"a.b:c-d_1"}', LIMITS) == JoinCmd("a.b:c-d_1")
+    assert parse_frame('{"action":"ping"}', LIMITS) == PingRequest()
+    assert parse_frame('{"action":"join","room_id":"a.b:c-d_1"}', LIMITS) == JoinRequest(
+        "a.b:c-d_1"
+    )
     assert parse_frame(
         '{"action":"join","room_id":"r","since_seq":0,"history":100}', LIMITS
-    ) == JoinCmd("r", 0, 100)
-    assert parse_frame('{"action":"leave","room_id":"r","extra":1}', LIMITS) == LeaveCmd("r")
+    ) == JoinRequest("r", 0, 100)
+    assert parse_frame('{"action":"leave","room_id":"r","extra":1}', LIMITS) == LeaveRequest("r")
     assert parse_frame(
         '{"action":"message","room_id":"r","content":"hi","client_msg_id":null}', LIMITS
-    ) == PostCmd("r", "hi", None)
-    assert parse_frame('{"action":"history","room_id":"r"}', LIMITS) == HistoryCmd("r", None, 50)
+    ) == PostRequest("r", "hi", None)
+    assert parse_frame('{"action":"history","room_id":"r"}', LIMITS) == HistoryRequest(
+        "r", None, 50
+    )
     assert parse_frame(
         '{"action":"history","room_id":"r","before_seq":5,"limit":1}', LIMITS
-    ) == HistoryCmd("r", 5, 1)
+    ) == HistoryRequest("r", 5, 1)
     # Content is limited in UTF-8 bytes: 4 emoji of 4 bytes fit in 16.
     assert parse_frame('{"action":"message","room_id":"r","content":"😀😀😀😀"}', LIMITS).content
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from quartchat.hub import Hub
-from quartchat.room import History, Join, Leave, Publish
+from quartchat.room import History, Join, Leave, Post
 from quartchat.store import Appended, NewMessage, StoredMessage, StoreError
 from quartchat.store.database import DatabaseStore
 
@@ -68,7 +68,7 @@ async def test_messages_are_stored_acked_and_delivered_in_seq_order(hub_factory:
     await join(hub, alice)
     await join(hub, bob)
     for i in range(50):
-        hub.submit(ROOM, Publish(alice.conn, f"m{i}", f"id{i}"))
+        hub.submit(ROOM, Post(alice.conn, f"m{i}", f"id{i}"))
     acks = await alice.socket.next_of("ack", 50)
     got = await bob.socket.next_of("message", 50)
     assert [m["seq"] for m in got] == list(range(1, 51))
@@ -88,7 +88,7 @@ async def test_ack_comes_only_after_commit(hub_factory: Any) -> None:
     store.gate = asyncio.Event()
     alice = client("alice")
     await join(hub, alice)
-    hub.submit(ROOM, Publish(alice.conn, "held", None))
+    hub.submit(ROOM, Post(alice.conn, "held", None))
     await asyncio.wait_for(store.entered.wait(), 5)
     await asyncio.sleep(0.05)
     assert alice.socket.of("ack") == [] and alice.socket.of("message") == []
@@ -105,10 +105,10 @@ async def test_posts_are_batched_while_a_write_is_in_flight(hub_factory: Any) ->
     store.gate = asyncio.Event()
     alice = client("alice")
     await join(hub, alice)
-    hub.submit(ROOM, Publish(alice.conn, "first", None))
+    hub.submit(ROOM, Post(alice.conn, "first", None))
     await asyncio.wait_for(store.entered.wait(), 5)
     for i in range(250):
-        hub.submit(ROOM, Publish(alice.conn, f"m{i}", None))
+        hub.submit(ROOM, Post(alice.conn, f"m{i}", None))
     await wait_for(lambda: hub.actors[ROOM]._inbox.empty())
     store.gate.set()
     await alice.socket.next_of("ack", 251)
@@ -122,12 +122,12 @@ async def test_retry_with_same_client_msg_id_is_stored_once(hub_factory: Any) ->
     alice, bob = client("alice"), client("bob")
     await join(hub, alice)
     await join(hub, bob)
-    hub.submit(ROOM, Publish(alice.conn, "hello", "once"))
+    hub.submit(ROOM, Post(alice.conn, "hello", "once"))
     first = (await alice.socket.next_of("ack"))[0]
     # Same id twice more: once alone, once twice inside one batch.
-    hub.submit(ROOM, Publish(alice.conn, "hello", "once"))
-    hub.submit(ROOM, Publish(alice.conn, "other", "two"))
-    hub.submit(ROOM, Publish(alice.conn, "other", "two"))
+    hub.submit(ROOM, Post(alice.conn, "hello", "once"))
+    hub.submit(ROOM, Post(alice.conn, "other", "two"))
+    hub.submit(ROOM, Post(alice.conn, "other", "two"))
     acks = await alice.socket.next_of("ack", 4)
     assert acks[1]["seq"] == first["seq"] and acks[1]["id"] == first["id"]
     assert acks[2]["seq"] == acks[3]["seq"] == 2
@@ -136,7 +136,7 @@ async def test_retry_with_same_client_msg_id_is_stored_once(hub_factory: Any) ->
     assert [m["content"] for m in bob.socket.of("message")] == ["hello", "other"]
     assert await hub.store.max_seq(ROOM) == 2
     # Another sender may reuse the same client_msg_id: it is a different message.
-    hub.submit(ROOM, Publish(bob.conn, "bob's", "once"))
+    hub.submit(ROOM, Post(bob.conn, "bob's", "once"))
     ack = (await bob.socket.next_of("ack"))[0]
     assert ack["seq"] == 3
 
@@ -146,7 +146,7 @@ async def test_seq_continues_from_the_store_after_restart(hub_factory: Any) -> N
     alice = client("alice")
     await join(hub, alice)
     for i in range(5):
-        hub.submit(ROOM, Publish(alice.conn, f"m{i}", None))
+        hub.submit(ROOM, Post(alice.conn, f"m{i}", None))
     await alice.socket.next_of("ack", 5)
     await hub.stop()
 
@@ -154,7 +154,7 @@ async def test_seq_continues_from_the_store_after_restart(hub_factory: Any) -> N
     carol = client2("carol")
     joined = await join(hub2, carol)
     assert joined["last_seq"] == 5
-    hub2.submit(ROOM, Publish(carol.conn, "after restart", None))
+    hub2.submit(ROOM, Post(carol.conn, "after restart", None))
     ack = (await carol.socket.next_of("ack"))[0]
     assert ack["seq"] == 6
 
@@ -163,7 +163,7 @@ async def test_idle_room_actor_retires_and_comes_back(hub_factory: Any) -> None:
     hub, client = await hub_factory(room_idle_s=0.1)
     alice = client("alice")
     await join(hub, alice)
-    hub.submit(ROOM, Publish(alice.conn, "x", None))
+    hub.submit(ROOM, Post(alice.conn, "x", None))
     await alice.socket.next_of("ack")
     actor = hub.actors[ROOM]
     await asyncio.sleep(0.3)
@@ -189,7 +189,7 @@ async def test_slow_subscriber_is_closed_with_4008_and_others_keep_receiving(
     slow.conn.rooms.add(ROOM)
     hub.submit(ROOM, Join(slow.conn))
     for i in range(60):
-        hub.submit(ROOM, Publish(fast.conn, f"m{i}", None))
+        hub.submit(ROOM, Post(fast.conn, f"m{i}", None))
         if i % 10 == 9:
             await fast.socket.next_of("message", i + 1)
     got = await fast.socket.next_of("message", 60)
@@ -270,14 +270,14 @@ async def test_join_since_seq_replays_then_goes_live_without_gap_or_duplicate(
     alice = client("alice")
     await join(hub, alice)
     for i in range(30):
-        hub.submit(ROOM, Publish(alice.conn, f"m{i}", None))
+        hub.submit(ROOM, Post(alice.conn, f"m{i}", None))
     await alice.socket.next_of("ack", 30)
     # Hold the next writes back so live traffic overlaps the replay.
     bob = client("bob")
     joined = await join(hub, bob, since_seq=10)
     assert joined["last_seq"] == 30
     for i in range(30, 40):
-        hub.submit(ROOM, Publish(alice.conn, f"m{i}", None))
+        hub.submit(ROOM, Post(alice.conn, f"m{i}", None))
     got = await bob.socket.next_of("message", 30)
     assert [m["seq"] for m in got] == list(range(11, 41))
     first_message = next(i for i, f in enumerate(bob.socket.frames) if f["type"] == "message")
@@ -290,7 +290,7 @@ async def test_join_with_history_replays_the_last_n(hub_factory: Any) -> None:
     alice = client("alice")
     await join(hub, alice)
     for i in range(10):
-        hub.submit(ROOM, Publish(alice.conn, f"m{i}", None))
+        hub.submit(ROOM, Post(alice.conn, f"m{i}", None))
     await alice.socket.next_of("ack", 10)
     bob = client("bob")
     await join(hub, bob, history=3)
@@ -308,7 +308,7 @@ async def test_history_pages_back(hub_factory: Any) -> None:
     alice = client("alice")
     await join(hub, alice)
     for i in range(7):
-        hub.submit(ROOM, Publish(alice.conn, f"m{i}", None))
+        hub.submit(ROOM, Post(alice.conn, f"m{i}", None))
     await alice.socket.next_of("ack", 7)
     hub.submit(ROOM, History(alice.conn, None, 3))
     page = (await alice.socket.next_of("history"))[0]
@@ -347,13 +347,13 @@ async def test_store_down_answers_unavailable_and_delivers_nothing(hub_factory: 
     await join(hub, bob)
     store: RecordingStore = hub.store  # type: ignore[assignment]
     store.down = True  # the database goes away
-    hub.submit(ROOM, Publish(alice.conn, "lost?", "k1"))
+    hub.submit(ROOM, Post(alice.conn, "lost?", "k1"))
     err = (await alice.socket.next_of("error"))[0]
     assert err["code"] == "unavailable" and err["client_msg_id"] == "k1"
     await asyncio.sleep(0.05)
     assert alice.socket.of("ack") == [] and bob.socket.of("message") == []
     store.down = False  # it comes back: the retry works
-    hub.submit(ROOM, Publish(alice.conn, "retry", "k1"))
+    hub.submit(ROOM, Post(alice.conn, "retry", "k1"))
     ack = (await alice.socket.next_of("ack"))[0]
     got = await bob.socket.next_of("message")
     assert got[0]["seq"] == ack["seq"] and got[0]["content"] == "retry"
@@ -366,17 +366,17 @@ async def test_a_commit_whose_reply_was_lost_is_still_delivered_once(hub_factory
     await join(hub, alice)
     await join(hub, bob)
     store.lose_reply = True  # stored, but the writer is told it failed
-    hub.submit(ROOM, Publish(alice.conn, "ambiguous", "k1"))
+    hub.submit(ROOM, Post(alice.conn, "ambiguous", "k1"))
     err = (await alice.socket.next_of("error"))[0]
     assert err["code"] == "unavailable"
     # Nobody published it, yet it is stored: the position check delivers it.
     got = await bob.socket.next_of("message", 1, timeout=3)
     assert [(m["seq"], m["content"]) for m in got] == [(1, "ambiguous")]
     # The client retries with the same client_msg_id: acked with the original.
-    hub.submit(ROOM, Publish(alice.conn, "ambiguous", "k1"))
+    hub.submit(ROOM, Post(alice.conn, "ambiguous", "k1"))
     ack = (await alice.socket.next_of("ack"))[0]
     assert ack["seq"] == 1
-    hub.submit(ROOM, Publish(alice.conn, "next", "k2"))
+    hub.submit(ROOM, Post(alice.conn, "next", "k2"))
     got = await bob.socket.next_of("message", 2)
     assert [(m["seq"], m["content"]) for m in got] == [(1, "ambiguous"), (2, "next")]
     await asyncio.sleep(0.3)

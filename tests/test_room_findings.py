@@ -21,7 +21,7 @@ from quartchat import metrics
 from quartchat.broker.memory import MemoryBroker, MemoryPresence
 from quartchat.errors import ChatError
 from quartchat.hub import Hub
-from quartchat.room import History, Join, Leave, Publish
+from quartchat.room import History, Join, Leave, Post
 from quartchat.room import replay as replay_module
 from quartchat.store import Appended, NewMessage, StoredMessage, StoreError
 from quartchat.store.database import DatabaseStore
@@ -78,7 +78,7 @@ async def join(hub: Hub, c: Client, room: str = ROOM, **kw: Any) -> dict[str, An
 async def post_many(hub: Hub, c: Client, count: int, room: str = ROOM) -> None:
     before = len(c.socket.of("ack"))
     for i in range(count):
-        hub.submit(room, Publish(c.conn, f"m{i}", None))
+        hub.submit(room, Post(c.conn, f"m{i}", None))
         if i % 500 == 499:
             await c.socket.next_of("ack", before + i + 1, timeout=20)
     await c.socket.next_of("ack", before + count, timeout=20)
@@ -116,9 +116,9 @@ async def test_2_a_slow_commit_on_another_server_is_delivered_not_skipped(hub_fa
     # alice's server commits slowly: longer than the old skip timeout (5 s).
     store_a: GatedStore = a.store  # type: ignore[assignment]
     store_a.gate = asyncio.Event()
-    a.submit(ROOM, Publish(alice.conn, "slow", "slow-1"))
+    a.submit(ROOM, Post(alice.conn, "slow", "slow-1"))
     await asyncio.wait_for(store_a.at_gate.wait(), 5)
-    b.submit(ROOM, Publish(bob.conn, "fast", "fast-1"))
+    b.submit(ROOM, Post(bob.conn, "fast", "fast-1"))
     await bob.socket.next_of("ack")
     await asyncio.sleep(5.5)
     store_a.gate.set()
@@ -153,7 +153,7 @@ async def test_4_join_since_seq_ahead_of_delivery_gets_no_duplicate(hub_factory:
     assert seqs_of(carol) == [], "nothing at or below since_seq"
     alice = client("alice")
     await join(hub, alice)
-    hub.submit(ROOM, Publish(alice.conn, "3", None))
+    hub.submit(ROOM, Post(alice.conn, "3", None))
     await carol.socket.next_of("message")
     assert seqs_of(carol) == [3]
 
@@ -224,7 +224,7 @@ async def test_7_drain_acks_posts_still_in_the_inbox_before_closing(hub_factory:
     bob.conn.rooms.add(ROOM)
     hub.submit(ROOM, Join(bob.conn))
     for i in range(5):
-        hub.submit(ROOM, Publish(alice.conn, f"m{i}", None))
+        hub.submit(ROOM, Post(alice.conn, f"m{i}", None))
     await asyncio.wait_for(hub.drain(), 10)
     await asyncio.wait_for(alice.writer, 5)
     assert alice.socket.closed_with == 1001
@@ -326,7 +326,7 @@ async def test_13_a_full_room_refuses_joins_and_posts_but_never_leaves(hub_facto
         refused = 0
         for i in range(30):
             try:
-                hub.submit(ROOM, Publish(alice.conn, f"m{i}", None))
+                hub.submit(ROOM, Post(alice.conn, f"m{i}", None))
             except ChatError as exc:
                 assert exc.code == "unavailable"
                 refused += 1
@@ -374,7 +374,7 @@ async def test_3_redis_going_back_in_time_costs_no_message(
             nonlocal posted
             for _ in range(count):
                 hub, c = members[posted % len(members)]
-                hub.submit(ROOM, Publish(c.conn, f"a{posted}", f"a{posted}"))
+                hub.submit(ROOM, Post(c.conn, f"a{posted}", f"a{posted}"))
                 posted += 1
                 await asyncio.sleep(pause)
 
@@ -525,7 +525,7 @@ async def test_10_joins_and_messages_do_not_wait_for_presence(hub_factory: Any) 
     async with asyncio.timeout(3):  # far less than one presence read
         for c in clients:
             await join(hub, c)
-        hub.submit(ROOM, Publish(clients[0].conn, "hello", None))
+        hub.submit(ROOM, Post(clients[0].conn, "hello", None))
         for c in clients:
             await c.socket.next_of("message")
 
@@ -665,8 +665,8 @@ async def test_10_joins_leaves_and_messages_do_not_wait_for_presence_writes(
         for hub, c in clients[5:15]:
             await c.socket.next_of("left")
         staying = clients[:5] + clients[15:]
-        a.submit(ROOM, Publish(clients[0][1].conn, "from a", None))
-        b.submit(ROOM, Publish(clients[-1][1].conn, "from b", None))
+        a.submit(ROOM, Post(clients[0][1].conn, "from a", None))
+        b.submit(ROOM, Post(clients[-1][1].conn, "from b", None))
         for hub, c in staying:
             got = await c.socket.next_of("message", 2)
             assert sorted(m["content"] for m in got) == ["from a", "from b"]
@@ -688,7 +688,7 @@ async def test_10_a_reconnect_storm_does_not_delay_a_message(hub_factory: Any) -
             hub.submit(ROOM, Leave(c.conn))
             c.conn.rooms.add(ROOM)
             hub.submit(ROOM, Join(c.conn, since_seq=0))
-        hub.submit(ROOM, Publish(poster.conn, "in the storm", None))
+        hub.submit(ROOM, Post(poster.conn, "in the storm", None))
         for c in clients[1:]:  # and the storm goes on behind it
             c.conn.rooms.discard(ROOM)
             hub.submit(ROOM, Leave(c.conn))
@@ -720,9 +720,9 @@ async def test_2_after_a_slow_commit_since_seq_replays_it_exactly_and_hubs_agree
     await join(b, erin)
     store_a: GatedStore = a.store  # type: ignore[assignment]
     store_a.gate = asyncio.Event()
-    a.submit(ROOM, Publish(alice.conn, "slow", "slow-1"))
+    a.submit(ROOM, Post(alice.conn, "slow", "slow-1"))
     await asyncio.wait_for(store_a.at_gate.wait(), 5)
-    b.submit(ROOM, Publish(bob.conn, "fast", "fast-1"))
+    b.submit(ROOM, Post(bob.conn, "fast", "fast-1"))
     await bob.socket.next_of("ack")
     await bob.socket.next_of("message")
     seen = seqs_of(bob)
@@ -796,7 +796,7 @@ async def test_6_a_failed_publish_is_acked_and_reaches_the_other_server(
     alice, bob = client_a("alice"), client_b("bob")
     await join(a, alice)
     await join(b, bob)
-    a.submit(ROOM, Publish(alice.conn, "unpublished", "u-1"))
+    a.submit(ROOM, Post(alice.conn, "unpublished", "u-1"))
     ack = (await alice.socket.next_of("ack"))[-1]
     assert ack["seq"] == 1 and ack["client_msg_id"] == "u-1"
     assert [r.content for r in await b.store.after(ROOM, 0, None, 10)] == ["unpublished"]
@@ -805,7 +805,7 @@ async def test_6_a_failed_publish_is_acked_and_reaches_the_other_server(
     assert [(m["seq"], m["content"]) for m in got] == [(1, "unpublished")]
     assert failing.failed == 1, "the publish was tried, and failed"
     # The writer goes on: the next post is stored, acked and reaches bob too.
-    a.submit(ROOM, Publish(alice.conn, "next", "u-2"))
+    a.submit(ROOM, Post(alice.conn, "next", "u-2"))
     assert (await alice.socket.next_of("ack", 2))[-1]["seq"] == 2
     got = await bob.socket.next_of("message", 2, timeout=5)
     assert [(m["seq"], m["content"]) for m in got] == [(1, "unpublished"), (2, "next")]

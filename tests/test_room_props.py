@@ -38,7 +38,7 @@ from quartchat.config import Settings
 from quartchat.errors import ChatError
 from quartchat.hub import Hub
 from quartchat.migrate import upgrade
-from quartchat.room import Join, Leave, Publish
+from quartchat.room import Join, Leave, Post
 from quartchat.store import Appended, NewMessage, StoredMessage, StoreError
 from quartchat.store.database import DatabaseStore
 
@@ -224,7 +224,7 @@ async def scenario(steps: Sequence[tuple[int, int, int]]) -> None:
                     if cmid is not None:
                         seat.posted.append(cmid)
                 try:
-                    hub.submit(seat.room, Publish(seat.client.conn, f"c{counter}", cmid))
+                    hub.submit(seat.room, Post(seat.client.conn, f"c{counter}", cmid))
                 except ChatError:
                     pass  # refused (a full inbox): the socket would get an error frame
                 else:

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from .actor import RoomActor, RoomConfig
-from .commands import Deliver, History, Join, Leave, Publish, Reply
+from .commands import Deliver, History, Join, Leave, Post, Reply
 from .frames import page_json
 
 __all__ = [
@@ -20,7 +20,7 @@ __all__ = [
     "History",
     "Join",
     "Leave",
-    "Publish",
+    "Post",
     "Reply",
     "RoomActor",
     "RoomConfig",

@@ -100,7 +100,7 @@ class RoomActor(RoomHandlers):
         """The newest seq handed out on this process; None before the start-up read."""
         return self.order.delivered
 
-    def offer(self, item: c.Join | c.Leave | c.Publish) -> None:
+    def offer(self, item: c.Join | c.Leave | c.Post) -> None:
         """Queue a command. A full room refuses posts and joins (``unavailable``),
         never a leave."""
         full = self._stopping or self._external + self.writer.pending >= self.config.inbox_max
@@ -227,7 +227,7 @@ class RoomActor(RoomHandlers):
                     item = await self._inbox.get()
             except TimeoutError:
                 return None
-        if isinstance(item, c.Join | c.Leave | c.Publish):
+        if isinstance(item, c.Join | c.Leave | c.Post):
             self._external -= 1
             metrics.INBOX_DEPTH.observe(self._inbox.qsize())
         return item
@@ -295,10 +295,10 @@ class RoomActor(RoomHandlers):
         if isinstance(item, c.Deliver):
             self._on_deliver(item.payload, now)
             return
-        if isinstance(item, c.Join | c.Leave | c.Publish):
+        if isinstance(item, c.Join | c.Leave | c.Post):
             self._last_active = now
-        if isinstance(item, c.Publish):
-            self._on_publish(item)
+        if isinstance(item, c.Post):
+            self._on_post(item)
         elif isinstance(item, c.Join):
             self._on_join(item)
         elif isinstance(item, c.Leave):

@@ -1,5 +1,9 @@
 """What a room actor's inbox carries: commands from routes and the hub, and
-the reports of the helper tasks the actor owns."""
+the reports of the helper tasks the actor owns.
+
+A command is a decoded request (:mod:`..protocol`) plus who asked: ``Join``
+for a ``JoinRequest``, ``Post`` for a ``PostRequest`` (the wire's ``message``
+action) or a server-API post, and so on."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from ..connection import Connection
 from ..store import Appended, StoredMessage
 from .ordering import Entry
 
-__all__ = ["Deliver", "Hint", "History", "Item", "Join", "Leave", "Publish", "Reply"]
+__all__ = ["Deliver", "Hint", "History", "Item", "Join", "Leave", "Post", "Reply"]
 
 # What a post through the server API is answered with: the stored row, and
 # whether this call stored it (False: a retry answered with the original).
@@ -42,7 +46,7 @@ class Leave:
 
 
 @attrs.frozen(eq=False)
-class Publish:
+class Post:
     """A post: from a joined connection (``conn``), or from the server API
     (``sender_id`` and ``reply``, answered with the row instead of frames)."""
 
@@ -123,7 +127,7 @@ class Read:
 class Written:
     """The writer stored a batch (``answers``, one per post) or could not (``error``)."""
 
-    batch: Sequence[Publish]
+    batch: Sequence[Post]
     answers: Sequence[Appended] | None
     error: str | None = None
     entries: Sequence[Entry] = ()  # the rows stored now, with their frames encoded once
@@ -157,7 +161,7 @@ class Stop:
 Item = (
     Join
     | Leave
-    | Publish
+    | Post
     | Deliver
     | Hint
     | Synced

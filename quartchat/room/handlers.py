@@ -337,7 +337,7 @@ class RoomHandlers:
 
     # ---- posting ------------------------------------------------------------------
 
-    def _on_publish(self, cmd: c.Publish) -> None:
+    def _on_post(self, cmd: c.Post) -> None:
         conn = cmd.conn
         if (
             conn is not None
@@ -382,7 +382,7 @@ class RoomHandlers:
                 cmd.conn.send_frame(ack_frame(result.row))
 
 
-def answer(cmd: c.Publish, error: ChatError) -> None:
+def answer(cmd: c.Post, error: ChatError) -> None:
     """Refuse a post: an error frame, or the server API's reply."""
     if cmd.reply is not None:
         if not cmd.reply.done():

@@ -22,7 +22,7 @@ from .. import metrics
 from ..broker import Broker, BrokerError
 from ..events import MessageEvent, encode_events
 from ..store import NewMessage, Store, StoreError
-from .commands import Publish, Written
+from .commands import Post, Written
 from .frames import encode_row
 from .ordering import Entry
 
@@ -52,7 +52,7 @@ class Writer:
         self._broker = broker
         self._batch_max = batch_max
         self._report = report
-        self._pending: deque[Publish] = deque()
+        self._pending: deque[Post] = deque()
         self._wake = asyncio.Event()
         self._writing = False
         self._idle = asyncio.Event()
@@ -67,12 +67,12 @@ class Writer:
     def busy(self) -> bool:
         return bool(self._pending) or self._writing
 
-    def add(self, cmd: Publish) -> None:
+    def add(self, cmd: Post) -> None:
         self._pending.append(cmd)
         self._idle.clear()
         self._wake.set()
 
-    def take_pending(self) -> list[Publish]:
+    def take_pending(self) -> list[Post]:
         """Remove and return the posts not yet being written."""
         taken = list(self._pending)
         self._pending.clear()
@@ -104,7 +104,7 @@ class Writer:
                     self._writing = False
             self._idle.set()
 
-    async def _write(self, batch: list[Publish]) -> None:
+    async def _write(self, batch: list[Post]) -> None:
         stamp = now_ms()
         posts = [
             NewMessage(uuid.uuid4().hex, cmd.sender, cmd.content, cmd.client_msg_id, stamp)
