@@ -16,6 +16,7 @@ import random
 import re
 import sqlite3
 import string
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -242,6 +243,8 @@ class _Run:
         self.valid_sent: set[tuple[str, str, str]] = set()  # (sender, room, content)
         self.frames = 0
         self.handshakes = 0
+        self.health_probes = 0
+        self.seconds = 0.0
         self.welcomed = 0
 
 
@@ -357,12 +360,24 @@ async def _fuzz(server: ServerProcess, run: _Run) -> None:
 
         await asyncio.gather(*[one(c) for c in coros])
 
+    done = asyncio.Event()
+
     async def health() -> None:
-        for _ in range(20):
+        # Probe for as long as the fuzz runs (not only its first seconds).
+        while not done.is_set():
             assert await asyncio.to_thread(_status, server, "/healthz") == 200
+            run.health_probes += 1
             await asyncio.sleep(0.2)
 
-    await asyncio.gather(limited(sessions, 12), limited(handshakes, 20), health())
+    async def load() -> None:
+        try:
+            await asyncio.gather(limited(sessions, 12), limited(handshakes, 20))
+        finally:
+            done.set()
+
+    started = time.monotonic()
+    await asyncio.gather(load(), health())
+    run.seconds = time.monotonic() - started
 
 
 def test_fuzz_frames_and_handshakes(server: ServerProcess) -> None:
@@ -372,9 +387,12 @@ def test_fuzz_frames_and_handshakes(server: ServerProcess) -> None:
     assert run.frames >= 3000 and run.handshakes >= 600, (run.frames, run.handshakes)
     assert run.welcomed > 100
     assert 1011 not in run.close_codes, run.close_codes
+    # /healthz was asked throughout: about one probe per 0.2 s of fuzzing.
+    assert run.health_probes >= max(3, run.seconds / 0.2 * 0.5), (run.health_probes, run.seconds)
     print(
         f"fuzz: {run.frames} frames, {run.handshakes} handshakes ({run.welcomed} welcomed), "
-        f"{len(run.acked)} acks, close codes {sorted(set(map(str, run.close_codes)))}"
+        f"{len(run.acked)} acks, {run.health_probes} /healthz probes in {run.seconds:.1f} s, "
+        f"close codes {sorted(set(map(str, run.close_codes)))}"
     )
     assert _status(server, "/healthz") == 200
 
