@@ -18,7 +18,7 @@ from . import metrics
 from .broker import Broker, BrokerError, create_broker
 from .config import Settings
 from .connection import Connection
-from .errors import ChatError, CloseCode
+from .errors import ChatError, CloseCode, Echo
 from .room import History, Join, Leave, Post, RoomActor, RoomConfig, page_json
 from .store import Store, StoredMessage, StoreError, create_store
 
@@ -160,14 +160,11 @@ class Hub:
         for member in list(actor.members):
             conn = member.conn
             conn.rooms.discard(actor.room_id)
-            conn.send_error(
-                ChatError(
-                    "internal",
-                    "room failed; join again with since_seq",
-                    action="join",
-                    room_id=actor.room_id,
-                )
+            # Echoes a join: what the client must send again.
+            error = Echo("join", actor.room_id).error(
+                "internal", "room failed; join again with since_seq"
             )
+            conn.send_error(error)
             conn.send_frame({"type": "left", "room_id": actor.room_id, "reason": "error"})
 
     def _retire(self, actor: RoomActor) -> bool:
@@ -193,11 +190,8 @@ class Hub:
             return
         if isinstance(command, Leave) and room_id not in self.actors:
             if not command.quiet:
-                command.conn.send_error(
-                    ChatError(
-                        "not_joined", "not joined to this room", action="leave", room_id=room_id
-                    )
-                )
+                error = command.echo(room_id).error("not_joined", "not joined to this room")
+                command.conn.send_error(error)
             return
         self.actor(room_id).offer(command)
 
@@ -233,14 +227,10 @@ class Hub:
                 except StoreError as exc:
                     metrics.STORE_ERRORS.labels(op="history").inc()
                     log.warning("history failed: %s", exc, extra={"room_id": room_id})
-                    cmd.conn.send_error(
-                        ChatError(
-                            "unavailable",
-                            "storage unavailable; retry later",
-                            action="history",
-                            room_id=room_id,
-                        )
+                    error = cmd.echo(room_id).error(
+                        "unavailable", "storage unavailable; retry later"
                     )
+                    cmd.conn.send_error(error)
                     return
             cmd.conn.send(page_json(room_id, rows, has_more, frame_type="history"))
 
