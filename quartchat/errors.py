@@ -14,8 +14,6 @@ from typing import Final, Literal, get_args
 import attrs
 
 __all__ = [
-    "CLOSE_GOING_AWAY",
-    "CLOSE_SLOW_CONSUMER",
     "ERROR_CODES",
     "NO_ECHO",
     "ChatError",
@@ -54,12 +52,6 @@ class CloseCode(IntEnum):
     TOKEN_EXPIRED = 4001  # auth mode "jwt": exp + leeway passed without a refresh
     DISCONNECTED = 4003  # the server API disconnected the user: do not reconnect
     SLOW_CONSUMER = 4008  # the outbound queue overflowed: reconnect with since_seq
-
-
-# The old names, still used by quartchat/connection.py (being reworked on
-# another branch); new code says CloseCode.GOING_AWAY / CloseCode.SLOW_CONSUMER.
-CLOSE_GOING_AWAY: Final = CloseCode.GOING_AWAY
-CLOSE_SLOW_CONSUMER: Final = CloseCode.SLOW_CONSUMER
 
 
 @attrs.frozen
