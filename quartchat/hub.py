@@ -111,7 +111,6 @@ class Hub:
         self.connections: set[Connection] = set()
         self.clients = ClientTracker(self.store)
         self.draining = False
-        self.started = False
 
     async def start(self) -> None:
         """Connect the store and the broker (both must answer)."""
@@ -124,7 +123,6 @@ class Hub:
         metrics.BROKER_UP.set(1)
         self.clients.start()
         self._checker = asyncio.create_task(self._position_check(), name="position-check")
-        self.started = True
 
     # ---- rooms ----------------------------------------------------------
 
@@ -349,11 +347,17 @@ class Hub:
         metrics.DRAIN_SECONDS.observe(time.monotonic() - started)
 
     async def stop(self) -> None:
-        """Stop every actor (writing what is pending), then the broker and the store."""
+        """Stop every actor (writing what is pending), then the broker and the store.
+
+        Only a running hub has anything to stop: a second call, or one on a hub
+        never started, returns at once (the position check is what runs from
+        :meth:`start` to here)."""
+        checker, self._checker = self._checker, None
+        if checker is None:
+            return
         self.draining = True
-        if self._checker is not None:
-            self._checker.cancel()
-            await asyncio.gather(self._checker, return_exceptions=True)
+        checker.cancel()
+        await asyncio.gather(checker, return_exceptions=True)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*list(self._tasks), return_exceptions=True)
@@ -370,4 +374,3 @@ class Hub:
             await self.broker.close()
         finally:
             await self.store.close()
-        self.started = False

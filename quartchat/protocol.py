@@ -255,7 +255,7 @@ def parse_frame(text: str | bytes, limits: Limits) -> Request:
         return HistoryRequest(
             room_id, before_seq, HISTORY_PAGE if limit is None else min(limit, 100)
         )
-    # action == "message"
+    # What is left is a post (the action "message").
     cmid = frame.get("client_msg_id")
     if cmid is not None and not valid_client_msg_id(cmid):
         raise echo.error("invalid_field", "client_msg_id must be a string of 1..64 characters")

@@ -445,3 +445,11 @@ async def test_errors_sent_by_the_hub_and_the_room_echo_their_command(hub_factor
         {"type": "error", "code": "internal", "action": "join", "room_id": ROOM}
     ]
     assert alice.socket.of("left")[-1] == {"type": "left", "room_id": ROOM, "reason": "error"}
+
+
+async def test_stopping_a_stopped_hub_does_nothing(hub_factory: Any) -> None:
+    hub, client = await hub_factory()
+    await join(hub, client("alice"))
+    await hub.stop()
+    await hub.stop()  # nothing left to stop: no second close of the store or the broker
+    assert not hub.actors and hub.draining
