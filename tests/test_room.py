@@ -344,8 +344,8 @@ async def test_presence_counts_a_sender_once_across_connections(hub_factory: Any
     hub.disconnected(a2.conn)  # the last connection goes away without a leave
     ev = await bob.socket.next_of("presence", 2)
     assert ev[1]["event"] == "leave" and ev[1]["sender_id"] == "alice"
-    assert await hub.members(ROOM) == ["bob"]
-    assert await hub.rooms() == [(ROOM, 1)]
+    assert await hub.reads.members(ROOM) == ["bob"]
+    assert await hub.reads.rooms() == [(ROOM, 1)]
 
 
 async def test_store_down_answers_unavailable_and_delivers_nothing(hub_factory: Any) -> None:
