@@ -1,7 +1,9 @@
 """Wire protocol v1: client frames decoded into frozen requests, server frames encoded.
 
-This module owns every rule of PROTOCOL.md about what a valid client frame is
-and which error code a bad one gets. It knows nothing of rooms or sockets.
+This module owns every rule of PROTOCOL.md about what a valid client frame is,
+which error code a bad one gets and what that error echoes (the frame's
+well-formed envelope; a decoded request's is ``Request.echo``). It knows
+nothing of rooms or sockets.
 
 Names: a decoded client frame is a *request* (``JoinRequest`` ...); the
 session turns it into the room actor's *command* (:mod:`.room.commands`:
