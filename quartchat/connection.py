@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from . import metrics
-from .errors import CLOSE_GOING_AWAY, CLOSE_SLOW_CONSUMER, ChatError
+from .errors import ChatError, CloseCode
 from .fastsend import DirectWriter, FastSender, prepare
 from .flag import Flag
 from .protocol import encode
@@ -117,7 +117,7 @@ class Connection:
         self.sender_id = sender_id
         self.rooms: set[str] = set()  # joined rooms, kept by the route in frame order
         self.queue_size = queue_size
-        self.close_code: int | None = None
+        self.close_code: CloseCode | None = None
         self.close_reason = ""
         self._frames: deque[str] = deque()
         self._wakeup = Flag()
@@ -176,7 +176,7 @@ class Connection:
         if len(self._frames) >= self.queue_size:
             metrics.SLOW_CONSUMER_CLOSES.inc()
             _SLOW_LOG.closed(self)  # a count, and at most one line a second
-            self.close(CLOSE_SLOW_CONSUMER, "slow consumer: outbound queue overflowed")
+            self.close(CloseCode.SLOW_CONSUMER, "slow consumer: outbound queue overflowed")
             return False
         self._frames.append(frame)
         metrics.FRAMES_QUEUED.inc()
@@ -194,14 +194,14 @@ class Connection:
         metrics.ERRORS_SENT.labels(code=error.code).inc()
         return self.send(encode(error.to_frame()))
 
-    def close(self, code: int, reason: str = "") -> None:
+    def close(self, code: CloseCode, reason: str = "") -> None:
         """Ask the writer to close the socket; 1001 flushes queued frames first."""
         if self.close_code is not None:
             return
         self.close_code = code
         self.close_reason = reason
         self._direct = None
-        self._flush_on_close = code == CLOSE_GOING_AWAY
+        self._flush_on_close = code == CloseCode.GOING_AWAY
         if not self._flush_on_close:
             self._frames.clear()
         self._space.set()  # release replays waiting for room: they will see the close

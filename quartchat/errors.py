@@ -1,23 +1,26 @@
 """The closed set of protocol error codes and WebSocket close codes.
 
 Every error a client can see is a :class:`ChatError`; routes map it once to an
-``error`` frame (WebSocket) or a JSON body with an HTTP status.
+``error`` frame (WebSocket) or a JSON body with an HTTP status. An error that
+answers a request carries that request's :class:`Echo` (its envelope:
+``action``, ``room_id``, ``client_msg_id``), which the frame echoes.
 """
 
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import Final, Literal, TypeGuard, get_args
+from typing import Final, Literal, get_args
+
+import attrs
 
 __all__ = [
-    "CLOSE_GOING_AWAY",
-    "CLOSE_SLOW_CONSUMER",
     "ERROR_CODES",
+    "NO_ECHO",
     "ChatError",
     "CloseCode",
     "ConfigError",
+    "Echo",
     "ErrorCode",
-    "is_error_code",
 ]
 
 # Every ``code`` of an ``error`` frame (PROTOCOL.md); mypy checks each ChatError's.
@@ -38,11 +41,6 @@ ErrorCode = Literal[
 ERROR_CODES: Final[frozenset[str]] = frozenset(get_args(ErrorCode))
 
 
-def is_error_code(code: str) -> TypeGuard[ErrorCode]:
-    """True for one of the protocol's error codes."""
-    return code in ERROR_CODES
-
-
 class CloseCode(IntEnum):
     """Every WebSocket close code quartchat uses or documents (PROTOCOL.md)."""
 
@@ -56,54 +54,59 @@ class CloseCode(IntEnum):
     SLOW_CONSUMER = 4008  # the outbound queue overflowed: reconnect with since_seq
 
 
-# The old names, still used by quartchat/connection.py (being reworked on
-# another branch); new code says CloseCode.GOING_AWAY / CloseCode.SLOW_CONSUMER.
-CLOSE_GOING_AWAY: Final = CloseCode.GOING_AWAY
-CLOSE_SLOW_CONSUMER: Final = CloseCode.SLOW_CONSUMER
+@attrs.frozen
+class Echo:
+    """The envelope of the request an error answers: what its ``error`` frame echoes.
+
+    Made in three places only, each from what it knows well formed: a raw frame's
+    (:mod:`.protocol`), a decoded request's (``Request.echo``) and a room
+    command's (``Command.echo(room_id)``). :meth:`error` is the one way an
+    echoing error is built.
+    """
+
+    action: str | None = None
+    room_id: str | None = None
+    client_msg_id: str | None = None
+
+    def error(self, code: ErrorCode, message: str) -> ChatError:
+        """The error ``code`` answering this request."""
+        return ChatError(code, message, echo=self)
+
+
+NO_ECHO: Final = Echo()
 
 
 class ChatError(Exception):
     """A request that could not be served; becomes a protocol ``error`` frame."""
 
-    def __init__(
-        self,
-        code: str,  # an ErrorCode: checked here (room/handlers.py still passes a str)
-        message: str,
-        *,
-        action: str | None = None,
-        room_id: str | None = None,
-        client_msg_id: str | None = None,
-    ) -> None:
-        if not is_error_code(code):
-            raise ValueError(f"unknown error code {code!r}")
+    def __init__(self, code: ErrorCode, message: str, *, echo: Echo = NO_ECHO) -> None:
         super().__init__(message)
-        self.code: ErrorCode = code
+        self.code = code
         self.message = message
-        self.action = action
-        self.room_id = room_id
-        self.client_msg_id = client_msg_id
+        self.echo = echo
 
-    def echo(
-        self, action: str, room_id: str | None = None, client_msg_id: str | None = None
-    ) -> ChatError:
-        """Echo the request this error answers: fill the envelope fields not set yet."""
-        if self.action is None:
-            self.action = action
-        if self.room_id is None:
-            self.room_id = room_id
-        if self.client_msg_id is None:
-            self.client_msg_id = client_msg_id
-        return self
+    @property
+    def action(self) -> str | None:
+        return self.echo.action
+
+    @property
+    def room_id(self) -> str | None:
+        return self.echo.room_id
+
+    @property
+    def client_msg_id(self) -> str | None:
+        return self.echo.client_msg_id
 
     def to_frame(self) -> dict[str, object]:
         """The ``error`` frame, echoing what the request carried well-formed."""
         frame: dict[str, object] = {"type": "error", "code": self.code, "message": self.message}
-        if self.action is not None:
-            frame["action"] = self.action
-        if self.room_id is not None:
-            frame["room_id"] = self.room_id
-        if self.client_msg_id is not None:
-            frame["client_msg_id"] = self.client_msg_id
+        echo = self.echo
+        if echo.action is not None:
+            frame["action"] = echo.action
+        if echo.room_id is not None:
+            frame["room_id"] = echo.room_id
+        if echo.client_msg_id is not None:
+            frame["client_msg_id"] = echo.client_msg_id
         return frame
 
 

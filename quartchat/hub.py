@@ -1,9 +1,14 @@
-"""The hub: this process's registry of room actors and open connections.
+"""The hub: this process's registry of room actors and open connections, and
+the one object routes talk to.
 
-It owns the store and the broker, starts a room's actor on first use, lets an
-idle actor retire (and forgets one that died), runs the position check that
-heals a lost tail, serves history pages, and runs the graceful drain. Routes
-talk only to the hub.
+It owns the store and the broker, starts a room's actor on first use and
+hands it commands (:meth:`Hub.submit`), lets an idle actor retire (and
+forgets one that died, telling its members to join again), keeps the open
+connections, and runs the lifecycle: start, the graceful drain, stop. It
+also owns the parts that need no actor: :class:`~quartchat.reads.Reads`
+(``hub.reads``: presence, history pages, readiness), the position check
+(:mod:`quartchat.position`) and the ``clients`` table
+(:class:`~quartchat.clients.ClientTracker`, ``hub.clients``).
 """
 
 from __future__ import annotations
@@ -12,72 +17,21 @@ import asyncio
 import contextvars
 import logging
 import time
-from datetime import UTC, datetime
 
 from . import metrics
-from .broker import Broker, BrokerError, create_broker
+from .broker import Broker, create_broker
+from .clients import ClientTracker
 from .config import Settings
 from .connection import Connection
-from .errors import ChatError, CloseCode
-from .room import History, Join, Leave, Post, RoomActor, RoomConfig, page_json
-from .store import Store, StoredMessage, StoreError, create_store
+from .errors import ChatError, CloseCode, Echo
+from .position import position_check
+from .reads import Reads
+from .room import History, Join, Leave, Post, RoomActor, RoomConfig
+from .store import Store, StoredMessage, create_store
 
-__all__ = ["ClientTracker", "Hub"]
+__all__ = ["Hub"]
 
 log = logging.getLogger(__name__)
-
-_CLIENTS_FLUSH_S = 1.0
-_CLIENTS_MAX_PENDING = 100_000
-_POSITION_BATCH = 500  # rooms per counter query of the position check
-_HISTORY_READS = 64  # history pages read at once by this process (more wait)
-
-
-class ClientTracker:
-    """Batches ``clients`` table updates (first_seen / last_seen) off the socket path."""
-
-    def __init__(self, store: Store) -> None:
-        self._store = store
-        self._seen: dict[str, datetime] = {}
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def seen(self, sender_id: str) -> None:
-        self._seen[sender_id] = datetime.now(UTC).replace(tzinfo=None)
-        if len(self._seen) >= _CLIENTS_MAX_PENDING:
-            self._wake.set()
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="clients-writer")
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                async with asyncio.timeout(_CLIENTS_FLUSH_S):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
-            self._wake.clear()
-            await self.flush()
-
-    async def flush(self) -> None:
-        if not self._seen:
-            return
-        batch, self._seen = self._seen, {}
-        try:
-            await self._store.touch_clients(batch)
-        except StoreError as exc:
-            metrics.STORE_ERRORS.labels(op="clients").inc()
-            log.warning("clients update failed: %s", exc)
-            # Keep the newest sightings for the next try, bounded.
-            for sender, when in batch.items():
-                if len(self._seen) < _CLIENTS_MAX_PENDING:
-                    self._seen.setdefault(sender, when)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        await self.flush()
 
 
 class Hub:
@@ -105,13 +59,11 @@ class Hub:
         )
         self.actors: dict[str, RoomActor] = {}
         self._retiring: set[asyncio.Task[None]] = set()
-        self._tasks: set[asyncio.Task[None]] = set()  # history reads, owned here
-        self._history_slots = asyncio.Semaphore(_HISTORY_READS)
-        self._checker: asyncio.Task[None] | None = None
+        self._checker: asyncio.Task[None] | None = None  # the position check, while running
         self.connections: set[Connection] = set()
         self.clients = ClientTracker(self.store)
+        self.reads = Reads(self.store, self.broker)
         self.draining = False
-        self.started = False
 
     async def start(self) -> None:
         """Connect the store and the broker (both must answer)."""
@@ -123,8 +75,8 @@ class Hub:
             raise
         metrics.BROKER_UP.set(1)
         self.clients.start()
-        self._checker = asyncio.create_task(self._position_check(), name="position-check")
-        self.started = True
+        check = position_check(self.actors, self.store, self.settings.position_check_s)
+        self._checker = asyncio.create_task(check, name="position-check")
 
     # ---- rooms ----------------------------------------------------------
 
@@ -160,14 +112,11 @@ class Hub:
         for member in list(actor.members):
             conn = member.conn
             conn.rooms.discard(actor.room_id)
-            conn.send_error(
-                ChatError(
-                    "internal",
-                    "room failed; join again with since_seq",
-                    action="join",
-                    room_id=actor.room_id,
-                )
+            # Echoes a join: what the client must send again.
+            failed = Echo("join", actor.room_id).error(
+                "internal", "room failed; join again with since_seq"
             )
+            conn.send_error(failed)
             conn.send_frame({"type": "left", "room_id": actor.room_id, "reason": "error"})
 
     def _retire(self, actor: RoomActor) -> bool:
@@ -189,15 +138,12 @@ class Hub:
         if self.draining and isinstance(command, Post | Join | History):
             raise ChatError("unavailable", "server is shutting down; reconnect elsewhere")
         if isinstance(command, History):
-            self._history(room_id, command)  # a read: no actor needed
+            self.reads.history(room_id, command)  # a read: no actor needed
             return
         if isinstance(command, Leave) and room_id not in self.actors:
             if not command.quiet:
-                command.conn.send_error(
-                    ChatError(
-                        "not_joined", "not joined to this room", action="leave", room_id=room_id
-                    )
-                )
+                error = command.echo(room_id).error("not_joined", "not joined to this room")
+                command.conn.send_error(error)
             return
         self.actor(room_id).offer(command)
 
@@ -223,51 +169,6 @@ class Hub:
                 "unavailable", "storage did not answer; retry with the same client_msg_id"
             ) from None
 
-    def _history(self, room_id: str, cmd: History) -> None:
-        async def read() -> None:
-            async with self._history_slots:
-                if not cmd.conn.open:
-                    return
-                try:
-                    rows, has_more = await self.store.page(room_id, cmd.before_seq, cmd.limit)
-                except StoreError as exc:
-                    metrics.STORE_ERRORS.labels(op="history").inc()
-                    log.warning("history failed: %s", exc, extra={"room_id": room_id})
-                    cmd.conn.send_error(
-                        ChatError(
-                            "unavailable",
-                            "storage unavailable; retry later",
-                            action="history",
-                            room_id=room_id,
-                        )
-                    )
-                    return
-            cmd.conn.send(page_json(room_id, rows, has_more, frame_type="history"))
-
-        task = asyncio.create_task(read(), name=f"history:{room_id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _position_check(self) -> None:
-        """Every few seconds, compare each active room's delivered seq with the store's
-        counter, and let rooms that are behind read the rest (a lost last message,
-        a subscription that went deaf, a commit whose reply was lost)."""
-        while True:
-            await asyncio.sleep(self.settings.position_check_s)
-            rooms = [a.room_id for a in self.actors.values() if a.delivered is not None]
-            for start in range(0, len(rooms), _POSITION_BATCH):
-                chunk = rooms[start : start + _POSITION_BATCH]
-                try:
-                    counters = await self.store.last_seqs(chunk)
-                except StoreError as exc:
-                    metrics.STORE_ERRORS.labels(op="position").inc()
-                    log.warning("position check failed: %s", exc)
-                    break
-                for room_id, last in counters.items():
-                    actor = self.actors.get(room_id)
-                    if actor is not None:
-                        actor.hint(last)
-
     # ---- connections ----------------------------------------------------
 
     def connected(self, conn: Connection) -> None:
@@ -290,46 +191,6 @@ class Hub:
                 actor.offer(Leave(conn, quiet=True))
         conn.rooms.clear()
 
-    # ---- HTTP views -----------------------------------------------------
-
-    async def rooms(self) -> list[tuple[str, int]]:
-        try:
-            return await self.broker.presence.rooms()
-        except BrokerError as exc:
-            raise ChatError("unavailable", f"presence unavailable: {exc}") from exc
-
-    async def members(self, room_id: str) -> list[str]:
-        try:
-            return await self.broker.presence.members(room_id)
-        except BrokerError as exc:
-            raise ChatError("unavailable", f"presence unavailable: {exc}") from exc
-
-    async def messages_page(self, room_id: str, before_seq: int | None, limit: int) -> str:
-        """A messages page as JSON text (each message encoded like its frame)."""
-        try:
-            rows, has_more = await self.store.page(room_id, before_seq, limit)
-        except StoreError as exc:
-            metrics.STORE_ERRORS.labels(op="history").inc()
-            raise ChatError("unavailable", "storage unavailable; retry later") from exc
-        return page_json(room_id, rows, has_more)
-
-    async def ready(self) -> dict[str, str]:
-        """Check the store and the broker; the dict names what failed."""
-        problems: dict[str, str] = {}
-        if self.draining:
-            problems["server"] = "draining"
-        try:
-            async with asyncio.timeout(2):
-                await self.store.ping()
-        except (StoreError, TimeoutError) as exc:
-            problems["database"] = str(exc) or "timeout"
-        try:
-            async with asyncio.timeout(2):
-                await self.broker.ping()
-        except (BrokerError, TimeoutError) as exc:
-            problems["broker"] = str(exc) or "timeout"
-        return problems
-
     # ---- shutdown -------------------------------------------------------
 
     async def drain(self) -> None:
@@ -346,7 +207,7 @@ class Hub:
                 # written, acked and delivered first; new ones are refused now.
                 actors = list(self.actors.values())
                 await asyncio.gather(*(a.quiesce() for a in actors))
-                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+                await self.reads.finish()
         except TimeoutError:
             log.warning("drain: pending writes did not finish in %.1fs", timeout)
         for conn in list(self.connections):
@@ -359,14 +220,18 @@ class Hub:
         metrics.DRAIN_SECONDS.observe(time.monotonic() - started)
 
     async def stop(self) -> None:
-        """Stop every actor (writing what is pending), then the broker and the store."""
+        """Stop every actor (writing what is pending), then the broker and the store.
+
+        Only a running hub has anything to stop: a second call, or one on a hub
+        never started, returns at once (the position check is what runs from
+        :meth:`start` to here)."""
+        checker, self._checker = self._checker, None
+        if checker is None:
+            return
         self.draining = True
-        if self._checker is not None:
-            self._checker.cancel()
-            await asyncio.gather(self._checker, return_exceptions=True)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        checker.cancel()
+        await asyncio.gather(checker, return_exceptions=True)
+        await self.reads.stop()
         actors = list(self.actors.values())
         self.actors.clear()
         results = await asyncio.gather(
@@ -380,4 +245,3 @@ class Hub:
             await self.broker.close()
         finally:
             await self.store.close()
-        self.started = False

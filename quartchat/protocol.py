@@ -1,7 +1,9 @@
 """Wire protocol v1: client frames decoded into frozen requests, server frames encoded.
 
-This module owns every rule of PROTOCOL.md about what a valid client frame is
-and which error code a bad one gets. It knows nothing of rooms or sockets.
+This module owns every rule of PROTOCOL.md about what a valid client frame is,
+which error code a bad one gets and what that error echoes (the frame's
+well-formed envelope; a decoded request's is ``Request.echo``). It knows
+nothing of rooms or sockets.
 
 Names: a decoded client frame is a *request* (``JoinRequest`` ...); the
 session turns it into the room actor's *command* (:mod:`.room.commands`:
@@ -18,7 +20,7 @@ from typing import Any, ClassVar, Final, Literal, get_args
 import attrs
 import orjson
 
-from .errors import ChatError, ErrorCode
+from .errors import NO_ECHO, ChatError, Echo, ErrorCode
 from .validate import (
     ID_PATTERN,
     INT_MAX,
@@ -70,6 +72,10 @@ class JoinRequest:
     since_seq: int | None = None
     history: int | None = None
 
+    @property
+    def echo(self) -> Echo:
+        return Echo(self.action, self.room_id)
+
 
 @attrs.frozen
 class LeaveRequest:
@@ -78,6 +84,10 @@ class LeaveRequest:
     action: ClassVar[Action] = "leave"
 
     room_id: str
+
+    @property
+    def echo(self) -> Echo:
+        return Echo(self.action, self.room_id)
 
 
 @attrs.frozen
@@ -90,6 +100,10 @@ class PostRequest:
     content: str
     client_msg_id: str | None = None
 
+    @property
+    def echo(self) -> Echo:
+        return Echo(self.action, self.room_id, self.client_msg_id)
+
 
 @attrs.frozen
 class HistoryRequest:
@@ -101,12 +115,20 @@ class HistoryRequest:
     before_seq: int | None = None
     limit: int = HISTORY_PAGE
 
+    @property
+    def echo(self) -> Echo:
+        return Echo(self.action, self.room_id)
+
 
 @attrs.frozen
 class PingRequest:
     """``ping``: answered with ``pong``."""
 
     action: ClassVar[Action] = "ping"
+
+    @property
+    def echo(self) -> Echo:
+        return Echo(self.action)
 
 
 @attrs.frozen
@@ -116,6 +138,10 @@ class RefreshRequest:
     action: ClassVar[Action] = "refresh"
 
     token: str = attrs.field(repr=False)
+
+    @property
+    def echo(self) -> Echo:
+        return Echo(self.action)
 
 
 Request = JoinRequest | LeaveRequest | PostRequest | HistoryRequest | PingRequest | RefreshRequest
@@ -130,27 +156,19 @@ class Limits:
     refresh: bool = False  # auth mode "jwt": the `refresh` action exists
 
 
-class _Echo:
-    """Collects the well-formed fields an error for this frame must echo."""
-
-    def __init__(self, action: str | None, frame: dict[str, Any]) -> None:
-        self.action = action
-        room = frame.get("room_id")
-        self.room_id = room if action is not None and valid_room_id(room) else None
-        cmid = frame.get("client_msg_id")
-        self.client_msg_id = cmid if action is not None and valid_client_msg_id(cmid) else None
-
-    def error(self, code: ErrorCode, message: str) -> ChatError:
-        return ChatError(
-            code,
-            message,
-            action=self.action,
-            room_id=self.room_id,
-            client_msg_id=self.client_msg_id,
-        )
+def _frame_echo(action: str, frame: dict[str, Any]) -> Echo:
+    """What an error for a frame of a known ``action`` echoes: the action, and
+    ``room_id`` / ``client_msg_id`` when the frame carries them well formed."""
+    room = frame.get("room_id")
+    cmid = frame.get("client_msg_id")
+    return Echo(
+        action,
+        room if valid_room_id(room) else None,
+        cmid if valid_client_msg_id(cmid) else None,
+    )
 
 
-def _room_id(frame: dict[str, Any], echo: _Echo) -> str:
+def _room_id(frame: dict[str, Any], echo: Echo) -> str:
     room = frame.get("room_id")
     if room is None:
         raise echo.error("invalid_field", "room_id is required")
@@ -160,7 +178,7 @@ def _room_id(frame: dict[str, Any], echo: _Echo) -> str:
     return room
 
 
-def _opt_int(frame: dict[str, Any], name: str, lo: int, hi: int, echo: _Echo) -> int | None:
+def _opt_int(frame: dict[str, Any], name: str, lo: int, hi: int, echo: Echo) -> int | None:
     value = frame.get(name)
     if value is None:
         return None
@@ -187,7 +205,7 @@ def refused(
     ``client_msg_id`` (when well formed, by the same validators as
     :func:`parse_frame`) are kept. Anything else echoes nothing.
     """
-    echo = _Echo(None, {})
+    echo = NO_ECHO
     if isinstance(text, str) and len(text) <= max_bytes:
         try:
             frame = orjson.loads(text)
@@ -197,7 +215,7 @@ def refused(
             action = frame.get("action")
             if _known(action, limits):
                 assert isinstance(action, str)
-                echo = _Echo(action, frame)
+                echo = _frame_echo(action, frame)
     return echo.error(code, message)
 
 
@@ -215,17 +233,16 @@ def parse_frame(text: str | bytes, limits: Limits) -> Request:
     if not isinstance(action, str):
         raise ChatError("invalid_field", "action is required and must be a string")
     if not _known(action, limits):
-        raise ChatError("unknown_action", f"unknown action {action[:64]!r}", action=action[:64])
-    echo = _Echo(action, frame)
+        raise Echo(action[:64]).error("unknown_action", f"unknown action {action[:64]!r}")
+    echo = _frame_echo(action, frame)
 
     if action == "ping":
         return PingRequest()
     if action == "refresh":
         token = frame.get("token")
         if not isinstance(token, str) or not token:
-            raise ChatError(
-                "invalid_field", "token is required and must be a string", action="refresh"
-            )
+            # The request's own envelope: a refresh has no room_id.
+            raise Echo("refresh").error("invalid_field", "token is required and must be a string")
         return RefreshRequest(token)
     room_id = _room_id(frame, echo)
     if action == "join":
@@ -240,7 +257,7 @@ def parse_frame(text: str | bytes, limits: Limits) -> Request:
         return HistoryRequest(
             room_id, before_seq, HISTORY_PAGE if limit is None else min(limit, 100)
         )
-    # action == "message"
+    # What is left is a post (the action "message").
     cmid = frame.get("client_msg_id")
     if cmid is not None and not valid_client_msg_id(cmid):
         raise echo.error("invalid_field", "client_msg_id must be a string of 1..64 characters")

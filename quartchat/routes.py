@@ -101,7 +101,7 @@ def routes_blueprint(
 
     @routes.get("/readyz")
     async def readyz() -> Response:
-        problems = await hub.ready()
+        problems = await hub.reads.ready(draining=hub.draining)
         if problems:
             return json_response({"status": "unavailable", "problems": problems}, 503)
         return json_response({"status": "ready"})
@@ -115,7 +115,7 @@ def routes_blueprint(
     async def api_rooms() -> Response:
         if (refusal := guard_read(settings, verifier, None)) is not None:
             return refusal
-        rooms = await hub.rooms()
+        rooms = await hub.reads.rooms()
         return json_response({"rooms": [{"room_id": r, "members": n} for r, n in rooms]})
 
     @routes.get("/api/rooms/<room_id>/members")
@@ -124,7 +124,7 @@ def routes_blueprint(
             return refusal
         if not valid_room_id(room_id):
             return error_response(400, "invalid_field", "bad room id")
-        return json_response({"room_id": room_id, "members": await hub.members(room_id)})
+        return json_response({"room_id": room_id, "members": await hub.reads.members(room_id)})
 
     @routes.get("/api/rooms/<room_id>/messages")
     async def api_messages(room_id: str) -> Response:
@@ -137,7 +137,7 @@ def routes_blueprint(
             limit = _int_arg("limit", 1, settings.history_max)
         except ValueError as exc:
             return error_response(400, "invalid_field", str(exc))
-        page = await hub.messages_page(
+        page = await hub.reads.messages_page(
             room_id, before_seq, HISTORY_PAGE if limit is None else limit
         )
         return json_response(page)

@@ -262,7 +262,7 @@ class ChatSession:
         return parse_frame(data, limits)
 
     def dispatch(self, command: Request) -> None:
-        """Carry out one command; any ChatError it raises echoes the command's envelope."""
+        """Carry out one request; any ChatError it raises echoes the request's envelope."""
         metrics.FRAMES_RECEIVED.labels(action=command.action).inc()
         try:
             match command:
@@ -279,9 +279,9 @@ class ChatSession:
                 case RefreshRequest():
                     self._refresh(command)
         except ChatError as error:
-            room_id = getattr(command, "room_id", None)
-            error.echo(command.action, room_id, getattr(command, "client_msg_id", None))
-            raise
+            # Raised without an envelope (here, by the hub or the room's inbox):
+            # answered with the request's.
+            raise command.echo.error(error.code, error.message) from error
 
     def _allow(self, allowed: Callable[[Grant], bool], what: str) -> None:
         """In jwt mode, refuse what the connection's current grant does not allow."""

@@ -32,6 +32,7 @@ from wsproto.extensions import PerMessageDeflate
 
 from quartchat import metrics
 from quartchat.connection import Connection
+from quartchat.errors import CloseCode
 from quartchat.fastsend import decline_compression, fast_sender_for, prepare
 
 from .servers import ServerProcess, free_port
@@ -84,7 +85,7 @@ class Server:
                 while True:
                     await websocket.receive()  # until the client goes away
             finally:
-                conn.close(1000)
+                conn.close(CloseCode.NORMAL)
                 await asyncio.wait([writer], timeout=5)
 
         self.app = app
@@ -403,7 +404,7 @@ def test_no_frame_overtakes_a_queued_one(steps: list[Any]) -> None:
             while len(transport.data) < len(expected):
                 await asyncio.sleep(0)
         assert bytes(transport.data) == expected
-        conn.close(1000)
+        conn.close(CloseCode.NORMAL)
         await asyncio.wait([writer], timeout=5)
 
     asyncio.run(main())

@@ -19,7 +19,7 @@ from quartchat import metrics
 from quartchat.app import create_app
 from quartchat.config import Settings
 from quartchat.connection import Connection
-from quartchat.errors import ChatError, ConfigError
+from quartchat.errors import ChatError, CloseCode, ConfigError
 from quartchat.fastsend import fast_sender_for
 from quartchat.protocol import Limits, parse_frame
 
@@ -258,7 +258,7 @@ async def test_writer_survives_a_frame_to_a_socket_in_local_closing() -> None:
         while not ws.sent and not writer.done():
             await asyncio.sleep(0.01)
     assert not writer.done(), writer.exception()
-    conn.close(1000)
+    conn.close(CloseCode.NORMAL)
     async with asyncio.timeout(5):
         await writer  # no LocalProtocolError
     assert ws.closed == (1000, "")

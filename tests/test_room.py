@@ -34,6 +34,14 @@ class RecordingStore(DatabaseStore):
         self.entered = asyncio.Event()
         self.down = False  # fault injection: writes fail as if the database were gone
         self.lose_reply = False  # fault injection: the write commits, then the reply is lost
+        self.pages_down = False  # fault injection: history pages fail
+
+    async def page(
+        self, room_id: str, before_seq: int | None, limit: int
+    ) -> tuple[list[StoredMessage], bool]:
+        if self.pages_down:
+            raise StoreError("injected: database unreachable")
+        return await super().page(room_id, before_seq, limit)
 
     async def append(self, room_id: str, posts: Sequence[NewMessage]) -> list[Appended]:
         self.entered.set()
@@ -336,8 +344,8 @@ async def test_presence_counts_a_sender_once_across_connections(hub_factory: Any
     hub.disconnected(a2.conn)  # the last connection goes away without a leave
     ev = await bob.socket.next_of("presence", 2)
     assert ev[1]["event"] == "leave" and ev[1]["sender_id"] == "alice"
-    assert await hub.members(ROOM) == ["bob"]
-    assert await hub.rooms() == [(ROOM, 1)]
+    assert await hub.reads.members(ROOM) == ["bob"]
+    assert await hub.reads.rooms() == [(ROOM, 1)]
 
 
 async def test_store_down_answers_unavailable_and_delivers_nothing(hub_factory: Any) -> None:
@@ -381,3 +389,67 @@ async def test_a_commit_whose_reply_was_lost_is_still_delivered_once(hub_factory
     assert [(m["seq"], m["content"]) for m in got] == [(1, "ambiguous"), (2, "next")]
     await asyncio.sleep(0.3)
     assert len(bob.socket.of("message")) == 2, "delivered once"
+
+
+async def test_errors_sent_by_the_hub_and_the_room_echo_their_command(hub_factory: Any) -> None:
+    """The errors answered after the session handed a command on (by the hub, or
+    the room's actor) echo that command's action, room and client_msg_id."""
+    hub, client = await hub_factory()
+    alice, bob = client("alice"), client("bob")
+    await join(hub, alice)
+    store: RecordingStore = hub.store  # type: ignore[assignment]
+
+    def errors(c: Client, n: int) -> list[dict[str, Any]]:
+        got = c.socket.of("error")[-n:]
+        for frame in got:
+            assert frame.pop("message")
+        return got
+
+    hub.submit(ROOM, Post(bob.conn, "not a member", "b1"))  # the actor refuses it
+    hub.submit(ROOM, Leave(bob.conn))  # the actor: not a member
+    hub.submit("nowhere", Leave(bob.conn))  # no actor: the hub answers (at once)
+    await bob.socket.next_of("error", 3)
+    assert errors(bob, 3) == [
+        {"type": "error", "code": "not_joined", "action": "leave", "room_id": "nowhere"},
+        {
+            "type": "error",
+            "code": "not_joined",
+            "action": "message",
+            "room_id": ROOM,
+            "client_msg_id": "b1",
+        },
+        {"type": "error", "code": "not_joined", "action": "leave", "room_id": ROOM},
+    ]
+    store.down = True  # the writer's batch fails
+    hub.submit(ROOM, Post(alice.conn, "lost", "a1"))
+    await alice.socket.next_of("error")
+    store.down, store.pages_down = False, True  # a history read fails
+    hub.submit(ROOM, History(alice.conn, None, 5))
+    await alice.socket.next_of("error", 2)
+    assert errors(alice, 2) == [
+        {
+            "type": "error",
+            "code": "unavailable",
+            "action": "message",
+            "room_id": ROOM,
+            "client_msg_id": "a1",
+        },
+        {"type": "error", "code": "unavailable", "action": "history", "room_id": ROOM},
+    ]
+    # The actor dies: its members are told to join again.
+    task = hub.actors[ROOM].task
+    assert task is not None
+    task.cancel()
+    await alice.socket.next_of("left")
+    assert errors(alice, 1) == [
+        {"type": "error", "code": "internal", "action": "join", "room_id": ROOM}
+    ]
+    assert alice.socket.of("left")[-1] == {"type": "left", "room_id": ROOM, "reason": "error"}
+
+
+async def test_stopping_a_stopped_hub_does_nothing(hub_factory: Any) -> None:
+    hub, client = await hub_factory()
+    await join(hub, client("alice"))
+    await hub.stop()
+    await hub.stop()  # nothing left to stop: no second close of the store or the broker
+    assert not hub.actors and hub.draining

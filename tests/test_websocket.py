@@ -130,6 +130,74 @@ async def test_every_bad_input_gets_its_error_and_the_socket_stays_usable(app: Q
         )
 
 
+async def test_pipelined_failures_each_echo_their_request(app: Quart) -> None:
+    """Every action's failures, sent back to back before any answer is read: each
+    error echoes its own request's action, and room_id / client_msg_id when the
+    request carried them well formed (PROTOCOL.md), whichever part refused it."""
+    pipelined: list[tuple[dict[str, Any] | str, dict[str, Any]]] = [
+        ({"action": "fly", "room_id": "r"}, {"code": "unknown_action", "action": "fly"}),
+        ({"action": "refresh", "token": "t"}, {"code": "unknown_action", "action": "refresh"}),
+        (
+            {"action": "join", "room_id": "j", "since_seq": -1},
+            {"code": "invalid_field", "action": "join", "room_id": "j"},
+        ),
+        (
+            {"action": "join", "room_id": "bad room"},
+            {"code": "invalid_field", "action": "join"},
+        ),
+        ({"action": "join", "room_id": "a"}, {"type": "joined"}),
+        ({"action": "join", "room_id": "b"}, {"type": "joined"}),
+        ({"action": "join", "room_id": "c"}, {"type": "joined"}),
+        (
+            {"action": "join", "room_id": "d"},
+            {"code": "too_many_rooms", "action": "join", "room_id": "d"},
+        ),
+        (
+            {"action": "leave", "room_id": "x"},
+            {"code": "not_joined", "action": "leave", "room_id": "x"},
+        ),
+        (
+            {"action": "message", "room_id": "x", "content": "hi", "client_msg_id": "m1"},
+            {"code": "not_joined", "action": "message", "room_id": "x", "client_msg_id": "m1"},
+        ),
+        (
+            {"action": "message", "room_id": "a", "content": "x" * 65, "client_msg_id": "m2"},
+            {"code": "too_large", "action": "message", "room_id": "a", "client_msg_id": "m2"},
+        ),
+        (
+            {"action": "message", "room_id": "a", "content": "hi", "client_msg_id": ""},
+            {"code": "invalid_field", "action": "message", "room_id": "a"},
+        ),
+        (
+            {"action": "message", "room_id": "a", "content": 5, "client_msg_id": "m3"},
+            {"code": "invalid_field", "action": "message", "room_id": "a", "client_msg_id": "m3"},
+        ),
+        (
+            {"action": "history", "room_id": "h", "limit": 0},
+            {"code": "invalid_field", "action": "history", "room_id": "h"},
+        ),
+        (
+            # Over the frame limit: refused unparsed, the envelope read by a bounded parse.
+            {"action": "ping", "room_id": "p", "pad": "x" * 70_000},
+            {"code": "too_large", "action": "ping", "room_id": "p"},
+        ),
+        ({"action": "ping"}, {"type": "pong"}),
+    ]
+    async with connect(app) as raw:
+        ws = WS(raw)
+        await ws.expect("welcome")
+        for frame, _ in pipelined:
+            await ws.send(frame)
+        got = [await ws.recv() for _ in pipelined]
+    # Errors come in request order; a room's answers (joined) may come later.
+    errors = [frame for frame in got if frame["type"] == "error"]
+    for frame in errors:
+        assert frame.pop("message")
+    assert errors == [{"type": "error", **want} for _, want in pipelined if "type" not in want]
+    others = sorted(frame["type"] for frame in got if frame["type"] != "error")
+    assert others == sorted(want["type"] for _, want in pipelined if "type" in want)
+
+
 async def test_too_many_rooms(app: Quart) -> None:
     async with connect(app) as raw:
         ws = WS(raw)

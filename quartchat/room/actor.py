@@ -27,7 +27,7 @@ import attrs
 from .. import metrics
 from ..broker import Broker, BrokerError
 from ..connection import Connection
-from ..errors import ChatError
+from ..errors import ChatError, Echo
 from ..store import Store
 from . import commands as c
 from .handlers import RETRY_S, RoomHandlers, answer
@@ -171,16 +171,10 @@ class RoomActor(RoomHandlers):
                 if isinstance(item, c.Stop):
                     if not self.order.started:  # never synced: the posts cannot be written
                         for cmd in self.writer.take_pending():
-                            answer(
-                                cmd,
-                                ChatError(
-                                    "unavailable",
-                                    "storage unavailable; retry later",
-                                    action="message",
-                                    room_id=self.room_id,
-                                    client_msg_id=cmd.client_msg_id,
-                                ),
+                            error = cmd.echo(self.room_id).error(
+                                "unavailable", "storage unavailable; retry later"
                             )
+                            answer(cmd, error)
                     await self.writer.wait_idle()
                     while not self._inbox.empty():  # the last batches' acks
                         last = self._inbox.get_nowait()
@@ -198,8 +192,9 @@ class RoomActor(RoomHandlers):
                     )
                     conn = getattr(item, "conn", None)
                     if isinstance(conn, Connection):
+                        # Echoes the room only (no action), as it always has.
                         conn.send_error(
-                            ChatError("internal", "internal error", room_id=self.room_id)
+                            Echo(room_id=self.room_id).error("internal", "internal error")
                         )
         finally:
             self._stopping = True

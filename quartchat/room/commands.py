@@ -3,16 +3,20 @@ the reports of the helper tasks the actor owns.
 
 A command is a decoded request (:mod:`..protocol`) plus who asked: ``Join``
 for a ``JoinRequest``, ``Post`` for a ``PostRequest`` (the wire's ``message``
-action) or a server-API post, and so on."""
+action) or a server-API post, and so on. A command names the wire action it
+answers; ``echo(room_id)`` is the envelope its errors echo (PROTOCOL.md)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import ClassVar
 
 import attrs
 
 from ..connection import Connection
+from ..errors import Echo
+from ..protocol import Action
 from ..store import Appended, StoredMessage
 from .ordering import Entry
 
@@ -27,9 +31,14 @@ Reply = asyncio.Future[tuple[StoredMessage, bool]]
 class Join:
     """A connection joins; replay ``since_seq`` or the last ``history`` messages."""
 
+    action: ClassVar[Action] = "join"
+
     conn: Connection
     since_seq: int | None = None
     history: int | None = None
+
+    def echo(self, room_id: str) -> Echo:
+        return Echo(self.action, room_id)
 
 
 @attrs.frozen(eq=False)
@@ -40,9 +49,14 @@ class Leave:
     ends the membership (``kicked``, ``forbidden``).
     """
 
+    action: ClassVar[Action] = "leave"
+
     conn: Connection
     quiet: bool = False
     reason: str | None = None
+
+    def echo(self, room_id: str) -> Echo:
+        return Echo(self.action, room_id)
 
 
 @attrs.frozen(eq=False)
@@ -50,11 +64,16 @@ class Post:
     """A post: from a joined connection (``conn``), or from the server API
     (``sender_id`` and ``reply``, answered with the row instead of frames)."""
 
+    action: ClassVar[Action] = "message"
+
     conn: Connection | None
     content: str
     client_msg_id: str | None = None
     sender_id: str | None = None
     reply: Reply | None = None
+
+    def echo(self, room_id: str) -> Echo:
+        return Echo(self.action, room_id, self.client_msg_id)
 
     @property
     def sender(self) -> str:
@@ -68,9 +87,14 @@ class Post:
 class History:
     """A connection asks for a page of history (served by the hub, not an actor)."""
 
+    action: ClassVar[Action] = "history"
+
     conn: Connection
     before_seq: int | None
     limit: int
+
+    def echo(self, room_id: str) -> Echo:
+        return Echo(self.action, room_id)
 
 
 @attrs.frozen(eq=False)

@@ -19,7 +19,7 @@ import orjson
 
 from .. import metrics
 from ..broker import Broker, BrokerError
-from ..errors import ChatError
+from ..errors import ChatError, ErrorCode
 from ..events import MessageEvent, PresenceEvent, decode_events
 from ..fastsend import prepare
 from ..protocol import encode
@@ -178,12 +178,7 @@ class RoomHandlers:
         if member is None:
             if not cmd.quiet:
                 conn.send_error(
-                    ChatError(
-                        "not_joined",
-                        "not joined to this room",
-                        action="leave",
-                        room_id=self.room_id,
-                    )
+                    cmd.echo(self.room_id).error("not_joined", "not joined to this room")
                 )
             return
         if member.replay is not None:
@@ -345,32 +340,17 @@ class RoomHandlers:
             and not any(j.conn is conn for j in self._waiting)
         ):
             conn.send_error(
-                ChatError(
-                    "not_joined",
-                    "join the room before posting",
-                    action="message",
-                    room_id=self.room_id,
-                    client_msg_id=cmd.client_msg_id,
-                )
+                cmd.echo(self.room_id).error("not_joined", "join the room before posting")
             )
             return
         self.writer.add(cmd)
 
     def _on_written(self, msg: c.Written) -> None:
         if msg.answers is None:
-            code = "internal" if msg.error == "internal" else "unavailable"
+            code: ErrorCode = "internal" if msg.error == "internal" else "unavailable"
             text = "internal error; nothing was stored" if code == "internal" else str(msg.error)
             for cmd in msg.batch:
-                answer(
-                    cmd,
-                    ChatError(
-                        code,
-                        text,
-                        action="message",
-                        room_id=self.room_id,
-                        client_msg_id=cmd.client_msg_id,
-                    ),
-                )
+                answer(cmd, cmd.echo(self.room_id).error(code, text))
             return
         # Local members get the batch now; the broker's copy is a duplicate here.
         self._emit([e for entry in msg.entries for e in self.order.offer(entry, time.monotonic())])
