@@ -447,6 +447,37 @@ async def test_errors_sent_by_the_hub_and_the_room_echo_their_command(hub_factor
     assert alice.socket.of("left")[-1] == {"type": "left", "room_id": ROOM, "reason": "error"}
 
 
+async def test_a_command_the_actor_fails_on_is_answered_internal_with_its_echo(
+    hub_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in one command is an ``internal`` error echoing that command
+    (action, room, client_msg_id; it echoed the room only), and the room lives on."""
+    hub, client = await hub_factory()
+    alice = client("alice")
+    await join(hub, alice)
+    actor = hub.actors[ROOM]
+
+    def broken(_cmd: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(actor, "_on_post", broken)
+    hub.submit(ROOM, Post(alice.conn, "boom", "a9"))
+    await alice.socket.next_of("error")
+    frame = alice.socket.of("error")[-1]
+    assert frame.pop("message")
+    assert frame == {
+        "type": "error",
+        "code": "internal",
+        "action": "message",
+        "room_id": ROOM,
+        "client_msg_id": "a9",
+    }
+    monkeypatch.undo()
+    hub.submit(ROOM, Post(alice.conn, "fine", "a10"))
+    acks = await alice.socket.next_of("ack")
+    assert acks[-1]["client_msg_id"] == "a10"
+
+
 async def test_stopping_a_stopped_hub_does_nothing(hub_factory: Any) -> None:
     hub, client = await hub_factory()
     await join(hub, client("alice"))

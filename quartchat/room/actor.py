@@ -192,10 +192,13 @@ class RoomActor(RoomHandlers):
                     )
                     conn = getattr(item, "conn", None)
                     if isinstance(conn, Connection):
-                        # Echoes the room only (no action), as it always has.
-                        conn.send_error(
-                            Echo(room_id=self.room_id).error("internal", "internal error")
+                        # Echoes the command it answers, like every error.
+                        echo = (
+                            item.echo(self.room_id)
+                            if isinstance(item, c.Join | c.Leave | c.Post)
+                            else Echo(room_id=self.room_id)
                         )
+                        conn.send_error(echo.error("internal", "internal error"))
         finally:
             self._stopping = True
             writer.cancel()
