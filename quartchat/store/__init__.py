@@ -1,7 +1,10 @@
 """The message store seam: a :class:`Store` protocol and a factory that picks by URL.
 
 ``sqlite+aiosqlite://`` (embedded default) and ``mysql+aiomysql://`` are both
-served by :class:`quartchat.store.database.DatabaseStore` over ``databases``.
+served by :class:`quartchat.store.database.DatabaseStore` over ``databases``;
+what differs between the two is its :mod:`~quartchat.store.dialect` (one class
+per backend, picked by URL), and all that reaches into ``databases``' internals
+is :mod:`~quartchat.store.driver`.
 
 The store is the one arbiter of seqs: :meth:`Store.append` assigns them in the
 same transaction that stores the rows (a per-room counter row), so a room's

@@ -5,15 +5,15 @@ go in as one transaction: lock the rooms' counter rows (in key order, so two
 servers' groups never deadlock), find retries by client_msg_id, give the new
 posts the next seqs, insert them in one multi-row INSERT, move the counters,
 commit (one fsync). A room's seqs are thus committed in seq order, with no
-holes. On SQLite every write is serialised through one lock, since SQLite has
-a single writer and lock contention would otherwise surface as busy waits,
-and connections are reused (:mod:`.sqlite_pool`).
+holes. Whatever differs between SQLite and MySQL (the SQL, whether writes are
+serialised behind a lock, how connections are taken and given back, which
+errors are duplicates or retryable deadlocks) is the :mod:`.dialect`'s, chosen
+once by URL; this module has no backend branch.
 
-Connections are taken from the ``databases`` backend one per operation and
-never through ``Database.fetch_*``/``Database.transaction()``: those bind a
-connection to the calling asyncio task, and when a transaction fails on a dead
+Every operation takes a driver connection of its own (:mod:`.driver`), never
+one of ``databases``' per-task connections: when a transaction fails on a dead
 connection (its ROLLBACK fails too) or is cancelled by the op timeout,
-``databases`` never releases it. The task then keeps a dead connection forever
+``databases`` never releases those. The task then keeps a dead connection forever
 (every later call in it fails with "Not connected"), the aiomysql pool loses the
 slot for good (after ``maxsize`` such failures every acquire waits forever) and
 ``disconnect()`` waits forever for it. Here any operation that fails or is
@@ -26,44 +26,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import warnings
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime
 from typing import Any
 
-from databases import Database
-from databases.interfaces import ConnectionBackend
-
-from ..validate import is_sqlite_url
 from . import Appended, DuplicateError, NewMessage, StoredMessage, StoreError
 from .append import Request, append_in, reply, row_of
 from .counters import CounterReader
-from .dialect import Dialect
-from .sqlite_pool import SqlitePool
+from .dialect import Dialect, dialect_for
 
 __all__ = ["CONNECT_TIMEOUT", "OP_TIMEOUT", "DatabaseStore"]
 
 log = logging.getLogger(__name__)
 
-# aiomysql turns the server's note on every INSERT IGNORE that finds its room
-# row already there into a Python warning on stderr: expected, not a problem.
-warnings.filterwarnings("ignore", message=r".*Duplicate entry", module=r"aiomysql\.cursors")
-
 OP_TIMEOUT = 15.0  # seconds; a hung database must not hang an actor forever
 CONNECT_TIMEOUT = 5.0  # seconds, for one new MySQL connection (TCP + handshake)
 _GROUP_ROWS = 2000  # most rows one grouped transaction carries
-_SQLITE_CLOSE_WAIT = 2.0  # seconds a failed operation waits for its SQLite connection to close
 _KNOWN_ROOMS_MAX = 100_000  # rooms whose counter row this process knows exists (then forgets all)
 _DEADLOCK_RETRIES = 3
-
-
-def _is_deadlock(exc: BaseException) -> bool:
-    # MySQL 1213 (deadlock) and 1205 (lock wait timeout): the transaction was
-    # rolled back whole, so running it again is safe.
-    text = str(exc)
-    return "1213" in text or "1205" in text or "Deadlock" in text
 
 
 class DatabaseStore:
@@ -77,38 +59,21 @@ class DatabaseStore:
         connection makes them fail at once)."""
         self.url = url
         self.op_timeout = op_timeout
-        self.dialect = Dialect(sqlite=is_sqlite_url(url))
-        if self.dialect.sqlite:
-            self._db = Database(url, timeout=30)
-        else:
-            self._db = Database(
-                url,
-                charset="utf8mb4",
-                connect_timeout=connect_timeout,
-                minsize=1,
-                maxsize=10,
-                pool_recycle=3600,
-            )
-        self._write_lock = asyncio.Lock() if self.dialect.sqlite else None
-        self._sqlite_pool = SqlitePool(self._db._backend) if self.dialect.sqlite else None
+        self.dialect: Dialect = dialect_for(url, connect_timeout=connect_timeout)
         self._queue: deque[Request] = deque()
         self._group_writer: asyncio.Task[None] | None = None
         self._known_rooms: set[str] = set()
         self._counters = CounterReader(self.last_seqs)
-        # SQLite connections being closed after a failure (the close may queue
-        # behind a statement still running in aiosqlite's thread): awaited by close().
-        self._closing: set[asyncio.Task[None]] = set()
 
     async def connect(self) -> None:
         try:
             async with asyncio.timeout(self.op_timeout):
-                await self._db.connect()
+                await self.dialect.connect()
         except Exception as exc:
             raise StoreError(f"cannot connect to the database: {exc}") from exc
-        if self.dialect.sqlite:
-            # WAL lets readers run beside the writer; it persists in the file.
+        for sql in self.dialect.after_connect:
             async with self._session("connect") as raw:
-                await self.dialect.fetch(raw, "PRAGMA journal_mode=WAL", ())
+                await self.dialect.fetch(raw, sql, ())
 
     async def close(self) -> None:
         await self._counters.close()
@@ -120,21 +85,7 @@ class DatabaseStore:
             except TimeoutError:
                 self._group_writer.cancel()
             await asyncio.gather(self._group_writer, return_exceptions=True)
-        if self._sqlite_pool is not None:
-            await self._sqlite_pool.close()
-        # Every operation gives its connection back within op_timeout, so the
-        # pool's wait for used connections is bounded; the timeout is a safety net.
-        try:
-            async with asyncio.timeout(self.op_timeout + 5):
-                if self._closing:
-                    await asyncio.gather(*self._closing, return_exceptions=True)
-                if self._db.is_connected:
-                    await self._db.disconnect()
-        except TimeoutError:
-            log.warning("closing the database timed out; dropping its connections")
-            pool = getattr(self._db._backend, "_pool", None)
-            if pool is not None and hasattr(pool, "terminate"):
-                pool.terminate()  # aiomysql: close the connections still in use
+        await self.dialect.close(self.op_timeout + 5)
 
     # ---- sessions -------------------------------------------------------
 
@@ -151,7 +102,7 @@ class DatabaseStore:
         except (OSError, RuntimeError, AssertionError) as exc:
             raise StoreError(f"{what}: {exc}") from exc
         except Exception as exc:
-            if type(exc).__name__ == "IntegrityError":
+            if self.dialect.is_duplicate(exc):
                 raise DuplicateError(f"{what}: {exc}") from exc
             raise StoreError(f"{what}: {type(exc).__name__}: {exc}") from exc
 
@@ -166,75 +117,25 @@ class DatabaseStore:
         never reused: its state is unknown (half-read result, open transaction,
         dead socket), and closing it makes the server roll back what it began.
         """
+        d = self.dialect
         async with self._op(what), AsyncExitStack() as stack:
             if write:
-                await stack.enter_async_context(self._writing())
-            if self._sqlite_pool is not None:
-                conn = await self._sqlite_pool.acquire(stack)
-            else:
-                conn = self._db._backend.connection()  # see the module docstring
-                await conn.acquire()
+                await stack.enter_async_context(d.writing())
+            conn = await d.acquire(stack)
             ok = False
-            raw = conn.raw_connection
+            raw = d.driver.raw(conn)
             try:
                 if transaction:
-                    await self._begin(raw)
+                    await d.begin(raw)
                 yield raw
                 if transaction:
-                    await self._commit(raw)
+                    await d.commit(raw)
                 ok = True
             finally:
-                if ok and self._sqlite_pool is not None:
-                    await self._sqlite_pool.give_back(conn)
-                elif ok:
-                    await conn.release()
+                if ok:
+                    await d.give_back(conn)
                 else:
-                    await self._discard(conn)
-
-    async def _begin(self, raw: Any) -> None:
-        if self.dialect.sqlite:
-            # IMMEDIATE takes the write lock now, waiting on the busy timeout. A
-            # deferred transaction that reads, then writes, fails at once with
-            # "database is locked" when another connection wrote in between.
-            await raw.execute("BEGIN IMMEDIATE")
-        else:
-            await raw.begin()
-
-    @staticmethod
-    async def _commit(raw: Any) -> None:
-        await raw.commit()
-
-    async def _discard(self, conn: ConnectionBackend) -> None:
-        """Close a connection whose state is unknown and give its pool slot back."""
-        if self.dialect.sqlite:
-            # Closing (which rolls back) queues behind any statement still running
-            # in aiosqlite's thread, maybe a busy wait: wait for it a little (while
-            # still holding the write lock), then let it finish on its own; close()
-            # waits for it.
-            task = asyncio.create_task(self._release_quietly(conn))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
-            await asyncio.wait({task}, timeout=_SQLITE_CLOSE_WAIT)
-            return
-        # aiomysql: close the socket now; the pool then forgets the connection.
-        raw = conn.raw_connection
-        raw.close()
-        await self._release_quietly(conn)
-
-    @staticmethod
-    async def _release_quietly(conn: ConnectionBackend) -> None:
-        try:
-            await conn.release()
-        except Exception:  # already broken: nothing more to do for it
-            log.debug("releasing a broken connection failed", exc_info=True)
-
-    @asynccontextmanager
-    async def _writing(self) -> AsyncIterator[None]:
-        if self._write_lock is None:
-            yield
-        else:
-            async with self._write_lock:
-                yield
+                    await d.discard(conn)
 
     # ---- reads ----------------------------------------------------------
 
@@ -352,7 +253,7 @@ class DatabaseStore:
             except DuplicateError:
                 raise
             except StoreError as exc:
-                if not _is_deadlock(exc) or attempt == _DEADLOCK_RETRIES - 1:
+                if not self.dialect.retryable(exc) or attempt == _DEADLOCK_RETRIES - 1:
                     raise
                 log.info("insert deadlocked (attempt %d); running it again", attempt + 1)
         raise AssertionError("unreachable")

@@ -18,43 +18,38 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import logging
 from contextlib import AsyncExitStack
-from typing import Any
 
-from databases.interfaces import ConnectionBackend
+from .driver import Connection, Driver
 
 __all__ = ["SqlitePool"]
-
-log = logging.getLogger(__name__)
 
 
 class SqlitePool:
     """At most ``size`` SQLite connections, the idle ones kept for ``idle_s``."""
 
-    def __init__(self, backend: Any, *, size: int = 4, idle_s: float = 2.0) -> None:
-        self._backend = backend
+    def __init__(self, driver: Driver, *, size: int = 4, idle_s: float = 2.0) -> None:
+        self._driver = driver
         self._size = size
         self._idle_s = idle_s
-        self._idle: list[tuple[ConnectionBackend, float]] = []
+        self._idle: list[tuple[Connection, float]] = []
         self._slots = asyncio.Semaphore(size)
         self._closer: asyncio.Task[None] | None = None
         self._closed = False
 
-    async def acquire(self, stack: AsyncExitStack) -> ConnectionBackend:
+    async def acquire(self, stack: AsyncExitStack) -> Connection:
         """A connection for one operation; its slot is given back when ``stack`` closes."""
         await self._slots.acquire()
         stack.callback(self._slots.release)
         if self._idle:
             return self._idle.pop()[0]  # the most recently used: the rest can expire
-        conn: ConnectionBackend = self._backend.connection()
-        await conn.acquire()
-        return conn
+        return await self._driver.acquire()
 
-    async def give_back(self, conn: ConnectionBackend) -> None:
+    async def give_back(self, conn: Connection) -> None:
         """After a successful operation: keep a clean connection, else release it."""
-        if self._closed or len(self._idle) >= self._size or conn.raw_connection.in_transaction:
-            await _release(conn)
+        in_transaction = self._driver.raw(conn).in_transaction
+        if self._closed or len(self._idle) >= self._size or in_transaction:
+            await self._driver.release(conn, quietly=True)
             return
         self._idle.append((conn, asyncio.get_running_loop().time()))
         if self._closer is None or self._closer.done():
@@ -84,11 +79,4 @@ class SqlitePool:
         stale = [conn for conn, used in self._idle if used <= cutoff]
         self._idle = [(conn, used) for conn, used in self._idle if used > cutoff]
         for conn in stale:
-            await _release(conn)
-
-
-async def _release(conn: ConnectionBackend) -> None:
-    try:
-        await conn.release()
-    except Exception:  # already broken: nothing more to do for it
-        log.debug("releasing a SQLite connection failed", exc_info=True)
+            await self._driver.release(conn, quietly=True)
