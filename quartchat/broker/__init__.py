@@ -8,25 +8,24 @@ implementations are imported lazily so the embedded mode needs no Redis client.
 Seqs are not the broker's business (the store assigns them). Presence is: the
 broker keeps this process's local presence table (what rooms told it through
 ``join``/``leave``), applies it to the shared view in the background, and
-announces first-anywhere / last-anywhere changes as presence events on the
-room's own channel, so every subscriber of the room hears them in order with
-its messages.
+announces first-anywhere / last-anywhere changes as presence events
+(``events.PresenceEvent``: a sender id and ``join``/``leave``, no client frame)
+on the room's own channel, so every subscriber of the room hears them in order
+with its messages; the room builds the ``presence`` frame its members get.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from ..events import PresenceEvent, encode_events
 from ..logs import redact
-from ..protocol import encode
 from ..validate import is_memory_url, is_redis_cluster_url, is_redis_url
 
 if TYPE_CHECKING:
     from ..config import Settings
 
-__all__ = ["Broker", "BrokerError", "Handler", "Presence", "create_broker", "presence_payload"]
+__all__ = ["Broker", "BrokerError", "Handler", "Presence", "create_broker"]
 
 # Called with each payload published to a subscribed room, or with None when
 # the broker may have lost payloads (a reconnect): the subscriber must then
@@ -36,12 +35,6 @@ Handler = Callable[[bytes | None], None]
 
 class BrokerError(Exception):
     """The broker could not be reached or refused the operation."""
-
-
-def presence_payload(room_id: str, sender_id: str, event: Literal["join", "leave"]) -> bytes:
-    """The channel payload announcing that ``sender_id`` joined or left ``room_id`` anywhere."""
-    frame = encode({"type": "presence", "room_id": room_id, "event": event, "sender_id": sender_id})
-    return encode_events([PresenceEvent(sender_id, frame)])
 
 
 class Presence(Protocol):
