@@ -1,9 +1,21 @@
 """The broker seam: fan-out of room events between processes, and presence.
 
-A :class:`Broker` is chosen by URL: ``memory://`` (one process, the embedded
+Two small protocols, and their composition:
+
+- :class:`PubSub`: room channels (``subscribe``/``unsubscribe``/``publish``),
+  plus the connection's life (``start``/``close``/``ping``). Payloads are
+  opaque bytes here; what rooms put in them is events.py's business.
+- :class:`Presence`: who is in which room, on any live server.
+- :class:`Broker`: a :class:`PubSub` whose ``presence`` is a :class:`Presence`,
+  what the hub, the rooms and the control channel are handed. A component
+  that only publishes (the room's writer) takes a :class:`PubSub`.
+
+A broker is chosen by URL: ``memory://`` (one process, the embedded
 default), ``redis://`` (any number of processes and hosts) or
 ``redis+cluster://`` (a Redis Cluster: sharded pub/sub). The Redis
 implementations are imported lazily so the embedded mode needs no Redis client.
+Each one is checked against these protocols by ``mypy --strict`` (the
+``TYPE_CHECKING`` block at the end of this module).
 
 Seqs are not the broker's business (the store assigns them). Presence is: the
 broker keeps this process's local presence table (what rooms told it through
@@ -25,7 +37,7 @@ from ..validate import is_memory_url, is_redis_cluster_url, is_redis_url
 if TYPE_CHECKING:
     from ..config import Settings
 
-__all__ = ["Broker", "BrokerError", "Handler", "Presence", "create_broker"]
+__all__ = ["Broker", "BrokerError", "Handler", "Presence", "PubSub", "create_broker"]
 
 # Called with each payload published to a subscribed room, or with None when
 # the broker may have lost payloads (a reconnect): the subscriber must then
@@ -35,6 +47,30 @@ Handler = Callable[[bytes | None], None]
 
 class BrokerError(Exception):
     """The broker could not be reached or refused the operation."""
+
+
+class PubSub(Protocol):
+    """Room channels: every payload published to a room reaches its subscribers on every server."""
+
+    async def start(self) -> None:
+        """Connect (:class:`BrokerError` if the broker cannot be reached)."""
+
+    async def close(self) -> None:
+        """Stop delivering and release the connections (a broker also settles presence)."""
+
+    async def ping(self) -> None:
+        """Raise :class:`BrokerError` unless the broker answers."""
+
+    async def subscribe(self, room_id: str, handler: Handler) -> None:
+        """Deliver the room's payloads to ``handler``; returns once subscribed."""
+
+    async def unsubscribe(self, room_id: str, handler: Handler) -> None:
+        """Stop delivering to ``handler``."""
+
+    async def publish(self, room_id: str, payload: bytes) -> None:
+        """Send ``payload`` to every subscriber of the room on every server.
+
+        Returns once sent; :class:`BrokerError` on failure or after a bounded wait."""
 
 
 class Presence(Protocol):
@@ -63,30 +99,14 @@ class Presence(Protocol):
         """Return once every change queued before the call is applied (bounded while down)."""
 
 
-class Broker(Protocol):
-    """Room channels and presence."""
+class Broker(PubSub, Protocol):
+    """Room channels and presence: what a server is built with.
+
+    ``close()`` also settles presence (bounded), removes this process's
+    entries and announces their leaves."""
 
     @property
     def presence(self) -> Presence: ...
-
-    async def start(self) -> None: ...
-
-    async def close(self) -> None:
-        """Settle presence (bounded), remove this process's entries and announce their leaves."""
-
-    async def ping(self) -> None:
-        """Raise :class:`BrokerError` unless the broker answers."""
-
-    async def subscribe(self, room_id: str, handler: Handler) -> None:
-        """Deliver the room's payloads to ``handler``; returns once subscribed."""
-
-    async def unsubscribe(self, room_id: str, handler: Handler) -> None:
-        """Stop delivering to ``handler``."""
-
-    async def publish(self, room_id: str, payload: bytes) -> None:
-        """Send ``payload`` to every subscriber of the room on every server.
-
-        Returns once sent; :class:`BrokerError` on failure or after a bounded wait."""
 
 
 def create_broker(settings: Settings) -> Broker:
@@ -117,3 +137,15 @@ def create_broker(settings: Settings) -> Broker:
             timeout_s=settings.redis_timeout_s,
         )
     raise ValueError(f"unsupported broker URL {redact(url)!r}")
+
+
+if TYPE_CHECKING:
+    # mypy --strict checks every implementation against the protocols here: a
+    # missing or mistyped method fails the type check, not a test at run time.
+    from .memory import MemoryBroker, MemoryPresence
+    from .redis import RedisBroker
+    from .redis_cluster import GatedPresence, RedisClusterBroker
+    from .redis_presence import RedisPresence
+
+    _BROKERS: tuple[type[Broker], ...] = (MemoryBroker, RedisBroker, RedisClusterBroker)
+    _PRESENCES: tuple[type[Presence], ...] = (MemoryPresence, RedisPresence, GatedPresence)
