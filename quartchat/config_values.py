@@ -20,6 +20,7 @@ from .validate import (
     is_memory_url,
     is_redis_cluster_url,
     is_redis_url,
+    parse_cluster_url,
     parse_int,
     valid_name,
 )
@@ -98,8 +99,6 @@ def database_url(name: str, raw: str) -> str:
 def broker_url(name: str, raw: str) -> str:
     url = raw.strip()
     if is_redis_cluster_url(url):
-        from .broker.redis_cluster import parse_cluster_url
-
         try:
             parse_cluster_url(url)
         except ValueError as exc:  # names host:port parts only, never the credentials

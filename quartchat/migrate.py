@@ -26,6 +26,7 @@ from .validate import (
     is_redis_cluster_url,
     is_redis_url,
     is_sqlite_url,
+    parse_cluster_url,
 )
 
 __all__ = [
@@ -118,8 +119,6 @@ def upgrade_locked(settings: Settings) -> None:
 
     client: redis.Redis | redis.RedisCluster
     if is_redis_cluster_url(settings.broker_url):
-        from .broker.redis_cluster import parse_cluster_url
-
         parsed = parse_cluster_url(settings.broker_url)
         client = redis.RedisCluster(
             startup_nodes=[

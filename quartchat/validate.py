@@ -1,5 +1,11 @@
 """One validator per kind of value: ids, bounded integers, store and broker URLs.
 
+The URL schemes are owned here: the config checks a URL with these functions
+and the store and broker factories choose by them, so both agree on what a URL
+means. A ``redis+cluster://`` URL is also parsed here (:func:`parse_cluster_url`),
+once for the config's check and again by whoever connects (the broker, the
+migration lock), so a URL the config accepted is one they can use.
+
 Every check here is a full match: ``re.fullmatch`` (``$`` would accept a
 trailing newline, so ``"room\\n"`` would pass as a room id). Integers are
 bounded to what every store accepts (a signed 64-bit column, and SQLite's
@@ -11,7 +17,8 @@ It imports nothing of quartchat, so every module (client included) may use it.
 from __future__ import annotations
 
 import re
-from typing import Final
+from typing import Final, NamedTuple
+from urllib.parse import unquote
 
 __all__ = [
     "DATABASE_SCHEMES",
@@ -25,6 +32,7 @@ __all__ = [
     "SENDER_ID_PATTERN",
     "SENDER_ID_RE",
     "SQLITE_SCHEME",
+    "ClusterURL",
     "InvalidValue",
     "check_int",
     "is_database_url",
@@ -32,6 +40,7 @@ __all__ = [
     "is_redis_cluster_url",
     "is_redis_url",
     "is_sqlite_url",
+    "parse_cluster_url",
     "parse_int",
     "valid_client_msg_id",
     "valid_name",
@@ -122,3 +131,35 @@ def is_redis_url(url: str) -> bool:
 def is_redis_cluster_url(url: str) -> bool:
     """True for a Redis Cluster broker URL (``redis+cluster://host:port[,host:port...]``)."""
     return url.startswith(REDIS_CLUSTER_SCHEME)
+
+
+class ClusterURL(NamedTuple):
+    """A parsed ``redis+cluster://`` URL: the startup nodes and the credentials."""
+
+    nodes: list[tuple[str, int]]
+    username: str | None
+    password: str | None
+
+
+def parse_cluster_url(url: str) -> ClusterURL:
+    """Startup nodes and credentials of ``redis+cluster://[user:password@]host:port[,host:port...]``.
+
+    ValueError if malformed; its message names the host:port parts only, never
+    the credentials."""
+    if not is_redis_cluster_url(url):
+        raise ValueError(f"not a {REDIS_CLUSTER_SCHEME} URL")
+    rest = url[len(REDIS_CLUSTER_SCHEME) :].split("?", 1)[0].rstrip("/")
+    username = password = None
+    if "@" in rest:
+        auth, rest = rest.rsplit("@", 1)
+        user, _, secret = auth.partition(":")
+        username, password = unquote(user) or None, unquote(secret) or None
+    nodes: list[tuple[str, int]] = []
+    for part in rest.split(","):
+        host, sep, port = part.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(
+                f"{REDIS_CLUSTER_SCHEME} needs host:port[,host:port...], got {part.strip()!r}"
+            )
+        nodes.append((host.strip("[]"), int(port)))
+    return ClusterURL(nodes, username, password)

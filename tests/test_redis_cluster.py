@@ -20,8 +20,9 @@ from redis.crc import key_slot
 
 from quartchat import metrics
 from quartchat.broker import BrokerError
-from quartchat.broker.redis_cluster import RedisClusterBroker, parse_cluster_url
+from quartchat.broker.redis_cluster import RedisClusterBroker
 from quartchat.config import ConfigError, Settings
+from quartchat.validate import parse_cluster_url
 
 from .cluster import Cluster, eventually, summary
 from .redis_cluster_util import RedisClusterServers

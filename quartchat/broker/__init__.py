@@ -1,32 +1,43 @@
 """The broker seam: fan-out of room events between processes, and presence.
 
-A :class:`Broker` is chosen by URL: ``memory://`` (one process, the embedded
+Two small protocols, and their composition:
+
+- :class:`PubSub`: room channels (``subscribe``/``unsubscribe``/``publish``),
+  plus the connection's life (``start``/``close``/``ping``). Payloads are
+  opaque bytes here; what rooms put in them is events.py's business.
+- :class:`Presence`: who is in which room, on any live server.
+- :class:`Broker`: a :class:`PubSub` whose ``presence`` is a :class:`Presence`,
+  what the hub, the rooms and the control channel are handed. A component
+  that only publishes (the room's writer) takes a :class:`PubSub`.
+
+A broker is chosen by URL: ``memory://`` (one process, the embedded
 default), ``redis://`` (any number of processes and hosts) or
 ``redis+cluster://`` (a Redis Cluster: sharded pub/sub). The Redis
 implementations are imported lazily so the embedded mode needs no Redis client.
+Each one is checked against these protocols by ``mypy --strict`` (the
+``TYPE_CHECKING`` block at the end of this module).
 
 Seqs are not the broker's business (the store assigns them). Presence is: the
 broker keeps this process's local presence table (what rooms told it through
 ``join``/``leave``), applies it to the shared view in the background, and
-announces first-anywhere / last-anywhere changes as presence events on the
-room's own channel, so every subscriber of the room hears them in order with
-its messages.
+announces first-anywhere / last-anywhere changes as presence events
+(``events.PresenceEvent``: a sender id and ``join``/``leave``, no client frame)
+on the room's own channel, so every subscriber of the room hears them in order
+with its messages; the room builds the ``presence`` frame its members get.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from ..events import PresenceEvent, encode_events
 from ..logs import redact
-from ..protocol import encode
 from ..validate import is_memory_url, is_redis_cluster_url, is_redis_url
 
 if TYPE_CHECKING:
     from ..config import Settings
 
-__all__ = ["Broker", "BrokerError", "Handler", "Presence", "create_broker", "presence_payload"]
+__all__ = ["Broker", "BrokerError", "Handler", "Presence", "PubSub", "create_broker"]
 
 # Called with each payload published to a subscribed room, or with None when
 # the broker may have lost payloads (a reconnect): the subscriber must then
@@ -38,10 +49,28 @@ class BrokerError(Exception):
     """The broker could not be reached or refused the operation."""
 
 
-def presence_payload(room_id: str, sender_id: str, event: Literal["join", "leave"]) -> bytes:
-    """The channel payload announcing that ``sender_id`` joined or left ``room_id`` anywhere."""
-    frame = encode({"type": "presence", "room_id": room_id, "event": event, "sender_id": sender_id})
-    return encode_events([PresenceEvent(sender_id, frame)])
+class PubSub(Protocol):
+    """Room channels: every payload published to a room reaches its subscribers on every server."""
+
+    async def start(self) -> None:
+        """Connect (:class:`BrokerError` if the broker cannot be reached)."""
+
+    async def close(self) -> None:
+        """Stop delivering and release the connections (a broker also settles presence)."""
+
+    async def ping(self) -> None:
+        """Raise :class:`BrokerError` unless the broker answers."""
+
+    async def subscribe(self, room_id: str, handler: Handler) -> None:
+        """Deliver the room's payloads to ``handler``; returns once subscribed."""
+
+    async def unsubscribe(self, room_id: str, handler: Handler) -> None:
+        """Stop delivering to ``handler``."""
+
+    async def publish(self, room_id: str, payload: bytes) -> None:
+        """Send ``payload`` to every subscriber of the room on every server.
+
+        Returns once sent; :class:`BrokerError` on failure or after a bounded wait."""
 
 
 class Presence(Protocol):
@@ -70,30 +99,14 @@ class Presence(Protocol):
         """Return once every change queued before the call is applied (bounded while down)."""
 
 
-class Broker(Protocol):
-    """Room channels and presence."""
+class Broker(PubSub, Protocol):
+    """Room channels and presence: what a server is built with.
+
+    ``close()`` also settles presence (bounded), removes this process's
+    entries and announces their leaves."""
 
     @property
     def presence(self) -> Presence: ...
-
-    async def start(self) -> None: ...
-
-    async def close(self) -> None:
-        """Settle presence (bounded), remove this process's entries and announce their leaves."""
-
-    async def ping(self) -> None:
-        """Raise :class:`BrokerError` unless the broker answers."""
-
-    async def subscribe(self, room_id: str, handler: Handler) -> None:
-        """Deliver the room's payloads to ``handler``; returns once subscribed."""
-
-    async def unsubscribe(self, room_id: str, handler: Handler) -> None:
-        """Stop delivering to ``handler``."""
-
-    async def publish(self, room_id: str, payload: bytes) -> None:
-        """Send ``payload`` to every subscriber of the room on every server.
-
-        Returns once sent; :class:`BrokerError` on failure or after a bounded wait."""
 
 
 def create_broker(settings: Settings) -> Broker:
@@ -124,3 +137,15 @@ def create_broker(settings: Settings) -> Broker:
             timeout_s=settings.redis_timeout_s,
         )
     raise ValueError(f"unsupported broker URL {redact(url)!r}")
+
+
+if TYPE_CHECKING:
+    # mypy --strict checks every implementation against the protocols here: a
+    # missing or mistyped method fails the type check, not a test at run time.
+    from .memory import MemoryBroker, MemoryPresence
+    from .redis import RedisBroker
+    from .redis_cluster import GatedPresence, RedisClusterBroker
+    from .redis_presence import RedisPresence
+
+    _BROKERS: tuple[type[Broker], ...] = (MemoryBroker, RedisBroker, RedisClusterBroker)
+    _PRESENCES: tuple[type[Presence], ...] = (MemoryPresence, RedisPresence, GatedPresence)

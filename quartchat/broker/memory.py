@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Literal
 
-from . import Handler, presence_payload
+from ..events import PresenceEvent, PresenceKind, encode_events
+from . import Handler
 
 __all__ = ["MemoryBroker", "MemoryPresence"]
 
@@ -26,7 +26,7 @@ class MemoryPresence:
         self._publish = publish
         self._rooms: dict[str, dict[str, int]] = defaultdict(dict)
         # Announcements not delivered yet, in order: (room, sender) -> event.
-        self._pending: dict[tuple[str, str], Literal["join", "leave"]] = {}
+        self._pending: dict[tuple[str, str], PresenceKind] = {}
         self._scheduled = False
 
     def join(self, room_id: str, sender_id: str) -> None:
@@ -46,7 +46,7 @@ class MemoryPresence:
                 del self._rooms[room_id]
             self._queue(room_id, sender_id, "leave")
 
-    def _queue(self, room_id: str, sender_id: str, event: Literal["join", "leave"]) -> None:
+    def _queue(self, room_id: str, sender_id: str, event: PresenceKind) -> None:
         key = (room_id, sender_id)
         if key in self._pending and self._pending[key] != event:
             del self._pending[key]  # a join and a leave nobody heard yet cancel out
@@ -60,7 +60,7 @@ class MemoryPresence:
         self._scheduled = False
         pending, self._pending = self._pending, {}
         for (room_id, sender_id), event in pending.items():
-            self._publish(room_id, presence_payload(room_id, sender_id, event))
+            self._publish(room_id, encode_events([PresenceEvent(sender_id, event)]))
 
     async def members(self, room_id: str) -> list[str]:
         return sorted(self._rooms.get(room_id, ()))

@@ -20,7 +20,8 @@ subscribed rooms, resubscribed per master after a loss, a failover or a slot
 move, then each room catches up from the store.
 
 URL: ``redis+cluster://[user:password@]host:port[,host:port...]``, the
-startup nodes (any of them answering is enough; the others are learned).
+startup nodes (any of them answering is enough; the others are learned),
+parsed by ``validate.parse_cluster_url`` as the config checked it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import logging
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
-from urllib.parse import unquote
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode
@@ -40,48 +40,19 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisClusterException
 
 from .. import metrics
+from ..validate import parse_cluster_url
 from . import BrokerError, Handler
-from .cluster_nodes import Address
 from .cluster_pubsub import ShardedSubscriber
 from .redis_presence import RedisPresence
 from .redis_publisher import _ERRORS, Outbox, _wrap, publisher_loop, send_publish
 from .redis_scripts import Keys
 
-__all__ = ["ClusterURL", "GatedPresence", "RedisClusterBroker", "parse_cluster_url"]
+__all__ = ["GatedPresence", "RedisClusterBroker"]
 
 log = logging.getLogger(__name__)
 
-SCHEME = "redis+cluster://"
 _PUBLISH_QUEUE = 10_000
 _OWN_CONNECTIONS = 16  # per master, beyond pool_size: the broker's own tasks
-
-
-class ClusterURL:
-    """A parsed ``redis+cluster://`` URL."""
-
-    def __init__(self, nodes: list[Address], username: str | None, password: str | None) -> None:
-        self.nodes = nodes
-        self.username = username
-        self.password = password
-
-
-def parse_cluster_url(url: str) -> ClusterURL:
-    """Startup nodes and credentials of a ``redis+cluster://`` URL (ValueError if malformed)."""
-    if not url.startswith(SCHEME):
-        raise ValueError(f"not a {SCHEME} URL")
-    rest = url[len(SCHEME) :].split("?", 1)[0].rstrip("/")
-    username = password = None
-    if "@" in rest:
-        auth, rest = rest.rsplit("@", 1)
-        user, _, secret = auth.partition(":")
-        username, password = unquote(user) or None, unquote(secret) or None
-    nodes: list[Address] = []
-    for part in rest.split(","):
-        host, sep, port = part.strip().rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"{SCHEME} needs host:port[,host:port...], got {part.strip()!r}")
-        nodes.append((host.strip("[]"), int(port)))
-    return ClusterURL(nodes, username, password)
 
 
 class GatedPresence:

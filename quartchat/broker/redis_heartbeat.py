@@ -27,7 +27,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from . import BrokerError, presence_payload
+from ..events import PresenceEvent, encode_events
+from . import BrokerError
 from .redis_scripts import BATCH, ERRORS, STALE_MS, Keys, Scripts, chunks
 
 __all__ = ["Heartbeat"]
@@ -159,7 +160,7 @@ class Heartbeat:
                 self._reannounce.update((room_id, s.decode()) for s in result)
         for room_id, sender in sorted(self._reannounce):
             # Re-added after a reaper announced our member's leave: announce the join.
-            await self._publish(room_id, presence_payload(room_id, sender, "join"))
+            await self._publish(room_id, encode_events([PresenceEvent(sender, "join")]))
             self._reannounce.discard((room_id, sender))
 
     async def reap(self) -> None:
@@ -188,7 +189,7 @@ class Heartbeat:
                     args: list[Any] = [now, _REAP_STALE_MS]
                     for entry in entries:
                         sender = entry.partition(b"\0")[2].decode()
-                        args += [entry, presence_payload(room_id, sender, "leave")]
+                        args += [entry, encode_events([PresenceEvent(sender, "leave")])]
                     await self._lua["REAP"](
                         keys=self._keys.presence(room_id), args=args, client=pipe
                     )

@@ -26,7 +26,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from . import BrokerError, presence_payload
+from ..events import PresenceEvent, encode_events
+from . import BrokerError
 from .redis_heartbeat import Heartbeat
 from .redis_scripts import BATCH, ERRORS, STALE_MS, Keys, Scripts, chunks
 
@@ -271,7 +272,7 @@ class RedisPresence:
                             self.node,
                             sender,
                             self._window_ms,
-                            presence_payload(room_id, sender, "join"),
+                            encode_events([PresenceEvent(sender, "join")]),
                         ],
                     )
                 else:
@@ -283,7 +284,7 @@ class RedisPresence:
                             STALE_MS,
                             self.node,
                             sender,
-                            presence_payload(room_id, sender, "leave"),
+                            encode_events([PresenceEvent(sender, "leave")]),
                         ],
                     )
             if joined:

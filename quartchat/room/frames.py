@@ -1,5 +1,6 @@
 """The frames a room sends, built in one place: messages (encoded once per
-row, shared by every member and by history pages), acks, joined and left."""
+row, shared by every member and by history pages), acks, joined, presence
+(from the broker's presence events, which carry no frame) and left."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 from ..protocol import encode, message_frame
 from ..store import StoredMessage
 
-__all__ = ["ack_frame", "encode_row", "joined_frame", "left_frame", "page_json"]
+__all__ = ["ack_frame", "encode_row", "joined_frame", "left_frame", "page_json", "presence_frame"]
 
 
 def encode_row(row: StoredMessage) -> str:

@@ -15,12 +15,10 @@ import time
 from collections.abc import Coroutine
 from typing import Any, cast
 
-import orjson
-
 from .. import metrics
 from ..broker import Broker, BrokerError
 from ..errors import ChatError, ErrorCode
-from ..events import MessageEvent, PresenceEvent, decode_events
+from ..events import MessageEvent, PresenceEvent, PresenceKind, decode_events
 from ..fastsend import prepare
 from ..protocol import encode
 from ..store import Store, StoreError
@@ -97,12 +95,20 @@ class RoomHandlers:
         # Presence events published while the broker was away are lost: tell the
         # members what changed meanwhile, as the events would have.
         came, went = self.members.refresh(view.senders, view.maybe)
-        for event, senders in (("join", came), ("leave", went)):
-            for sender in senders:
-                frame = encode(presence_frame(self.room_id, sender, event))
-                for member in self.members:
-                    if member.conn.sender_id != sender:
-                        member.conn.send(frame)
+        for sender in came:
+            self._announce(sender, "join")
+        for sender in went:
+            self._announce(sender, "leave")
+
+    def _announce(self, sender: str, event: PresenceKind) -> None:
+        """Send the ``presence`` frame of ``sender``'s join or leave to every other member.
+
+        The one place a presence frame is built: for the broker's presence
+        events and for what a refreshed view found changed."""
+        frame = encode(presence_frame(self.room_id, sender, event))
+        for member in self.members:
+            if member.conn.sender_id != sender:
+                member.conn.send(frame)
 
     def _on_synced(self, last_seq: int, now: float) -> None:
         self._sync_at = None
@@ -245,14 +251,8 @@ class RoomHandlers:
             metrics.REORDER_HOLDS.inc(self.order.holds - holds)
 
     def _on_presence(self, event: PresenceEvent) -> None:
-        try:
-            kind = orjson.loads(event.frame).get("event")
-        except (orjson.JSONDecodeError, AttributeError):
-            return
-        self.members.presence(event.sender_id, str(kind))
-        for member in self.members:
-            if member.conn.sender_id != event.sender_id:
-                member.conn.send(event.frame)
+        self.members.presence(event.sender_id, event.event)
+        self._announce(event.sender_id, event.event)
 
     def _on_read(self, msg: c.Read, now: float) -> None:
         if msg.failed:

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable
 
 from .. import metrics
-from ..broker import Broker, BrokerError
+from ..broker import BrokerError, PubSub
 from ..events import MessageEvent, encode_events
 from ..store import NewMessage, Store, StoreError
 from .commands import Post, Written
@@ -43,7 +43,7 @@ class Writer:
         room_id: str,
         *,
         store: Store,
-        broker: Broker,
+        broker: PubSub,
         batch_max: int,
         report: Callable[[Written], None],
     ) -> None:
