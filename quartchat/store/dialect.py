@@ -15,6 +15,9 @@ dialect owns:
   is acquired, given back after success or discarded after a failure, how a
   transaction begins, what runs once after connecting, and how everything is
   closed;
+- how the append transaction reaches the server (:meth:`Dialect.begin_append`,
+  :meth:`Dialect.commit_append`): statement by statement on SQLite, two
+  multi-statement round trips on MySQL;
 - whether writes are serialised behind one lock (SQLite: one writer at a time);
 - which driver errors mean a duplicate key and which a retryable deadlock.
 """
@@ -32,16 +35,28 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from ..validate import is_sqlite_url
+from . import multi
 from .driver import Connection, Driver
 from .sqlite_pool import SqlitePool
 
-__all__ = ["Dialect", "MysqlDialect", "SqliteDialect", "dialect_for", "to_datetime", "to_ms"]
+__all__ = [
+    "Dialect",
+    "MysqlDialect",
+    "Query",
+    "SqliteDialect",
+    "dialect_for",
+    "to_datetime",
+    "to_ms",
+]
 
 log = logging.getLogger(__name__)
 
 _MESSAGE_COLUMNS = "room_id, seq, id, sender_id, content, client_msg_id, created_at"
 _SQLITE_CLOSE_WAIT = 2.0  # seconds a failed operation waits for its SQLite connection to close
 _MYSQL_RETRYABLE = frozenset({1213, 1205})  # deadlock, lock wait timeout
+
+Query = tuple[str, Sequence[Any]]
+"""One statement and its parameters."""
 
 # aiomysql turns the server's note on every INSERT IGNORE that finds its room
 # row already there into a Python warning on stderr: expected, not a problem.
@@ -156,6 +171,32 @@ class Dialect(abc.ABC):
     @staticmethod
     async def commit(raw: Any) -> None:
         await raw.commit()
+
+    # ---- the append transaction (:func:`.append.append_in`) ---------------
+
+    async def begin_append(
+        self, raw: Any, rooms: Sequence[str], retries: Query | None
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """Begin the append transaction, lock the counters of ``rooms`` (key order), then
+        read the stored copies of retries (``retries``, the lookup), in that order.
+
+        Returns the counter rows (one per room that has one) and the retry rows.
+        Statement by statement; the retries are not looked up when a room has no
+        counter row (nothing is written then)."""
+        await self.begin(raw)
+        counters = await self.fetch(raw, self.lock_counters(len(rooms)), rooms)
+        if retries is None or len(counters) < len(rooms):
+            return counters, []
+        return counters, await self.fetch(raw, *retries)
+
+    async def commit_append(
+        self, raw: Any, inserts: Sequence[Sequence[Any]], counters: Sequence[tuple[int, str]]
+    ) -> None:
+        """Insert the new message rows, move the counters (``(last_seq, room_id)``), commit."""
+        if inserts:
+            await self.execute_many(raw, self.insert_messages, inserts)
+            await self.execute_many(raw, self.update_counter, counters)
+        await self.commit(raw)
 
     # ---- connections ----------------------------------------------------
 
@@ -278,7 +319,18 @@ class SqliteDialect(Dialect):
 
 
 class MysqlDialect(Dialect):
-    """MySQL/MariaDB through aiomysql's pool: row locks, writes run side by side."""
+    """MySQL/MariaDB through aiomysql's pool: row locks, writes run side by side.
+
+    An append is two round trips of multi-statement queries (:mod:`.multi`):
+    ``BEGIN``, the counters' ``FOR UPDATE``, the retry lookup; then the
+    multi-row ``INSERT``, one counter ``UPDATE`` per room, ``COMMIT``.
+
+    The connections allow multi-statement queries (``CLIENT.MULTI_STATEMENTS``,
+    which aiomysql 0.3.2 sets anyway), so an SQL injection could run any
+    statement it likes: every value in every statement must be a parameter,
+    escaped by pymysql (``cursor.mogrify``), never text built into the SQL
+    (only placeholder counts are formatted in).
+    """
 
     mark = "%s"
     insert_ignore = "INSERT IGNORE"
@@ -295,6 +347,7 @@ class MysqlDialect(Dialect):
                 minsize=1,
                 maxsize=10,
                 pool_recycle=3600,
+                client_flag=multi.MULTI_STATEMENTS,  # for the append's batches
             )
         )
 
@@ -313,6 +366,33 @@ class MysqlDialect(Dialect):
 
     async def begin(self, raw: Any) -> None:
         await raw.begin()
+
+    async def begin_append(
+        self, raw: Any, rooms: Sequence[str], retries: Query | None
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        # One round trip. The server runs a batch's statements one after the
+        # other, so the retry lookup (a statement of its own after the FOR
+        # UPDATE) starts only once the counters' locks are granted: no other
+        # writer can store a copy of a retry in between. The lookup also runs
+        # when a room has no counter row; it only reads.
+        statements: list[Query] = [("BEGIN", ()), (self.lock_counters(len(rooms)), rooms)]
+        if retries is not None:
+            statements.append(retries)
+        async with raw.cursor() as cursor:
+            results = await multi.run(cursor, [cursor.mogrify(q, tuple(p)) for q, p in statements])
+        return results[1], (results[2] if retries is not None else [])
+
+    async def commit_append(
+        self, raw: Any, inserts: Sequence[Sequence[Any]], counters: Sequence[tuple[int, str]]
+    ) -> None:
+        # One round trip (more only past multi.QUERY_BYTES): the multi-row INSERT,
+        # one UPDATE per room, COMMIT. Its caller acks only after the COMMIT's own
+        # result was read without error.
+        async with raw.cursor() as cursor:
+            texts = multi.insert_rows(cursor, self.insert_messages, inserts) if inserts else []
+            texts += [cursor.mogrify(self.update_counter, tuple(c)) for c in counters]
+            texts.append("COMMIT")
+            await multi.run(cursor, texts)
 
     async def acquire(self, stack: AsyncExitStack) -> Connection:
         return await self.driver.acquire()
