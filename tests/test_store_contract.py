@@ -308,6 +308,28 @@ async def test_an_append_split_over_several_queries_stores_the_same(
         assert await within(store.after(f"o{i}", 0, None, 10)) == others[i]
 
 
+async def test_a_room_whose_counter_row_is_gone_fails_then_is_made_again(
+    store: DatabaseStore, sync_db: Any
+) -> None:
+    """A database restored without a room's counter row: the append fails, writes
+    nothing, and the next one creates the row again."""
+    await within(put(store, batch("gone", 1, 1)))
+
+    def drop(c: sa.Connection) -> None:
+        c.execute(sa.text("DELETE FROM messages WHERE room_id = 'gone'"))
+        c.execute(sa.text("DELETE FROM rooms WHERE room_id = 'gone'"))
+        c.commit()
+
+    await within(sync_db(drop))
+    with pytest.raises(StoreError, match=r"no counter row for rooms \['gone'\]"):
+        await within(store.append("gone", [new(msg("gone", 1, cmid="c1"))]))
+    assert await within(sync_db(_stored("gone"))) == []
+    rows = [msg("gone", 1, cmid="c1"), msg("gone", 2)]
+    await within(put(store, rows))
+    assert await within(store.after("gone", 0, None, 10)) == rows
+    assert await within(store.max_seq("gone")) == 2
+
+
 async def test_concurrent_appends_are_grouped_and_a_clash_fails_only_its_caller(
     store: DatabaseStore,
 ) -> None:
