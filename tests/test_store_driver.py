@@ -20,8 +20,10 @@ from databases.backends.sqlite import SQLiteBackend, SQLiteConnection
 from quartchat.migrate import upgrade
 from quartchat.store import StoreError, multi
 from quartchat.store.database import DatabaseStore
-from quartchat.store.dialect import MysqlDialect, SqliteDialect, dialect_for
+from quartchat.store.dialect import dialect_for
 from quartchat.store.driver import CHECKED_VERSION, Driver, shape_problems
+from quartchat.store.mysql import MysqlDialect
+from quartchat.store.sqlite import SqliteDialect
 
 T = 5.0
 

@@ -1,7 +1,7 @@
 """MySQL multi-statement queries: several statements in one round trip.
 
 The statements arrive already escaped (``cursor.mogrify``, pymysql's escaping
-of parameters: see :class:`.dialect.MysqlDialect` on why nothing may be built
+of parameters: see :class:`.mysql.MysqlDialect` on why nothing may be built
 into the SQL text). :func:`run` sends them in as few queries as fit in
 :data:`QUERY_BYTES` each and reads every result set, in order, so an error in
 any statement (the last ``COMMIT`` included) raises; the server runs none of
