@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiomysql
 import attrs
 import pymysql
 import pytest
@@ -30,7 +31,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from quartchat.migrate import sync_url, upgrade
-from quartchat.store import DuplicateError, NewMessage, StoredMessage, StoreError
+from quartchat.store import DuplicateError, NewMessage, StoredMessage, StoreError, multi
 from quartchat.store.database import DatabaseStore
 from quartchat.store.schema import metadata
 from tests.mysql import with_host
@@ -273,6 +274,62 @@ async def test_a_failed_append_stores_nothing_and_moves_no_counter(
     ) == [("r", 6)]
 
 
+async def test_values_with_sql_in_them_are_stored_as_they_are(store: DatabaseStore) -> None:
+    """Every value reaches the database as an escaped parameter (on MySQL the append's
+    statements go as one multi-statement query: text built into it could run SQL)."""
+    nasty = "x'; DROP TABLE rooms; -- %s %% %(a)s \\' \" \\"
+    room = "r'; --%s"
+    rows = [
+        msg(room, 1, sender="s'%s", cmid=nasty, content=nasty),
+        msg(room, 2, sender="bob", cmid="c\\", content="100%"),
+    ]
+    await within(put(store, rows))
+    again = await within(store.append(room, [new(rows[0]), new(rows[1])]))
+    assert [(a.row, a.created) for a in again] == [(rows[0], False), (rows[1], False)]
+    assert await within(store.after(room, 0, None, 10)) == rows
+    assert await within(store.last_seqs([room])) == {room: 2}
+
+
+async def test_an_append_split_over_several_queries_stores_the_same(
+    store: DatabaseStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past multi.QUERY_BYTES the MySQL batch goes as several INSERTs and queries
+    (the last ends in COMMIT): seqs, retries and the group are as in one."""
+    monkeypatch.setattr(multi, "QUERY_BYTES", 200)
+    await within(put(store, batch("big", 1, 2, cmid=None)))
+    first = [msg("big", s, cmid=f"k{s}", content="y" * 150) for s in range(3, 8)]
+    others = [batch(f"o{i}", 1, 3) for i in range(4)]
+    await within(asyncio.gather(put(store, first), *(put(store, rows) for rows in others)))
+    again = await within(store.append("big", [new(first[2]), new(msg("big", 0, cmid="k8"))]))
+    assert [(a.row.seq, a.created) for a in again] == [(5, False), (8, True)]
+    assert seqs(await within(store.after("big", 0, None, 100))) == list(range(1, 9))
+    assert await within(store.after("big", 2, 7, 100)) == first
+    for i in range(4):
+        assert await within(store.after(f"o{i}", 0, None, 10)) == others[i]
+
+
+async def test_a_room_whose_counter_row_is_gone_fails_then_is_made_again(
+    store: DatabaseStore, sync_db: Any
+) -> None:
+    """A database restored without a room's counter row: the append fails, writes
+    nothing, and the next one creates the row again."""
+    await within(put(store, batch("gone", 1, 1)))
+
+    def drop(c: sa.Connection) -> None:
+        c.execute(sa.text("DELETE FROM messages WHERE room_id = 'gone'"))
+        c.execute(sa.text("DELETE FROM rooms WHERE room_id = 'gone'"))
+        c.commit()
+
+    await within(sync_db(drop))
+    with pytest.raises(StoreError, match=r"no counter row for rooms \['gone'\]"):
+        await within(store.append("gone", [new(msg("gone", 1, cmid="c1"))]))
+    assert await within(sync_db(_stored("gone"))) == []
+    rows = [msg("gone", 1, cmid="c1"), msg("gone", 2)]
+    await within(put(store, rows))
+    assert await within(store.after("gone", 0, None, 10)) == rows
+    assert await within(store.max_seq("gone")) == 2
+
+
 async def test_concurrent_appends_are_grouped_and_a_clash_fails_only_its_caller(
     store: DatabaseStore,
 ) -> None:
@@ -507,6 +564,141 @@ async def proxied(mysql_url: str, proxy: TcpProxy) -> AsyncIterator[DatabaseStor
 def mysql_sync(mysql_url: str) -> Iterator[Callable[..., Any]]:
     """Like ``sync_db``, straight to MariaDB (not through the proxy)."""
     yield from _sync_runner(mysql_url)
+
+
+@pytest.fixture
+async def mysql_store(mysql_url: str) -> AsyncIterator[DatabaseStore]:
+    """A MariaDB store, straight to the server."""
+    s = DatabaseStore(mysql_url, op_timeout=OP_TIMEOUT)
+    await within(s.connect())
+    try:
+        yield s
+    finally:
+        await within(s.close(), T + OP_TIMEOUT)
+
+
+async def test_a_mysql_append_is_two_round_trips(
+    mysql_store: DatabaseStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BEGIN, the counters' FOR UPDATE, the retry lookup; then INSERT, UPDATEs, COMMIT."""
+    for room in ("rt", "rt2", "rt3"):
+        await within(put(mysql_store, batch(room, 1, 1)))  # counter rows known: none created
+    sent: list[str] = []
+    original = aiomysql.Connection._execute_command
+
+    async def counting(self: Any, command: int, sql: str | bytes) -> Any:
+        sent.append(sql.decode() if isinstance(sql, bytes) else sql)
+        return await original(self, command, sql)
+
+    monkeypatch.setattr(aiomysql.Connection, "_execute_command", counting)
+    await within(put(mysql_store, batch("rt", 2, 3, cmid=None)))
+    assert len(sent) == 2, sent
+    assert sent[0].startswith("BEGIN; SELECT room_id, last_seq FROM rooms")
+    assert sent[0].endswith("FOR UPDATE")  # no client_msg_id: no lookup
+    assert sent[1].startswith("INSERT INTO messages") and sent[1].endswith("; COMMIT")
+    sent.clear()
+    # A group of three rooms with retries: still two, one UPDATE per room.
+    await within(asyncio.gather(*(put(mysql_store, [msg(r, 2, cmid="c")]) for r in ("rt2", "rt3"))))
+    assert len(sent) == 2, sent
+    assert re.fullmatch(r"BEGIN; SELECT .* FOR UPDATE; SELECT .* FROM messages WHERE .*", sent[0])
+    assert sent[1].count("UPDATE rooms SET last_seq") == 2 and sent[1].endswith("; COMMIT")
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "errno", "error"),
+    [("23000", 1062, DuplicateError), ("45000", 1644, StoreError)],
+    ids=["duplicate", "other"],
+)
+async def test_a_statement_failing_after_the_insert_stores_nothing(
+    mysql_store: DatabaseStore,
+    mysql_sync: Any,
+    sqlstate: str,
+    errno: int,
+    error: type[StoreError],
+) -> None:
+    """The counter UPDATE fails after the batch's INSERT ran: the append raises (an
+    error in any result set of the batch is read), and nothing is stored."""
+    await within(put(mysql_store, batch("doomed", 1, 3)))
+    await within(put(mysql_store, batch("fine", 1, 1)))
+    trigger = (
+        "CREATE TRIGGER fail_update BEFORE UPDATE ON rooms FOR EACH ROW "
+        "BEGIN IF NEW.room_id = 'doomed' AND NEW.last_seq > 3 THEN "
+        f"SIGNAL SQLSTATE '{sqlstate}' SET MYSQL_ERRNO = {errno}, "
+        "MESSAGE_TEXT = 'refused by the test trigger'; END IF; END"
+    )
+    await within(mysql_sync(lambda c: c.execute(sa.text(trigger))))
+
+    with pytest.raises(error) as info:
+        await within(put(mysql_store, batch("doomed", 4, 6)))
+    assert (type(info.value) is DuplicateError) == (error is DuplicateError)
+    if error is not DuplicateError:  # (a lone duplicate is answered "unexpected duplicate key")
+        assert "refused by the test trigger" in str(info.value)
+    assert await within(mysql_sync(_stored("doomed"))) == [1, 2, 3]
+    assert await within(mysql_store.max_seq("doomed")) == 3
+    if error is DuplicateError:
+        # In a group: the duplicate makes the writer retry caller by caller, so
+        # only the caller at fault fails.
+        results = await within(
+            asyncio.gather(
+                put(mysql_store, batch("fine", 2, 2)),
+                put(mysql_store, batch("doomed", 4, 4)),
+                put(mysql_store, batch("new", 1, 2)),
+                return_exceptions=True,
+            )
+        )
+        assert results[0] is None and results[2] is None, results
+        assert isinstance(results[1], DuplicateError), results
+        assert await within(mysql_sync(_stored("fine"))) == [1, 2]
+        assert await within(mysql_sync(_stored("new"))) == [1, 2]
+    assert await within(mysql_sync(_stored("doomed"))) == [1, 2, 3]
+    await within(mysql_sync(lambda c: c.execute(sa.text("DROP TRIGGER fail_update"))))
+    await within(put(mysql_store, batch("doomed", 4, 5)))  # the same pool, still good
+    assert await within(mysql_sync(_stored("doomed"))) == [1, 2, 3, 4, 5]
+
+
+async def test_the_retry_lookup_runs_once_the_counter_lock_is_held(
+    mysql_store: DatabaseStore, mysql_url: str
+) -> None:
+    """Another server stores the post while this append waits for the room's counter:
+    the lookup, run after the lock is granted, finds that copy (no duplicate key)."""
+    await within(put(mysql_store, batch("lk", 1, 3)))
+    original = msg("lk", 4, cmid="late")
+    blocker = _engine(mysql_url).connect()
+    try:
+        lock = "SELECT last_seq FROM rooms WHERE room_id = 'lk' FOR UPDATE"
+        await within(asyncio.to_thread(lambda: blocker.execute(sa.text(lock))))
+        retry = attrs.evolve(original, id=uuid.uuid4().hex, content="the retry")
+        writer = asyncio.create_task(mysql_store.append("lk", [new(retry)]))
+        try:
+            async with asyncio.timeout(T):  # wait until the append waits for the lock
+                while not await asyncio.to_thread(_lock_waits, mysql_url):
+                    await asyncio.sleep(0.02)
+
+            def store_original() -> None:
+                blocker.execute(
+                    sa.text(
+                        "INSERT INTO messages (room_id, seq, id, sender_id, content, "
+                        "client_msg_id, created_at) VALUES ('lk', 4, :id, 'alice', :content, "
+                        "'late', :at)"
+                    ),
+                    {"id": original.id, "content": original.content, "at": _at(original)},
+                )
+                blocker.execute(sa.text("UPDATE rooms SET last_seq = 4 WHERE room_id = 'lk'"))
+                blocker.commit()
+
+            await within(asyncio.to_thread(store_original))
+            (answer,) = await within(writer)
+        finally:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+    finally:
+        await within(asyncio.to_thread(blocker.close))
+    assert (answer.row, answer.created) == (original, False)
+    assert await within(mysql_store.max_seq("lk")) == 4
+
+
+def _at(row: StoredMessage) -> datetime:
+    return datetime(1970, 1, 1) + timedelta(milliseconds=row.sent_at_ms)
 
 
 async def _fails_fast(awaitable: Any, limit: float = 1.0) -> StoreError:

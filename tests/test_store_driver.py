@@ -6,20 +6,24 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import aiomysql
 import databases
 import pymysql
+import pymysql.constants.CLIENT
 import pytest
 from databases import Database
 from databases.backends.mysql import MySQLBackend, MySQLConnection
 from databases.backends.sqlite import SQLiteBackend, SQLiteConnection
 
 from quartchat.migrate import upgrade
-from quartchat.store import StoreError
+from quartchat.store import StoreError, multi
 from quartchat.store.database import DatabaseStore
-from quartchat.store.dialect import MysqlDialect, SqliteDialect, dialect_for
+from quartchat.store.dialect import dialect_for
 from quartchat.store.driver import CHECKED_VERSION, Driver, shape_problems
+from quartchat.store.mysql import MysqlDialect
+from quartchat.store.sqlite import SqliteDialect
 
 T = 5.0
 
@@ -147,3 +151,108 @@ async def test_a_real_lock_wait_timeout_is_retryable(mysql_url: str) -> None:
     finally:
         await asyncio.wait_for(holder.close(), T)
         await asyncio.wait_for(waiter.close(), T)
+
+
+def test_mysql_connections_allow_multi_statements() -> None:
+    assert multi.MULTI_STATEMENTS == pymysql.constants.CLIENT.MULTI_STATEMENTS
+    mysql = MysqlDialect("mysql+aiomysql://u:p@127.0.0.1:1/db", connect_timeout=1)
+    options = mysql.driver._db._backend._get_connection_kwargs()
+    assert options["client_flag"] & pymysql.constants.CLIENT.MULTI_STATEMENTS
+
+
+async def test_every_result_set_of_a_batch_is_read(mysql_url: str) -> None:
+    """:func:`multi.run` on a real connection: one result per statement, and an error
+    in any statement raises, the last one's too (the COMMIT of an append)."""
+    driver = Driver(mysql_url, client_flag=multi.MULTI_STATEMENTS)
+    await asyncio.wait_for(driver.connect(), T)
+    try:
+        conn = await asyncio.wait_for(driver.acquire(), T)
+        raw = driver.raw(conn)
+        assert raw.client_flag & pymysql.constants.CLIENT.MULTI_STATEMENTS
+        async with asyncio.timeout(T), raw.cursor() as cursor:
+            texts = ["BEGIN", cursor.mogrify("SELECT %s, %s", ("a'; --", "100%")), "DO 1"]
+            texts.append("COMMIT")
+            assert await multi.run(cursor, texts) == [[], [("a'; --", "100%")], [], []]
+            for bad in (1, 3):
+                texts = ["SELECT 1", "SELECT 2", "SELECT 3"]
+                texts[bad - 1] = "SELECT * FROM no_such_table"
+                with pytest.raises(pymysql.err.ProgrammingError):
+                    await multi.run(cursor, texts)
+        await driver.release(conn, quietly=True)
+    finally:
+        await asyncio.wait_for(driver.disconnect(), T)
+
+
+class _FakeCursor:
+    """Result sets as a list; raises where one is an exception (as aiomysql does)."""
+
+    def __init__(self, results: list[Any]) -> None:
+        self.results = results
+        self.queries: list[str] = []
+
+    def _next(self) -> None:
+        current = self.results.pop(0)
+        if isinstance(current, BaseException):
+            raise current
+        self.rows = current
+
+    async def execute(self, query: str) -> None:
+        self.queries.append(query)
+        self._next()
+
+    async def fetchall(self) -> list[Any]:
+        return list(self.rows)
+
+    async def nextset(self) -> bool | None:
+        if not self.results or self.results[0] == "end":
+            if self.results:
+                self.results.pop(0)
+            return None
+        self._next()
+        return True
+
+
+async def test_a_failed_commit_in_a_batch_raises() -> None:
+    commit_failed = pymysql.err.OperationalError(1180, "Got error during COMMIT")
+    cursor = _FakeCursor([[], [], commit_failed])
+    with pytest.raises(pymysql.err.OperationalError):
+        await multi.run(cursor, ["INSERT x", "UPDATE y", "COMMIT"])
+    assert cursor.queries == ["INSERT x; UPDATE y; COMMIT"]
+    # Fewer results than statements is an error too, never an ack.
+    with pytest.raises(RuntimeError, match="3 statements sent, 2 results read"):
+        await multi.run(_FakeCursor([[], [], "end"]), ["INSERT x", "UPDATE y", "COMMIT"])
+
+
+async def test_statements_are_packed_under_the_query_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(multi, "QUERY_BYTES", 40)
+
+    class Mogrify:
+        def mogrify(self, sql: str, args: tuple[Any, ...]) -> str:
+            return sql % tuple(repr(a) for a in args)
+
+    sql = "INSERT INTO t (a, b) VALUES (%s, %s)"
+    inserts = multi.insert_rows(Mogrify(), sql, [(1, "x"), (2, "y"), (3, "z")])
+    assert inserts == [
+        "INSERT INTO t (a, b) VALUES (1, 'x')",
+        "INSERT INTO t (a, b) VALUES (2, 'y')",
+        "INSERT INTO t (a, b) VALUES (3, 'z')",
+    ]
+    # Whole statements are packed into queries of at most QUERY_BYTES (one longer
+    # statement goes alone), each result set still read.
+    monkeypatch.setattr(multi, "QUERY_BYTES", 20)
+    cursor = _FakeCursor([[], [], "end", [], "end", [(1,)], "end"])
+    texts = ["BEGIN", "DO 1", "INSERT INTO t VALUES (1)", "SELECT 1"]
+    assert await multi.run(cursor, texts) == [[], [], [], [(1,)]]
+    assert cursor.queries == ["BEGIN; DO 1", "INSERT INTO t VALUES (1)", "SELECT 1"]
+    monkeypatch.setattr(multi, "QUERY_BYTES", 50)
+    assert multi.insert_rows(Mogrify(), sql, [(1, "x"), (2, "y"), (3, "z")]) == [
+        "INSERT INTO t (a, b) VALUES (1, 'x'), (2, 'y')",
+        "INSERT INTO t (a, b) VALUES (3, 'z')",
+    ]
+    # Whole statements are packed into queries of at most QUERY_BYTES (one longer
+    # statement goes alone), each result set still read.
+    monkeypatch.setattr(multi, "QUERY_BYTES", 20)
+    cursor = _FakeCursor([[], [], "end", [], "end", [(1,)], "end"])
+    texts = ["BEGIN", "DO 1", "INSERT INTO t VALUES (1)", "SELECT 1"]
+    assert await multi.run(cursor, texts) == [[], [], [], [(1,)]]
+    assert cursor.queries == ["BEGIN; DO 1", "INSERT INTO t VALUES (1)", "SELECT 1"]

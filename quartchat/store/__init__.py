@@ -2,9 +2,10 @@
 
 ``sqlite+aiosqlite://`` (embedded default) and ``mysql+aiomysql://`` are both
 served by :class:`quartchat.store.database.DatabaseStore` over ``databases``;
-what differs between the two is its :mod:`~quartchat.store.dialect` (one class
-per backend, picked by URL), and all that reaches into ``databases``' internals
-is :mod:`~quartchat.store.driver`.
+what differs between the two is its dialect (:mod:`~quartchat.store.dialect`:
+one class per backend, in :mod:`~quartchat.store.sqlite` and
+:mod:`~quartchat.store.mysql`, picked by URL), and all that reaches into
+``databases``' internals is :mod:`~quartchat.store.driver`.
 
 The store is the one arbiter of seqs: :meth:`Store.append` assigns them in the
 same transaction that stores the rows (a per-room counter row), so a room's

@@ -11,7 +11,7 @@ from typing import Any
 import attrs
 
 from . import Appended, NewMessage, StoredMessage
-from .dialect import Dialect, to_ms
+from .dialect import Dialect, Query, to_ms
 
 __all__ = ["Request", "append_in", "reply", "row_of"]
 
@@ -41,33 +41,38 @@ def row_of(record: Sequence[Any]) -> StoredMessage:
 async def append_in(
     d: Dialect, raw: Any, rooms: Sequence[str], group: Sequence[Request]
 ) -> tuple[list[list[Appended]], list[str]]:
-    """The body of one append transaction on ``raw`` (already begun): lock the rooms'
-        counters in key order, answer retries, insert the new rows, move the counters.
-        Returns the answers per request, and the rooms that have no counter row (then
-    nothing was written and the caller must fail the transaction)."""
-    counters = {
-        room: int(last) for room, last in await d.fetch(raw, d.lock_counters(len(rooms)), rooms)
-    }
-    missing = [room for room in rooms if room not in counters]
-    if missing:
-        return [], missing
-    # Retries: already stored copies, read under the rooms' locks, so no
-    # other writer can store the same key in between.
+    """One append transaction on ``raw``: begin, lock the rooms' counters in key
+    order, answer retries, insert the new rows, move the counters, commit (how
+    these reach the server is the dialect's: :meth:`.Dialect.begin_append`,
+    :meth:`.Dialect.commit_append`). Returns the answers per request, and the
+    rooms that have no counter row (then nothing was written, the transaction
+    is ended, and the caller must fail the append)."""
+    # Retries: already stored copies, read under the rooms' locks (the dialect
+    # runs the lookup after the counters' FOR UPDATE), so no other writer can
+    # store the same key in between.
     wanted: dict[tuple[str, str], set[str]] = {}
     for request in group:
         for post in request.posts:
             if post.client_msg_id is not None:
                 wanted.setdefault((request.room_id, post.sender_id), set()).add(post.client_msg_id)
-    found: dict[tuple[str, str, str], StoredMessage] = {}
+    lookup: Query | None = None
     if wanted:
         groups = [(room, sender, len(ids)) for (room, sender), ids in wanted.items()]
         params: list[Any] = []
         for (room, sender), ids in wanted.items():
             params += [room, sender, *sorted(ids)]
-        for record in await d.fetch(raw, d.find_retries(groups), params):
-            row = row_of(record)
-            assert row.client_msg_id is not None
-            found[(row.room_id, row.sender_id, row.client_msg_id)] = row
+        lookup = (d.find_retries(groups), params)
+    counter_rows, retry_rows = await d.begin_append(raw, rooms, lookup)
+    counters = {room: int(last) for room, last in counter_rows}
+    missing = [room for room in rooms if room not in counters]
+    if missing:
+        await d.commit_append(raw, [], [])  # ends the transaction, which wrote nothing
+        return [], missing
+    found: dict[tuple[str, str, str], StoredMessage] = {}
+    for record in retry_rows:
+        row = row_of(record)
+        assert row.client_msg_id is not None
+        found[(row.room_id, row.sender_id, row.client_msg_id)] = row
     answers: list[list[Appended]] = []
     inserts: list[tuple[Any, ...]] = []
     moved: dict[str, int] = {}
@@ -105,11 +110,7 @@ async def append_in(
             )
             answer.append(Appended(row, created=True))
         answers.append(answer)
-    if inserts:
-        await d.execute_many(raw, d.insert_messages, inserts)
-        await d.execute_many(
-            raw, d.update_counter, [(last, room) for room, last in sorted(moved.items())]
-        )
+    await d.commit_append(raw, inserts, [(last, room) for room, last in sorted(moved.items())])
     return answers, []
 
 

@@ -110,7 +110,8 @@ class DatabaseStore:
     async def _session(
         self, what: str, *, transaction: bool = False, write: bool = False
     ) -> AsyncIterator[Any]:
-        """One bounded operation on a driver connection of its own, optionally in a transaction.
+        """One bounded operation on a driver connection of its own, optionally in a transaction
+        (the append begins and commits its own: :func:`.append.append_in`).
 
         On success the transaction is committed and the connection goes back to
         the pool. On any error or cancellation the connection is closed instead,
@@ -242,7 +243,7 @@ class DatabaseStore:
             await self._create_rooms(new_rooms, group[0].posts[0].sent_at_ms)
         for attempt in range(_DEADLOCK_RETRIES):
             try:
-                async with self._session("insert", transaction=True, write=True) as raw:
+                async with self._session("insert", write=True) as raw:
                     answers, missing = await append_in(self.dialect, raw, rooms, group)
                 if missing:
                     # Its counter row is gone (a database restored without it): forget

@@ -1,8 +1,9 @@
 """Everything that differs between SQLite and MySQL/MariaDB: one class per backend.
 
-:func:`dialect_for` picks :class:`SqliteDialect` or :class:`MysqlDialect` once,
-by URL; :mod:`.database` and :mod:`.append` then have no backend branch. A
-dialect owns:
+This module has their base, :class:`Dialect` (the SQL text and the defaults),
+and :func:`dialect_for`, which picks :class:`.sqlite.SqliteDialect` or
+:class:`.mysql.MysqlDialect` once, by URL; :mod:`.database` and
+:mod:`.append` then have no backend branch. A dialect owns:
 
 - the SQL text: placeholders, ``INSERT OR IGNORE`` / ``INSERT IGNORE``, the
   counters' row lock (``FOR UPDATE`` on MySQL only), the clients upsert, and
@@ -15,6 +16,9 @@ dialect owns:
   is acquired, given back after success or discarded after a failure, how a
   transaction begins, what runs once after connecting, and how everything is
   closed;
+- how the append transaction reaches the server (:meth:`Dialect.begin_append`,
+  :meth:`Dialect.commit_append`): statement by statement on SQLite, two
+  multi-statement round trips on MySQL;
 - whether writes are serialised behind one lock (SQLite: one writer at a time);
 - which driver errors mean a duplicate key and which a retryable deadlock.
 """
@@ -24,8 +28,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
-import sqlite3
-import warnings
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, nullcontext
 from datetime import UTC, datetime
@@ -33,19 +35,15 @@ from typing import Any, ClassVar
 
 from ..validate import is_sqlite_url
 from .driver import Connection, Driver
-from .sqlite_pool import SqlitePool
 
-__all__ = ["Dialect", "MysqlDialect", "SqliteDialect", "dialect_for", "to_datetime", "to_ms"]
+__all__ = ["Dialect", "Query", "dialect_for", "to_datetime", "to_ms"]
 
 log = logging.getLogger(__name__)
 
 _MESSAGE_COLUMNS = "room_id, seq, id, sender_id, content, client_msg_id, created_at"
-_SQLITE_CLOSE_WAIT = 2.0  # seconds a failed operation waits for its SQLite connection to close
-_MYSQL_RETRYABLE = frozenset({1213, 1205})  # deadlock, lock wait timeout
 
-# aiomysql turns the server's note on every INSERT IGNORE that finds its room
-# row already there into a Python warning on stderr: expected, not a problem.
-warnings.filterwarnings("ignore", message=r".*Duplicate entry", module=r"aiomysql\.cursors")
+Query = tuple[str, Sequence[Any]]
+"""One statement and its parameters."""
 
 
 def to_datetime(ms: int) -> datetime:
@@ -63,8 +61,13 @@ def to_ms(value: datetime | str) -> int:
 
 def dialect_for(url: str, *, connect_timeout: float) -> Dialect:
     """The dialect of a database URL (``connect_timeout``: one new MySQL connection)."""
+    # Imported here: each backend's module builds on this one's base class.
     if is_sqlite_url(url):
+        from .sqlite import SqliteDialect
+
         return SqliteDialect(url)
+    from .mysql import MysqlDialect
+
     return MysqlDialect(url, connect_timeout=connect_timeout)
 
 
@@ -157,6 +160,32 @@ class Dialect(abc.ABC):
     async def commit(raw: Any) -> None:
         await raw.commit()
 
+    # ---- the append transaction (:func:`.append.append_in`) ---------------
+
+    async def begin_append(
+        self, raw: Any, rooms: Sequence[str], retries: Query | None
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """Begin the append transaction, lock the counters of ``rooms`` (key order), then
+        read the stored copies of retries (``retries``, the lookup), in that order.
+
+        Returns the counter rows (one per room that has one) and the retry rows.
+        Statement by statement; the retries are not looked up when a room has no
+        counter row (nothing is written then)."""
+        await self.begin(raw)
+        counters = await self.fetch(raw, self.lock_counters(len(rooms)), rooms)
+        if retries is None or len(counters) < len(rooms):
+            return counters, []
+        return counters, await self.fetch(raw, *retries)
+
+    async def commit_append(
+        self, raw: Any, inserts: Sequence[Sequence[Any]], counters: Sequence[tuple[int, str]]
+    ) -> None:
+        """Insert the new message rows, move the counters (``(last_seq, room_id)``), commit."""
+        if inserts:
+            await self.execute_many(raw, self.insert_messages, inserts)
+            await self.execute_many(raw, self.update_counter, counters)
+        await self.commit(raw)
+
     # ---- connections ----------------------------------------------------
 
     async def connect(self) -> None:
@@ -206,142 +235,3 @@ class Dialect(abc.ABC):
         """The failed transaction was rolled back whole by the server, so running it
         again is safe (``exc``: the :class:`StoreError`, caused by the driver's error)."""
         return False
-
-
-class SqliteDialect(Dialect):
-    """SQLite through aiosqlite: one writer at a time, reused connections (:mod:`.sqlite_pool`)."""
-
-    mark = "?"
-    insert_ignore = "INSERT OR IGNORE"
-    # SQLite has one writer at a time and writes are serialised (:meth:`writing`),
-    # so the plain read is already exclusive.
-    row_lock = ""
-    upsert_last_seen = "ON CONFLICT (sender_id) DO UPDATE SET last_seen = excluded.last_seen"
-    # WAL lets readers run beside the writer; it persists in the file.
-    after_connect = ("PRAGMA journal_mode=WAL",)
-
-    def __init__(self, url: str) -> None:
-        super().__init__(Driver(url, timeout=30))
-        # Every write goes through one lock: SQLite has a single writer, and
-        # lock contention would otherwise surface as busy waits.
-        self._write_lock = asyncio.Lock()
-        self._pool = SqlitePool(self.driver)
-        # Connections being closed after a failure (the close may queue behind a
-        # statement still running in aiosqlite's thread): awaited by close().
-        self._closing: set[asyncio.Task[None]] = set()
-
-    def datetime_param(self, dt: datetime) -> Any:
-        return f"{dt:%Y-%m-%d %H:%M:%S}.{dt.microsecond:06d}"  # SQLAlchemy's text form
-
-    async def fetch(self, raw: Any, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-        async with raw.execute(sql, tuple(params)) as cursor:
-            return list(await cursor.fetchall())
-
-    async def execute_many(self, raw: Any, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        await raw.executemany(sql, [tuple(r) for r in rows])
-
-    async def begin(self, raw: Any) -> None:
-        # IMMEDIATE takes the write lock now, waiting on the busy timeout. A
-        # deferred transaction that reads, then writes, fails at once with
-        # "database is locked" when another connection wrote in between.
-        await raw.execute("BEGIN IMMEDIATE")
-
-    async def acquire(self, stack: AsyncExitStack) -> Connection:
-        return await self._pool.acquire(stack)
-
-    async def give_back(self, conn: Connection) -> None:
-        await self._pool.give_back(conn)
-
-    async def discard(self, conn: Connection) -> None:
-        # Closing (which rolls back) queues behind any statement still running
-        # in aiosqlite's thread, maybe a busy wait: wait for it a little (while
-        # still holding the write lock), then let it finish on its own; close()
-        # waits for it.
-        task = asyncio.create_task(self.driver.release(conn, quietly=True))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
-        await asyncio.wait({task}, timeout=_SQLITE_CLOSE_WAIT)
-
-    def writing(self) -> AbstractAsyncContextManager[Any]:
-        return self._write_lock
-
-    async def close(self, timeout: float) -> None:
-        await self._pool.close()
-        await super().close(timeout)
-
-    async def _settle(self) -> None:
-        if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
-
-    def is_duplicate(self, exc: BaseException) -> bool:
-        return isinstance(exc, sqlite3.IntegrityError)
-
-
-class MysqlDialect(Dialect):
-    """MySQL/MariaDB through aiomysql's pool: row locks, writes run side by side."""
-
-    mark = "%s"
-    insert_ignore = "INSERT IGNORE"
-    # Row-locks the counters in key order, so two servers' groups never deadlock.
-    row_lock = " FOR UPDATE"
-    upsert_last_seen = "ON DUPLICATE KEY UPDATE last_seen = VALUES(last_seen)"
-
-    def __init__(self, url: str, *, connect_timeout: float) -> None:
-        super().__init__(
-            Driver(
-                url,
-                charset="utf8mb4",
-                connect_timeout=connect_timeout,
-                minsize=1,
-                maxsize=10,
-                pool_recycle=3600,
-            )
-        )
-
-    def datetime_param(self, dt: datetime) -> Any:
-        return dt
-
-    async def fetch(self, raw: Any, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-        async with raw.cursor() as cursor:
-            await cursor.execute(sql, tuple(params))
-            return list(await cursor.fetchall())
-
-    async def execute_many(self, raw: Any, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        # pymysql sends one multi-row INSERT.
-        async with raw.cursor() as cursor:
-            await cursor.executemany(sql, [tuple(r) for r in rows])
-
-    async def begin(self, raw: Any) -> None:
-        await raw.begin()
-
-    async def acquire(self, stack: AsyncExitStack) -> Connection:
-        return await self.driver.acquire()
-
-    async def give_back(self, conn: Connection) -> None:
-        await self.driver.release(conn)
-
-    async def discard(self, conn: Connection) -> None:
-        # Close the socket now; the pool then forgets the connection.
-        self.driver.raw(conn).close()
-        await self.driver.release(conn, quietly=True)
-
-    # pymysql's errors (aiomysql raises them) are told by name and module:
-    # pymysql has no type stubs to import them with.
-
-    def is_duplicate(self, exc: BaseException) -> bool:
-        return _is_pymysql(exc) and type(exc).__name__ == "IntegrityError"
-
-    def retryable(self, exc: BaseException) -> bool:
-        # 1213 (deadlock) and 1205 (lock wait timeout): the server rolled back
-        # the whole transaction.
-        cause = exc.__cause__
-        return (
-            cause is not None
-            and _is_pymysql(cause)
-            and bool(cause.args)
-            and cause.args[0] in _MYSQL_RETRYABLE
-        )
-
-
-def _is_pymysql(exc: BaseException) -> bool:
-    return type(exc).__module__.partition(".")[0] == "pymysql"
