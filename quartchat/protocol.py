@@ -62,8 +62,22 @@ Action = Literal["join", "leave", "message", "history", "ping", "refresh"]
 _ACTIONS: Final = frozenset(get_args(Action)) - {"refresh"}
 
 
+class _Envelope:
+    """What every request has: its ``action``, and the envelope its errors echo."""
+
+    __slots__ = ()
+    action: ClassVar[Action]
+
+    @property
+    def echo(self) -> Echo:
+        """The action, and the request's ``room_id`` / ``client_msg_id`` where it has them."""
+        return Echo(
+            self.action, getattr(self, "room_id", None), getattr(self, "client_msg_id", None)
+        )
+
+
 @attrs.frozen
-class JoinRequest:
+class JoinRequest(_Envelope):
     """``join``: enter a room, optionally replaying from ``since_seq`` or the last ``history``."""
 
     action: ClassVar[Action] = "join"
@@ -72,26 +86,18 @@ class JoinRequest:
     since_seq: int | None = None
     history: int | None = None
 
-    @property
-    def echo(self) -> Echo:
-        return Echo(self.action, self.room_id)
-
 
 @attrs.frozen
-class LeaveRequest:
+class LeaveRequest(_Envelope):
     """``leave``: stop receiving a room."""
 
     action: ClassVar[Action] = "leave"
 
     room_id: str
 
-    @property
-    def echo(self) -> Echo:
-        return Echo(self.action, self.room_id)
-
 
 @attrs.frozen
-class PostRequest:
+class PostRequest(_Envelope):
     """``message``: post ``content`` to a joined room."""
 
     action: ClassVar[Action] = "message"
@@ -100,13 +106,9 @@ class PostRequest:
     content: str
     client_msg_id: str | None = None
 
-    @property
-    def echo(self) -> Echo:
-        return Echo(self.action, self.room_id, self.client_msg_id)
-
 
 @attrs.frozen
-class HistoryRequest:
+class HistoryRequest(_Envelope):
     """``history``: a page of stored messages older than ``before_seq``."""
 
     action: ClassVar[Action] = "history"
@@ -115,33 +117,21 @@ class HistoryRequest:
     before_seq: int | None = None
     limit: int = HISTORY_PAGE
 
-    @property
-    def echo(self) -> Echo:
-        return Echo(self.action, self.room_id)
-
 
 @attrs.frozen
-class PingRequest:
+class PingRequest(_Envelope):
     """``ping``: answered with ``pong``."""
 
     action: ClassVar[Action] = "ping"
 
-    @property
-    def echo(self) -> Echo:
-        return Echo(self.action)
-
 
 @attrs.frozen
-class RefreshRequest:
+class RefreshRequest(_Envelope):
     """``refresh`` (auth mode "jwt"): replace the connection's token."""
 
     action: ClassVar[Action] = "refresh"
 
     token: str = attrs.field(repr=False)
-
-    @property
-    def echo(self) -> Echo:
-        return Echo(self.action)
 
 
 Request = JoinRequest | LeaveRequest | PostRequest | HistoryRequest | PingRequest | RefreshRequest

@@ -103,14 +103,20 @@ def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("mysql_url"))
 
 
-@pytest.fixture
-async def store(backend_url: str) -> AsyncIterator[DatabaseStore]:
-    s = DatabaseStore(backend_url, op_timeout=OP_TIMEOUT)
+async def _opened(url: str) -> AsyncIterator[DatabaseStore]:
+    """A connected store for a fixture, closed (bounded) after the test."""
+    s = DatabaseStore(url, op_timeout=OP_TIMEOUT)
     await within(s.connect())
     try:
         yield s
     finally:
         await within(s.close(), T + OP_TIMEOUT)
+
+
+@pytest.fixture
+async def store(backend_url: str) -> AsyncIterator[DatabaseStore]:
+    async for s in _opened(backend_url):
+        yield s
 
 
 def _engine(url: str) -> sa.Engine:
@@ -569,12 +575,8 @@ def mysql_sync(mysql_url: str) -> Iterator[Callable[..., Any]]:
 @pytest.fixture
 async def mysql_store(mysql_url: str) -> AsyncIterator[DatabaseStore]:
     """A MariaDB store, straight to the server."""
-    s = DatabaseStore(mysql_url, op_timeout=OP_TIMEOUT)
-    await within(s.connect())
-    try:
+    async for s in _opened(mysql_url):
         yield s
-    finally:
-        await within(s.close(), T + OP_TIMEOUT)
 
 
 async def test_a_mysql_append_is_two_round_trips(

@@ -249,10 +249,3 @@ async def test_statements_are_packed_under_the_query_size(monkeypatch: pytest.Mo
         "INSERT INTO t (a, b) VALUES (1, 'x'), (2, 'y')",
         "INSERT INTO t (a, b) VALUES (3, 'z')",
     ]
-    # Whole statements are packed into queries of at most QUERY_BYTES (one longer
-    # statement goes alone), each result set still read.
-    monkeypatch.setattr(multi, "QUERY_BYTES", 20)
-    cursor = _FakeCursor([[], [], "end", [], "end", [(1,)], "end"])
-    texts = ["BEGIN", "DO 1", "INSERT INTO t VALUES (1)", "SELECT 1"]
-    assert await multi.run(cursor, texts) == [[], [], [], [(1,)]]
-    assert cursor.queries == ["BEGIN; DO 1", "INSERT INTO t VALUES (1)", "SELECT 1"]

@@ -27,8 +27,19 @@ __all__ = ["Deliver", "Hint", "History", "Item", "Join", "Leave", "Post", "Reply
 Reply = asyncio.Future[tuple[StoredMessage, bool]]
 
 
+class _Answers:
+    """What every client command has: the wire ``action`` it answers, and the
+    envelope its errors echo (the room it was sent to)."""
+
+    __slots__ = ()
+    action: ClassVar[Action]
+
+    def echo(self, room_id: str) -> Echo:
+        return Echo(self.action, room_id, getattr(self, "client_msg_id", None))
+
+
 @attrs.frozen(eq=False)
-class Join:
+class Join(_Answers):
     """A connection joins; replay ``since_seq`` or the last ``history`` messages."""
 
     action: ClassVar[Action] = "join"
@@ -37,12 +48,9 @@ class Join:
     since_seq: int | None = None
     history: int | None = None
 
-    def echo(self, room_id: str) -> Echo:
-        return Echo(self.action, room_id)
-
 
 @attrs.frozen(eq=False)
-class Leave:
+class Leave(_Answers):
     """A connection leaves; ``quiet`` when it disconnected (no ``left`` frame).
 
     ``reason`` goes into the ``left`` frame when the server, not the client,
@@ -55,12 +63,9 @@ class Leave:
     quiet: bool = False
     reason: str | None = None
 
-    def echo(self, room_id: str) -> Echo:
-        return Echo(self.action, room_id)
-
 
 @attrs.frozen(eq=False)
-class Post:
+class Post(_Answers):
     """A post: from a joined connection (``conn``), or from the server API
     (``sender_id`` and ``reply``, answered with the row instead of frames)."""
 
@@ -72,9 +77,6 @@ class Post:
     sender_id: str | None = None
     reply: Reply | None = None
 
-    def echo(self, room_id: str) -> Echo:
-        return Echo(self.action, room_id, self.client_msg_id)
-
     @property
     def sender(self) -> str:
         if self.conn is not None:
@@ -84,7 +86,7 @@ class Post:
 
 
 @attrs.frozen(eq=False)
-class History:
+class History(_Answers):
     """A connection asks for a page of history (served by the hub, not an actor)."""
 
     action: ClassVar[Action] = "history"
@@ -92,9 +94,6 @@ class History:
     conn: Connection
     before_seq: int | None
     limit: int
-
-    def echo(self, room_id: str) -> Echo:
-        return Echo(self.action, room_id)
 
 
 @attrs.frozen(eq=False)

@@ -26,20 +26,8 @@ def insert_rows(cursor: Any, insert_sql: str, rows: Sequence[Sequence[Any]]) -> 
     each, values escaped by pymysql; none is longer than QUERY_BYTES unless
     one row is (as pymysql's ``executemany``)."""
     head, _, values = insert_sql.partition(" VALUES ")
-    head += " VALUES "
-    inserts: list[str] = []
-    current: list[str] = []
-    size = len(head)
-    for row in rows:
-        text = cursor.mogrify(values, tuple(row))
-        n = len(text.encode()) + 2
-        if current and size + n > QUERY_BYTES:
-            inserts.append(head + ", ".join(current))
-            current, size = [], len(head)
-        current.append(text)
-        size += n
-    inserts.append(head + ", ".join(current))
-    return inserts
+    texts = [cursor.mogrify(values, tuple(row)) for row in rows]
+    return list(_packed(texts, ", ", head + " VALUES "))
 
 
 async def run(cursor: Any, texts: Sequence[str]) -> list[list[tuple[Any, ...]]]:
@@ -47,7 +35,7 @@ async def run(cursor: Any, texts: Sequence[str]) -> list[list[tuple[Any, ...]]]:
     QUERY_BYTES each (in order, one query after the other). Every result
     set is read, so an error in any statement raises; returns each statement's rows."""
     results: list[list[tuple[Any, ...]]] = []
-    for query in _pack(texts):
+    for query in _packed(texts, "; "):
         await cursor.execute(query)  # no params: already escaped, % is not re-formatted
         results.append(list(await cursor.fetchall()))
         while await cursor.nextset():
@@ -57,15 +45,17 @@ async def run(cursor: Any, texts: Sequence[str]) -> list[list[tuple[Any, ...]]]:
     return results
 
 
-def _pack(texts: Sequence[str]) -> Iterator[str]:
+def _packed(parts: Sequence[str], sep: str, head: str = "") -> Iterator[str]:
+    """``head`` and ``parts`` joined by ``sep``, in strings of at most QUERY_BYTES each
+    (a part longer than that goes alone), in order."""
     group: list[str] = []
-    size = 0
-    for text in texts:
-        n = len(text.encode()) + 2
+    size = len(head)
+    for part in parts:
+        n = len(part.encode()) + len(sep)
         if group and size + n > QUERY_BYTES:
-            yield "; ".join(group)
-            group, size = [], 0
-        group.append(text)
+            yield head + sep.join(group)
+            group, size = [], len(head)
+        group.append(part)
         size += n
     if group:
-        yield "; ".join(group)
+        yield head + sep.join(group)
