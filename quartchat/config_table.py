@@ -203,6 +203,16 @@ SPEC: list[tuple[str, str, str, values.Parser, str]] = [
         "Event loop of server processes: auto (uvloop when installed), uvloop or asyncio",
     ),
     (
+        "gc_threshold",
+        "QUARTCHAT_GC_THRESHOLD",
+        "10000,10,10",
+        values.gc_threshold,
+        (
+            "Garbage collector thresholds G0,G1,G2 of server processes (`default`: Python's "
+            "700,10,10); start-up objects are frozen out of collections either way"
+        ),
+    ),
+    (
         "auth",
         "QUARTCHAT_AUTH",
         "none",

@@ -35,6 +35,7 @@ __all__ = [
     "database_url",
     "event_loop",
     "float_range",
+    "gc_threshold",
     "identifier",
     "int_range",
     "log_level",
@@ -158,6 +159,21 @@ def event_loop(name: str, raw: str) -> str:
         except ImportError:
             raise ConfigError(f"{name}={redact(raw)!r}: uvloop is not installed") from None
     return value
+
+
+def gc_threshold(name: str, raw: str) -> tuple[int, int, int] | None:
+    """``default`` (None: Python's own, 700,10,10) or three positive integers G0,G1,G2."""
+    value = raw.strip().lower()
+    if value == "default":
+        return None
+    parts = [part.strip() for part in value.split(",")]
+    try:
+        if len(parts) != 3:
+            raise ValueError("give three comma-separated integers G0,G1,G2, or default")
+        g0, g1, g2 = (parse_int(f"G{i}", part, 1, 10_000_000) for i, part in enumerate(parts))
+    except ValueError as exc:
+        raise ConfigError(f"{name}={redact(raw)!r}: {exc}") from None
+    return (g0, g1, g2)
 
 
 def auth_mode(name: str, raw: str) -> str:

@@ -127,3 +127,41 @@ async def test_the_pinned_hypercorn_ping_task_is_found_and_cancelled() -> None:
     finally:
         bystander.cancel()
         await asyncio.gather(bystander, return_exceptions=True)
+
+
+@pytest.mark.parametrize(("level", "logged"), [(logging.INFO, True), (logging.WARNING, False)])
+def test_access_line_fields_are_gathered_only_when_the_line_is_logged(
+    empty_cwd: Path,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    level: int,
+    logged: bool,
+) -> None:
+    """hypercorn's own Logger builds every field of an access line (headers, os.environ)
+    before the level is looked at; at QUARTCHAT_LOG_LEVEL=warning ours builds none."""
+    config = hypercorn_config(settings)
+    access = logging.getLogger("hypercorn.access")
+    monkeypatch.setattr(access, "level", access.level)  # restored after the test
+    access.setLevel(level)  # (setLevel also clears the logger's isEnabledFor cache)
+    built: list[object] = []
+    real_atoms = config.log.atoms
+
+    def atoms(*args: object) -> object:
+        built.append(args)
+        return real_atoms(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(config.log, "atoms", atoms)
+    scope = {
+        "type": "http",
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/chat",
+        "query_string": b"",
+        "headers": [],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8080),
+    }
+    asyncio.run(config.log.access(scope, {"status": 101, "headers": []}, 0.001))  # type: ignore[arg-type]
+    access.setLevel(logging.NOTSET)
+    assert bool(built) is logged
