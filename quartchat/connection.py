@@ -128,6 +128,7 @@ class Connection:
         self._sending = False
         self._interrupted = False
         self._direct: DirectWriter | None = None  # set by run_writer on the fast path
+        self.on_close: Callable[[], None] | None = None  # the session's, told once on close
 
     def __repr__(self) -> str:
         return f"<Connection {self.conn_id} sender={self.sender_id}>"
@@ -210,6 +211,8 @@ class Connection:
             # The writer is stuck sending to a reader that does not read: interrupt it.
             self._interrupted = True
             self._writer.cancel()
+        if self.on_close is not None:
+            self.on_close()
 
     async def wait_for_space(self) -> bool:
         """Wait until the queue is at most half full; False if the socket is closing."""

@@ -83,6 +83,56 @@ class ErrorBudget:
         return len(times) >= self.limit
 
 
+class _CloseWatch:
+    """Ends a session's read loop, which runs in the socket's handler task, after our close.
+
+    Once we close a socket (1001, 4008, 1008, a kick) the read loop keeps reading,
+    discarding, until the client answers our close frame: a socket closed with
+    unread input is reset, and the reset can destroy our close frame before the
+    client reads it (1006). hypercorn then ends the socket and Quart cancels the
+    handler. A client that never answers is cut off here: _CLOSE_WAIT_S after the
+    writer has sent the close, 2 x _CLOSE_WAIT_S after the close began if the
+    writer never gets there; a writer that ends while the socket is open (it
+    failed) ends the session at once.
+    """
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self._task = task
+        self._timer: asyncio.TimerHandle | None = None
+        self._off = False
+        self.fired = False
+
+    def closing(self) -> None:
+        self._within(2 * _CLOSE_WAIT_S)
+
+    def writer_done(self, still_open: bool) -> None:
+        self._within(0.0 if still_open else _CLOSE_WAIT_S)
+
+    def disarm(self) -> None:
+        """For good: the session is ending (its writer's end is no news any more)."""
+        self._off = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _within(self, delay: float) -> None:
+        if self._off or self.fired or self._task.done():
+            return
+        loop = self._task.get_loop()
+        when = loop.time() + delay
+        if self._timer is not None:
+            if self._timer.when() <= when:
+                return
+            self._timer.cancel()
+        self._timer = loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        if not self._task.done():
+            self.fired = True
+            self._task.cancel()
+
+
 class ChatEndpoint:
     """What every socket of one app shares: its hub, settings, limits and token verifier."""
 
@@ -191,38 +241,46 @@ class ChatSession:
         return welcome
 
     async def run(self) -> None:
-        """Welcome, then read and write until either side ends; then :meth:`_cleanup`."""
+        """Welcome, then read in this (the handler's) task and write in the writer's,
+        until either side ends; then :meth:`_cleanup`."""
         conn = self.conn
+        handler = asyncio.current_task()
+        assert handler is not None
+        watch = _CloseWatch(handler)
+        conn.on_close = watch.closing
         self.hub.connected(conn)
         conn.send_frame(self._welcome())
         fast = fast_sender_for(self.ws) if self.endpoint.settings.fast_writes else None
         writer = asyncio.create_task(conn.run_writer(self.ws, fast), name=f"writer:{conn.conn_id}")
-        reader = asyncio.create_task(self.read_loop(self.ws.receive), name=f"reader:{conn.conn_id}")
+        writer.add_done_callback(lambda _: watch.writer_done(conn.open))
         try:
-            await asyncio.wait([reader, writer], return_when=asyncio.FIRST_COMPLETED)
+            await self.read_loop(self.ws.receive)
+        except asyncio.CancelledError:
+            # Cancelled by the watch (our close had its time): the session ends here.
+            # Cancelled by anyone else (the client went away: Quart cancels the
+            # handler): that goes on after the cleanup.
+            if not watch.fired or handler.uncancel() > 0:
+                raise
         finally:
-            # Runs on a client disconnect too (the handler is cancelled then).
-            await self._cleanup(reader, writer)
+            watch.disarm()
+            conn.on_close = None
+            await self._cleanup(writer)
 
-    async def _cleanup(self, reader: asyncio.Task[None], writer: asyncio.Task[None]) -> None:
-        """The one way a session ends: token timer off, out of the hub, both tasks gone."""
+    async def _cleanup(self, writer: asyncio.Task[None]) -> None:
+        """The one way a session ends: token timer off, out of the hub, the writer gone."""
         if self.auth is not None:
             self.auth.cancel()
         self.hub.disconnected(self.conn)
         try:
             if not self.conn.open:
-                # Closing on our side (1001, 4008, 1008): let the writer send the
-                # close frame, and keep reading (discarding) until the client answers
-                # it. A socket closed with unread input is reset, and the reset can
-                # destroy our close frame before the client reads it (1006).
+                # Closing on our side and the read loop is done: give the writer
+                # its time to send the close frame.
                 await asyncio.wait([writer], timeout=_CLOSE_WAIT_S)
-                await asyncio.wait([reader], timeout=_CLOSE_WAIT_S)
         finally:
             # Also when the client goes away during that wait (this handler is
-            # cancelled then): neither task may outlive the socket.
-            reader.cancel()
+            # cancelled then): the writer may not outlive the socket.
             writer.cancel()
-            await asyncio.gather(reader, writer, return_exceptions=True)
+            await asyncio.gather(writer, return_exceptions=True)
 
     async def read_loop(self, receive: Callable[[], Awaitable[str | bytes]]) -> None:
         """Each frame received: refused, or decoded and dispatched; errors answered."""

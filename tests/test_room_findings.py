@@ -619,6 +619,55 @@ async def test_13_a_client_gone_during_the_close_wait_leaves_no_task(tmp_path: A
         server.stop()
 
 
+async def test_a_client_that_never_answers_our_close_is_cut_off_after_the_close_wait(
+    tmp_path: Any,
+) -> None:
+    """The read loop runs in the socket's handler task and keeps reading after our close
+    (1008) until the client answers it. A client that reads the close frame but never
+    answers, and keeps its TCP connection open, is cut off once the close wait
+    (session._CLOSE_WAIT_S) is over: the server ends the socket, and no task is left."""
+    import time
+
+    from quartchat.session import _CLOSE_WAIT_S
+
+    from .servers import ServerProcess
+    from .test_churn import _idle, _settled
+
+    server = ServerProcess(
+        tmp_path,
+        {
+            "QUARTCHAT_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/mute.db",
+            "QUARTCHAT_RATE_PER_S": "0",
+            "QUARTCHAT_LOG_LEVEL": "warning",
+        },
+        name="mute",
+    ).start()
+    try:
+        idle = await _idle(server)
+
+        async def one() -> float:
+            reader, writer = await _raw_socket(server)
+            while (await _read_frame(reader))[0] != 0x1:  # the welcome (maybe after a ping)
+                pass
+            writer.write(b"".join(_masked_text(b"not json") for _ in range(250)))
+            await writer.drain()
+            while (await _read_frame(reader))[0] != 0x8:
+                pass
+            closed_at = time.monotonic()
+            assert await reader.read() == b""  # no answer from us; the server ends it
+            writer.close()
+            return time.monotonic() - closed_at
+
+        async with asyncio.timeout(20):
+            waits = await asyncio.gather(*(one() for _ in range(5)))
+        assert all(w < 2 * _CLOSE_WAIT_S + 1.0 for w in waits), waits
+        g = await _settled(server, idle["asyncio_tasks"], idle["threads"], timeout=10.0)
+        assert g["hub_connections"] == 0 and g["connections_open"] == 0, g
+        assert g["asyncio_tasks"] <= idle["asyncio_tasks"], (idle, g)
+    finally:
+        server.stop()
+
+
 # -- 13e: the store's set of rooms it knows have a counter row stays bounded ------------
 
 
