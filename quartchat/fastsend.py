@@ -27,7 +27,15 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-__all__ = ["DirectWriter", "FastSender", "decline_compression", "fast_sender_for", "prepare"]
+__all__ = [
+    "DirectWriter",
+    "FastSender",
+    "decline_compression",
+    "fast_sender_for",
+    "high_water",
+    "prepare",
+    "transport_of",
+]
 
 _LEN16 = struct.Struct("!BBH")
 _LEN64 = struct.Struct("!BBQ")
@@ -42,6 +50,14 @@ def prepare(frame: str) -> bytes:
     if n < 65536:
         return _LEN16.pack(0x81, 126, n) + payload
     return _LEN64.pack(0x81, 127, n) + payload
+
+
+def high_water(transport: Any) -> int:
+    """A transport's write-buffer high-water mark (asyncio's default where it has none)."""
+    try:
+        return int(transport.get_write_buffer_limits()[1])
+    except (AttributeError, NotImplementedError, TypeError):
+        return 64 * 1024
 
 
 class DirectWriter:
@@ -61,10 +77,7 @@ class DirectWriter:
         self._transport = transport
         self._connected = connected
         self._ws_open = ws_open
-        try:
-            self._limit = int(transport.get_write_buffer_limits()[1])
-        except (AttributeError, NotImplementedError, TypeError):
-            self._limit = 64 * 1024  # asyncio's default high-water mark
+        self._limit = high_water(transport)
 
     def write(self, wire: bytes) -> bool:
         stream = self._stream
@@ -118,7 +131,7 @@ class FastSender:
             return None
         if getattr(stream.connection._proto, "extensions", None) != []:
             return None
-        transport = _transport_of(stream)
+        transport = transport_of(stream)
         if transport is None:
             return None
         return DirectWriter(stream, transport, self._connected, self._ws_open)
@@ -138,7 +151,7 @@ class FastSender:
         return True
 
 
-def _transport_of(stream: Any) -> Any | None:
+def transport_of(stream: Any) -> Any | None:
     """The asyncio transport under a WSStream served over HTTP/1.1 by hypercorn:
     ``stream.send`` is ``H11Protocol.stream_send``, whose ``send`` is
     ``TCPServer.protocol_send``, whose ``writer`` is the connection's StreamWriter."""
@@ -147,7 +160,7 @@ def _transport_of(stream: Any) -> Any | None:
         from hypercorn.protocol.h11 import H11Protocol
     except ImportError:
         return None
-    h11 = getattr(stream.send, "__self__", None)
+    h11 = getattr(getattr(stream, "send", None), "__self__", None)
     if not isinstance(h11, H11Protocol):
         return None
     server = getattr(h11.send, "__self__", None)

@@ -1,43 +1,55 @@
-"""Stop hypercorn's WebSocket ping task as soon as its stream closes.
+"""WebSocket pings: one task per process instead of hypercorn's one per socket.
 
 With ``websocket_ping_interval`` set (``hypercorn.toml``: 20 s), hypercorn
-0.17/0.18 runs one ``WSStream._send_pings`` task per WebSocket, in the TCP
+0.17/0.18 spawns one ``WSStream._send_pings`` task per WebSocket, in the TCP
 connection's task group::
 
     while not self.closed:
         send a ping; await sleep(websocket_ping_interval)
 
-It looks at ``closed`` only after each sleep, and the connection's task group
-waits for it, so every closed WebSocket (hypercorn's TCP server, stream,
-wsproto connection, buffers, the ASGI scope, Quart's websocket objects) stays
-in memory for up to one ping interval after the client has gone. Under
-connection churn that is ``connects/s x 20 s`` dead connections alive at
-once, tens of KB each; a bare Quart app on hypercorn with this setting grew
-from 41 to 124 MB over 3,000 connect/close cycles (47 MB without pings), and
-the allocator keeps that high-water mark after they are freed.
+That is a task, its coroutines and a timer for every open socket (2.7 kB of
+the 47 kB an idle socket costs, and 12 % of a handshake's CPU), and it looks
+at ``closed`` only after each sleep while the connection's task group waits
+for it: every closed WebSocket (hypercorn's TCP server, stream, wsproto
+connection, buffers, the ASGI scope, Quart's websocket objects) stayed in
+memory for up to one ping interval after the client had gone. Under churn that
+is ``connects/s x 20 s`` dead connections alive at once; a bare Quart app on
+hypercorn with this setting grew from 41 to 124 MB over 3,000 connect/close
+cycles (47 MB without pings).
 
-:func:`install` wraps two methods of ``WSStream``: the ping task records
-itself on its stream, and ``handle`` cancels it once the stream is closed
-(a cancelled child is not an error for the task group). Pings of open sockets
-are unchanged. If hypercorn's stream does not look as expected (another
-version), nothing is patched and :func:`install` returns False.
+:func:`install` wraps ``WSStream._send_pings``: a stream whose transport is
+where hypercorn 0.18's HTTP/1.1 path keeps it is handed to this process's
+:class:`Pinger` and the spawned task ends at once. The pinger holds streams
+by weak reference, spread over slots by when they were accepted, and each
+tick writes a ping frame (built by the stream's own wsproto connection: a
+control frame, never compressed) straight to the transports of one slot, with
+no await, exactly as :class:`~quartchat.fastsend.DirectWriter` writes
+messages; a socket whose write buffer is over its high-water mark is skipped
+for that round. Anything else (HTTP/2, another hypercorn) keeps hypercorn's
+own loop, and ``handle`` cancels that loop's task once its stream is closed.
+If hypercorn's stream does not look as expected, nothing is patched and
+:func:`install` returns False.
 
 :func:`cancel_ping_tasks` is the shutdown's safety net: once the hub's drain
 has closed every socket, our shutdown trigger cancels any ping task still
 sleeping, so hypercorn's wait for its server tasks (``graceful_timeout``)
-ends at once. This module is the one place quartchat reaches into
-hypercorn's internals; ``tests/test_hypercorn_config.py`` pins that it still
-finds what it patches.
+ends at once. This module and :mod:`quartchat.fastsend` are where quartchat
+reaches into hypercorn's internals; ``tests/test_hypercorn_config.py`` pins
+that they still find what they patch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import weakref
 from types import CodeType
 from typing import Any
 
-__all__ = ["cancel_ping_tasks", "install", "installed", "ping_task_code"]
+from .fastsend import high_water, transport_of
+
+__all__ = ["Pinger", "cancel_ping_tasks", "install", "installed", "ping_task_code", "pinger_for"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +81,8 @@ def install() -> bool:
         return False
 
     async def _send_pings(self: Any) -> None:
+        if pinger_for(self.config.websocket_ping_interval).add(self):
+            return  # the process's pinger has it: no task per socket
         task = asyncio.current_task()
         setattr(self, _TASK, task)
         try:
@@ -91,6 +105,100 @@ def install() -> bool:
     WSStream.handle = _handle  # type: ignore[method-assign]
     setattr(WSStream, _MARK, True)
     return True
+
+
+_SLOTS = 20  # a process's pings go out in this many rounds per interval
+
+
+class Pinger:
+    """Pings every WebSocket stream handed to it once per ``interval``, from one task.
+
+    Streams are held by weak reference in ``slots`` sets; one set is pinged
+    per tick (``interval / slots``), and a stream joins the set pinged last,
+    so its first ping comes one interval after its accept and a process's
+    pings are spread over the interval. The task starts with the first
+    stream and ends after a round with none left. It runs in a context of its
+    own: it must not keep the first socket's request context alive.
+    """
+
+    def __init__(self, interval: float, slots: int = _SLOTS) -> None:
+        from hypercorn.protocol.ws_stream import ASGIWebsocketState
+        from wsproto.connection import ConnectionState
+        from wsproto.events import Ping
+
+        self.interval = interval
+        self._slots: list[weakref.WeakSet[Any]] = [weakref.WeakSet() for _ in range(slots)]
+        self._at = 0  # the slot pinged last
+        self._task: asyncio.Task[None] | None = None
+        self._connected = ASGIWebsocketState.CONNECTED
+        self._open = ConnectionState.OPEN
+        self._ping = Ping
+        self.sent = 0
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return sum(len(slot) for slot in self._slots)
+
+    def add(self, stream: Any) -> bool:
+        """Take ``stream`` over from hypercorn's ping loop; False when it cannot
+        (its transport is not where HTTP/1.1 keeps it): the loop goes on."""
+        if transport_of(stream) is None or not hasattr(stream, "connection"):
+            return False
+        self._slots[self._at].add(stream)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="websocket-pings", context=contextvars.Context()
+            )
+        return True
+
+    def ping_slot(self) -> None:
+        """One tick: ping the streams of the next slot, forget the closed ones."""
+        self._at = (self._at + 1) % len(self._slots)
+        slot = self._slots[self._at]
+        for stream in list(slot):
+            if not self._ping_one(stream):
+                slot.discard(stream)
+
+    def _ping_one(self, stream: Any) -> bool:
+        """Ping one stream; False once it is closed (forget it)."""
+        ws = stream.connection
+        transport = transport_of(stream)
+        if (
+            stream.closed
+            or stream.state != self._connected
+            or ws.state != self._open
+            or transport is None
+            or transport.is_closing()
+        ):
+            return False
+        if transport.get_write_buffer_size() > high_water(transport):
+            self.skipped += 1  # not reading what we send: the outbound queue's bound decides
+            return True
+        transport.write(ws.send(self._ping()))
+        self.sent += 1
+        return True
+
+    async def _run(self) -> None:
+        tick = self.interval / len(self._slots)
+        empty_rounds = 0
+        while empty_rounds <= len(self._slots):
+            await asyncio.sleep(tick)
+            self.ping_slot()
+            empty_rounds = empty_rounds + 1 if not len(self) else 0
+
+
+_PINGERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[float, Pinger]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def pinger_for(interval: float) -> Pinger:
+    """This event loop's pinger for ``interval`` seconds."""
+    pingers = _PINGERS.setdefault(asyncio.get_running_loop(), {})
+    pinger = pingers.get(interval)
+    if pinger is None:
+        pinger = pingers[interval] = Pinger(interval)
+    return pinger
 
 
 def ping_task_code() -> CodeType | None:

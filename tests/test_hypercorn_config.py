@@ -165,3 +165,87 @@ def test_access_line_fields_are_gathered_only_when_the_line_is_logged(
     asyncio.run(config.log.access(scope, {"status": 101, "headers": []}, 0.001))  # type: ignore[arg-type]
     access.setLevel(logging.NOTSET)
     assert bool(built) is logged
+
+
+async def test_one_pinger_task_pings_every_socket_and_forgets_closed_ones() -> None:
+    """hypercorn would run one ping task per WebSocket; with wsping installed one task per
+    process pings them all, each about once per interval, and holds none once closed."""
+    import base64
+    import gc
+    import os
+
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+    from quart import Quart, websocket
+
+    from quartchat import wsping
+
+    from .servers import free_port
+
+    assert wsping.install()
+    interval = 0.4
+    app = Quart(__name__)
+
+    @app.websocket("/ws")
+    async def ws() -> None:
+        await websocket.accept()
+        while True:
+            await websocket.receive()
+
+    port = free_port()
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.accesslog = None
+    config.graceful_timeout = 1
+    config.websocket_ping_interval = interval
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve(app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
+
+    async def opened() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        for _ in range(200):
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                break
+            except OSError:
+                await asyncio.sleep(0.02)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            (
+                f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        return reader, writer
+
+    async def pings(reader: asyncio.StreamReader, seconds: float) -> int:
+        n = 0
+        try:
+            async with asyncio.timeout(seconds):
+                while True:
+                    first, second = await reader.readexactly(2)
+                    await reader.readexactly(second & 0x7F)
+                    n += (first & 0x0F) == 0x9
+        except TimeoutError:
+            return n
+
+    try:
+        sockets = [await opened() for _ in range(30)]
+        pinger = wsping.pinger_for(interval)
+        assert len(pinger) == 30
+        code = wsping.ping_task_code()
+        assert not [
+            t for t in asyncio.all_tasks() if getattr(t.get_coro(), "cr_code", None) is code
+        ]
+        counts = await asyncio.gather(*(pings(r, 5 * interval) for r, _ in sockets))
+        assert all(3 <= n <= 6 for n in counts), counts  # about one per interval each
+        for _, writer in sockets:
+            writer.transport.abort()
+        async with asyncio.timeout(5):
+            while len(pinger):
+                gc.collect()
+                await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.wait_for(server, 5)
