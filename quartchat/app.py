@@ -17,6 +17,7 @@ from quart import Quart, Response
 
 from . import wsping
 from .api import api_blueprint
+from .asgi_ws import InlineWebsocketConnection
 from .auth import TokenVerifier
 from .config import Settings
 from .control import Control
@@ -42,6 +43,7 @@ def create_app(
     wsping.install()  # also when hypercorn serves this app directly (idempotent)
     hub = hub if hub is not None else Hub(settings)
     app = Quart(__name__, static_folder=None)  # our own /static: from memory, not disk
+    app.asgi_websocket_class = InlineWebsocketConnection  # the route in the ASGI task
     app.config["QUARTCHAT_SETTINGS"] = settings
     app.extensions["quartchat"] = hub
     verifier = TokenVerifier.from_settings(settings) if settings.auth == "jwt" else None

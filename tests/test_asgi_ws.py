@@ -1,0 +1,115 @@
+"""InlineWebsocketConnection: Quart's WebSocket semantics with one task fewer per socket."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from quart import Quart, websocket
+from quart.asgi import ASGIWebsocketConnection
+
+from quartchat.asgi_ws import InlineWebsocketConnection
+
+
+def _app(cls: Any, seen: dict[str, Any]) -> Quart:
+    app = Quart(__name__)
+    app.asgi_websocket_class = cls
+
+    @app.websocket("/ws")
+    async def ws() -> None:
+        await websocket.accept()
+        seen["tasks_open"] = len(asyncio.all_tasks())
+        try:
+            while True:
+                message = await websocket.receive()
+                if message == "bye":
+                    await websocket.send("leaving")
+                    return
+                seen.setdefault("got", []).append(message)
+                await websocket.send(f"echo {message}")
+        except asyncio.CancelledError:
+            seen["cancelled"] = True
+            raise
+
+    return app
+
+
+@pytest.mark.parametrize("cls", [ASGIWebsocketConnection, InlineWebsocketConnection])
+async def test_the_client_going_away_cancels_the_route_and_leaves_no_task(cls: Any) -> None:
+    seen: dict[str, Any] = {}
+    before = len(asyncio.all_tasks())
+    async with _app(cls, seen).test_client().websocket("/ws") as ws:
+        await ws.send("a")
+        assert await ws.receive() == "echo a"
+        await ws.send("b")
+        assert await ws.receive() == "echo b"
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert seen["got"] == ["a", "b"] and seen["cancelled"]
+    assert len(asyncio.all_tasks()) == before
+
+
+async def test_the_route_ending_ends_the_socket() -> None:
+    seen: dict[str, Any] = {}
+    before = len(asyncio.all_tasks())
+    async with _app(InlineWebsocketConnection, seen).test_client().websocket("/ws") as ws:
+        await ws.send("bye")
+        assert await ws.receive() == "leaving"
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert "cancelled" not in seen
+    assert len(asyncio.all_tasks()) == before
+
+
+async def test_one_task_fewer_per_socket_than_quarts_own() -> None:
+    counts = {}
+    for cls in (ASGIWebsocketConnection, InlineWebsocketConnection):
+        seen: dict[str, Any] = {}
+        async with _app(cls, seen).test_client().websocket("/ws") as ws:
+            await ws.send("a")
+            await ws.receive()
+        counts[cls] = seen["tasks_open"]
+    assert counts[InlineWebsocketConnection] == counts[ASGIWebsocketConnection] - 1, counts
+
+
+async def test_a_cancellation_from_outside_goes_on() -> None:
+    """hypercorn cancelling the ASGI task (its shutdown) is not swallowed."""
+    seen: dict[str, Any] = {}
+    app = _app(InlineWebsocketConnection, seen)
+    incoming: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    await incoming.put({"type": "websocket.connect"})
+    sent: list[dict[str, Any]] = []
+
+    async def send(event: dict[str, Any]) -> None:
+        sent.append(event)
+
+    scope = {
+        "type": "websocket",
+        "asgi": {"spec_version": "2.3"},
+        "http_version": "1.1",
+        "scheme": "ws",
+        "path": "/ws",
+        "raw_path": b"/ws",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"localhost")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+        "subprotocols": [],
+        "extensions": {"websocket.http.response": {}},
+    }
+    before = len(asyncio.all_tasks())
+    call = asyncio.create_task(app(scope, incoming.get, send))  # type: ignore[arg-type]
+    for _ in range(50):
+        await asyncio.sleep(0)
+        if "tasks_open" in seen:
+            break
+    assert sent and sent[0]["type"] == "websocket.accept"
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert seen["cancelled"]
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert len(asyncio.all_tasks()) == before
