@@ -1,13 +1,15 @@
-"""One client socket: a bounded outbound queue and the one task that writes it.
+"""One client socket: a bounded outbound queue and the task that writes it, when needed.
 
 Room actors call :meth:`Connection.send` (or :meth:`Connection.deliver` for a
 run of room messages) and never wait. When nothing is queued and the writer is
 not mid-send, a frame goes straight to the socket's transport as prepared
 bytes (``fastsend.DirectWriter``); otherwise it is queued for the writer task,
-so a frame never overtakes one queued before it. A socket whose queue is full
-is closed with 4008 (slow consumer) and its queued frames dropped, so one slow
-reader can never stall a room. Replays, which may be long, use
-:meth:`Connection.wait_for_space` for flow control instead.
+so a frame never overtakes one queued before it. The writer task exists only
+while there is something to write (queued frames, or the close): most sockets
+of a busy server take every frame on the direct path and have none. A socket
+whose queue is full is closed with 4008 (slow consumer) and its queued frames
+dropped, so one slow reader can never stall a room. Replays, which may be
+long, use :meth:`Connection.wait_for_space` for flow control instead.
 """
 
 from __future__ import annotations
@@ -120,14 +122,17 @@ class Connection:
         self.close_code: CloseCode | None = None
         self.close_reason = ""
         self._frames: deque[str] = deque()
-        self._wakeup = Flag()
         self._space = Flag(True)
         self._flush_on_close = False
-        self._closed = Flag()
-        self._writer: asyncio.Task[None] | None = None
+        self._closed = Flag()  # the writing is over: the close was sent, or it failed
+        self._ws: WebSocketLike | None = None  # set by attach
+        self._fast: FastSender | None = None
+        self._on_end: Callable[[bool], None] | None = None
+        self._writer: asyncio.Task[None] | None = None  # only while there is work
         self._sending = False
         self._interrupted = False
-        self._direct: DirectWriter | None = None  # set by run_writer on the fast path
+        self._failure: BaseException | None = None
+        self._direct: DirectWriter | None = None  # set by attach on the fast path
         self.on_close: Callable[[], None] | None = None  # the session's, told once on close
 
     def __repr__(self) -> str:
@@ -183,7 +188,7 @@ class Connection:
         metrics.FRAMES_QUEUED.inc()
         if len(self._frames) >= self.queue_size // 2:
             self._space.clear()
-        self._wakeup.set()
+        self._kick()
         return True
 
     def send_frame(self, frame: dict[str, Any]) -> bool:
@@ -206,7 +211,7 @@ class Connection:
         if not self._flush_on_close:
             self._frames.clear()
         self._space.set()  # release replays waiting for room: they will see the close
-        self._wakeup.set()
+        self._kick()
         if self._sending and not self._flush_on_close and self._writer is not None:
             # The writer is stuck sending to a reader that does not read: interrupt it.
             self._interrupted = True
@@ -228,31 +233,88 @@ class Connection:
     def queued(self) -> int:
         return len(self._frames)
 
+    @property
+    def writing(self) -> bool:
+        """A writer task runs (frames are queued, or the close is being sent)."""
+        return self._writer is not None
+
+    def attach(
+        self,
+        ws: WebSocketLike,
+        fast: FastSender | None = None,
+        on_end: Callable[[bool], None] | None = None,
+    ) -> None:
+        """Write to ``ws`` from now on: directly and in batches with ``fast``,
+        one ``ws.send`` per frame without. ``on_end(still_open)`` is told once
+        when the writing is over: the close was sent (False), or a send failed
+        while the socket was open (True)."""
+        self._ws = ws
+        self._fast = fast
+        self._on_end = on_end
+        if fast is not None and self.close_code is None:
+            self._direct = fast.direct()
+        self._kick()
+
+    async def detach(self) -> None:
+        """Stop writing (the session is over): a running writer is cancelled."""
+        writer = self._writer
+        self._direct = None
+        self._ws = None
+        self._on_end = None
+        self._failure = None  # its traceback holds the socket's objects
+        if writer is not None:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+        self._closed.set()
+
     async def run_writer(self, ws: WebSocketLike, fast: FastSender | None = None) -> None:
-        """Write queued frames in order until closed; then close the socket.
+        """:meth:`attach`, then wait until the writing is over (the socket closed, or a
+        send failed: raised here); cancelling it :meth:`detach`-es."""
+        self.attach(ws, fast)
+        try:
+            await self._closed.wait()
+        finally:
+            failure = self._failure
+            await self.detach()
+        if failure is not None:
+            raise failure
+
+    def _kick(self) -> None:
+        """Start the writer task if there is work and none runs."""
+        if (
+            self._writer is None
+            and self._ws is not None
+            and not self._closed.is_set()
+            and (self._frames or self.close_code is not None)
+        ):
+            self._writer = asyncio.get_running_loop().create_task(
+                self._write(self._ws), name=f"writer:{self.conn_id}"
+            )
+
+    async def _write(self, ws: WebSocketLike) -> None:
+        """Write queued frames in order until none is left (the task ends), or, once
+        closed, the close frame (1001 after the queued frames).
 
         With ``fast``, every frame queued at the moment goes out in one socket
         write (up to _BATCH frames), and frames sent while nothing is queued
         skip the queue (:meth:`send`); otherwise one ``ws.send`` per frame.
         """
         frames = self._frames
-        self._writer = asyncio.current_task()
-        if fast is not None and self.close_code is None:
-            self._direct = fast.direct()
+        failed: BaseException | None = None
         try:
             while True:
-                while not frames and self.close_code is None:
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
                 if self.close_code is not None and not (self._flush_on_close and frames):
                     break
+                if not frames:
+                    return  # nothing left: the next queued frame starts a writer again
                 self._sending = True
                 try:
+                    fast = self._fast
                     if fast is not None:
                         batch = [frames.popleft() for _ in range(min(len(frames), _BATCH))]
                         if not await fast.send_many(batch):
                             frames.extendleft(reversed(batch))
-                            fast = None  # the stream is closing: the plain path says how
+                            self._fast = None  # the stream is closing: the plain path says how
                             self._direct = None
                             continue
                     else:
@@ -268,10 +330,27 @@ class Connection:
                     self._space.set()
             assert self.close_code is not None
             await ws.close(self.close_code, self.close_reason)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            failed = exc
+            raise
         finally:
             # A finished (often cancelled) writer task keeps its exception, whose
             # traceback holds this frame and so the socket's whole object graph:
             # a Connection still referenced (a room's last batch) must not keep it.
-            self._writer = None
-            self._direct = None
-            self._closed.set()
+            if self._writer is asyncio.current_task():
+                self._writer = None
+            if self.close_code is not None or failed is not None:
+                self._end(failed)
+
+    def _end(self, failed: BaseException | None) -> None:
+        """The writing is over: the close was sent, or a send failed."""
+        if self._closed.is_set():
+            return
+        self._failure = failed
+        self._direct = None
+        self._closed.set()
+        on_end, self._on_end = self._on_end, None
+        if on_end is not None:
+            on_end(failed is not None and self.close_code is None)

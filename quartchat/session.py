@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -106,6 +107,7 @@ class _CloseWatch:
         self._within(2 * _CLOSE_WAIT_S)
 
     def writer_done(self, still_open: bool) -> None:
+        """The connection's writing is over: the close was sent, or a send failed."""
         self._within(0.0 if still_open else _CLOSE_WAIT_S)
 
     def disarm(self) -> None:
@@ -241,18 +243,18 @@ class ChatSession:
         return welcome
 
     async def run(self) -> None:
-        """Welcome, then read in this (the handler's) task and write in the writer's,
-        until either side ends; then :meth:`_cleanup`."""
+        """Welcome, then read in this (the handler's) task until either side ends;
+        then :meth:`_cleanup`. Frames go out directly, or through the connection's
+        writer task while it has something queued."""
         conn = self.conn
         handler = asyncio.current_task()
         assert handler is not None
         watch = _CloseWatch(handler)
         conn.on_close = watch.closing
-        self.hub.connected(conn)
-        conn.send_frame(self._welcome())
         fast = fast_sender_for(self.ws) if self.endpoint.settings.fast_writes else None
-        writer = asyncio.create_task(conn.run_writer(self.ws, fast), name=f"writer:{conn.conn_id}")
-        writer.add_done_callback(lambda _: watch.writer_done(conn.open))
+        conn.attach(self.ws, fast, on_end=watch.writer_done)
+        self.hub.connected(conn)
+        conn.send_frame(self._welcome())  # the first frame: nothing else knows conn yet
         try:
             await self.read_loop(self.ws.receive)
         except asyncio.CancelledError:
@@ -264,10 +266,10 @@ class ChatSession:
         finally:
             watch.disarm()
             conn.on_close = None
-            await self._cleanup(writer)
+            await self._cleanup()
 
-    async def _cleanup(self, writer: asyncio.Task[None]) -> None:
-        """The one way a session ends: token timer off, out of the hub, the writer gone."""
+    async def _cleanup(self) -> None:
+        """The one way a session ends: token timer off, out of the hub, writing stopped."""
         if self.auth is not None:
             self.auth.cancel()
         self.hub.disconnected(self.conn)
@@ -275,12 +277,13 @@ class ChatSession:
             if not self.conn.open:
                 # Closing on our side and the read loop is done: give the writer
                 # its time to send the close frame.
-                await asyncio.wait([writer], timeout=_CLOSE_WAIT_S)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_CLOSE_WAIT_S):
+                        await self.conn.wait_closed()
         finally:
             # Also when the client goes away during that wait (this handler is
-            # cancelled then): the writer may not outlive the socket.
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+            # cancelled then): no writer may outlive the socket.
+            await self.conn.detach()
 
     async def read_loop(self, receive: Callable[[], Awaitable[str | bytes]]) -> None:
         """Each frame received: refused, or decoded and dispatched; errors answered."""

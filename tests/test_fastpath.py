@@ -404,10 +404,64 @@ def test_no_frame_overtakes_a_queued_one(steps: list[Any]) -> None:
             while len(transport.data) < len(expected):
                 await asyncio.sleep(0)
         assert bytes(transport.data) == expected
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not conn.writing  # nothing queued: no writer task
         conn.close(CloseCode.NORMAL)
         await asyncio.wait([writer], timeout=5)
 
     asyncio.run(main())
+
+
+async def test_a_writer_task_runs_only_while_frames_are_queued_or_the_close_is_sent() -> None:
+    fast, transport = fake_fast_path()
+    conn = Connection("c", "s", queue_size=100)
+    ended: list[bool] = []
+
+    class Closing(_Unused):
+        closed: tuple[int, str] | None = None
+
+        async def close(self, code: int, reason: str = "") -> None:
+            self.closed = (code, reason)
+
+    ws = Closing()
+    conn.attach(ws, fast, on_end=ended.append)
+    assert conn.send('{"n":0}') and not conn.writing  # the direct path
+    transport.size = 10**6  # the reader is behind: over the high-water mark
+    transport.resumed.clear()
+    assert conn.send('{"n":1}') and conn.send('{"n":2}')
+    assert conn.writing and conn.queued == 2
+    await asyncio.sleep(0)
+    transport.size = 0
+    transport.resumed.set()
+    async with asyncio.timeout(5):
+        while conn.writing:
+            await asyncio.sleep(0)
+    assert bytes(transport.data) == b"".join(prepare(f'{{"n":{i}}}') for i in range(3))
+    assert conn.send('{"n":3}') and not conn.writing  # direct again
+    assert not ended
+    conn.close(CloseCode.GOING_AWAY, "bye")
+    assert conn.writing  # a writer sends the close
+    async with asyncio.timeout(5):
+        await conn.wait_closed()
+    assert ws.closed == (1001, "bye") and ended == [False] and not conn.writing
+    await conn.detach()
+
+
+async def test_a_failed_send_ends_the_writing_and_tells_the_session() -> None:
+    conn = Connection("c", "s", queue_size=100)
+    ended: list[bool] = []
+
+    class Broken(_Unused):
+        async def send(self, data: str) -> None:
+            raise ConnectionResetError("gone")
+
+    conn.attach(Broken(), None, on_end=ended.append)
+    conn.send('{"n":0}')
+    async with asyncio.timeout(5):
+        await conn.wait_closed()
+    assert ended == [True] and not conn.writing
+    await conn.detach()
 
 
 # ---- what `quartchat serve` answers a browser's deflate offer ------------------------------
