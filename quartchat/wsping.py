@@ -107,16 +107,21 @@ def install() -> bool:
     return True
 
 
-_SLOTS = 20  # a process's pings go out in this many rounds per interval
+# A process's pings go out in this many rounds per interval (0.2 s apart at 20 s). Sockets
+# accepted together must not be pinged together: every client answers with a pong at once,
+# and hypercorn parsing a few hundred of them at the same moment stalled a fan-out for
+# 50 ms. Streams are dealt to the slots in turn instead.
+_SLOTS = 100
 
 
 class Pinger:
     """Pings every WebSocket stream handed to it once per ``interval``, from one task.
 
     Streams are held by weak reference in ``slots`` sets; one set is pinged
-    per tick (``interval / slots``), and a stream joins the set pinged last,
-    so its first ping comes one interval after its accept and a process's
-    pings are spread over the interval. The task starts with the first
+    per tick (``interval / slots``), and streams are dealt to the sets in
+    turn, so a process's pings (and its clients' pongs) are spread evenly over
+    the interval, also for sockets accepted in the same instant; a stream's
+    first ping comes within one interval of its accept. The task starts with the first
     stream and ends after a round with none left. It runs in a context of its
     own: it must not keep the first socket's request context alive.
     """
@@ -129,6 +134,7 @@ class Pinger:
         self.interval = interval
         self._slots: list[weakref.WeakSet[Any]] = [weakref.WeakSet() for _ in range(slots)]
         self._at = 0  # the slot pinged last
+        self._deal = 0  # the slot the next stream joins
         self._task: asyncio.Task[None] | None = None
         self._connected = ASGIWebsocketState.CONNECTED
         self._open = ConnectionState.OPEN
@@ -144,7 +150,8 @@ class Pinger:
         (its transport is not where HTTP/1.1 keeps it): the loop goes on."""
         if transport_of(stream) is None or not hasattr(stream, "connection"):
             return False
-        self._slots[self._at].add(stream)
+        self._slots[self._deal].add(stream)
+        self._deal = (self._deal + 1) % len(self._slots)
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(
                 self._run(), name="websocket-pings", context=contextvars.Context()
