@@ -35,11 +35,14 @@ class InlineWebsocketConnection(ASGIWebsocketConnection):
             return
         websocket = self._create_websocket_from_scope(send)
         reader = asyncio.ensure_future(self.handle_messages(receive))
-        ended = False
+        ended = False  # the reader's end cancelled the route
+        route_done = False
 
         def reader_done(_: asyncio.Future[None]) -> None:
+            # Also called after remove_done_callback when the reader ended in the
+            # same loop turn as the route (its callbacks were scheduled already).
             nonlocal ended
-            if not handler.done():
+            if not route_done and not handler.done():
                 ended = True
                 handler.cancel()
 
@@ -50,6 +53,7 @@ class InlineWebsocketConnection(ASGIWebsocketConnection):
             if not ended or handler.uncancel() > 0:
                 raise
         finally:
+            route_done = True
             reader.remove_done_callback(reader_done)
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)

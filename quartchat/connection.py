@@ -265,6 +265,9 @@ class Connection:
         if writer is not None:
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
+            # A writer cancelled before it ran never reached its own finally.
+            if self._writer is writer:
+                self._writer = None
         self._closed.set()
 
     async def run_writer(self, ws: WebSocketLike, fast: FastSender | None = None) -> None:
@@ -332,9 +335,11 @@ class Connection:
             await ws.close(self.close_code, self.close_reason)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any send failure ends the writing
+            # Kept for run_writer's caller, not raised: nobody awaits this task,
+            # and a task's unretrieved exception would be logged as an error.
+            log.debug("send failed: %r", exc, extra={"conn_id": self.conn_id})
             failed = exc
-            raise
         finally:
             # A finished (often cancelled) writer task keeps its exception, whose
             # traceback holds this frame and so the socket's whole object graph:

@@ -144,7 +144,8 @@ def hypercorn_config(settings: Settings, path: str | None = None) -> HypercornCo
     # Route hypercorn's logs through our handlers (JSON or text), once.
     config.errorlog = logging.getLogger("hypercorn.error")
     config.accesslog = logging.getLogger("hypercorn.access") if config.accesslog else None
-    config.logger_class = AccessLogger
+    if config.statsd_host is None:  # hypercorn swaps in its StatsdLogger only for its own
+        config.logger_class = AccessLogger
     return config
 
 

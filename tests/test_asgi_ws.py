@@ -73,18 +73,8 @@ async def test_one_task_fewer_per_socket_than_quarts_own() -> None:
     assert counts[InlineWebsocketConnection] == counts[ASGIWebsocketConnection] - 1, counts
 
 
-async def test_a_cancellation_from_outside_goes_on() -> None:
-    """hypercorn cancelling the ASGI task (its shutdown) is not swallowed."""
-    seen: dict[str, Any] = {}
-    app = _app(InlineWebsocketConnection, seen)
-    incoming: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    await incoming.put({"type": "websocket.connect"})
-    sent: list[dict[str, Any]] = []
-
-    async def send(event: dict[str, Any]) -> None:
-        sent.append(event)
-
-    scope = {
+def _scope() -> dict[str, Any]:
+    return {
         "type": "websocket",
         "asgi": {"spec_version": "2.3"},
         "http_version": "1.1",
@@ -99,6 +89,20 @@ async def test_a_cancellation_from_outside_goes_on() -> None:
         "subprotocols": [],
         "extensions": {"websocket.http.response": {}},
     }
+
+
+async def test_a_cancellation_from_outside_goes_on() -> None:
+    """hypercorn cancelling the ASGI task (its shutdown) is not swallowed."""
+    seen: dict[str, Any] = {}
+    app = _app(InlineWebsocketConnection, seen)
+    incoming: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    await incoming.put({"type": "websocket.connect"})
+    sent: list[dict[str, Any]] = []
+
+    async def send(event: dict[str, Any]) -> None:
+        sent.append(event)
+
+    scope = _scope()
     before = len(asyncio.all_tasks())
     call = asyncio.create_task(app(scope, incoming.get, send))  # type: ignore[arg-type]
     for _ in range(50):
@@ -113,3 +117,37 @@ async def test_a_cancellation_from_outside_goes_on() -> None:
     for _ in range(20):
         await asyncio.sleep(0)
     assert len(asyncio.all_tasks()) == before
+
+
+async def test_a_disconnect_in_the_turn_the_route_ends_is_not_a_cancellation() -> None:
+    """The reader's end and the route's return in the same loop turn: the reader's
+    done callback was scheduled already and must not cancel the finished route."""
+    seen: dict[str, Any] = {}
+    app = Quart(__name__)
+    app.asgi_websocket_class = InlineWebsocketConnection
+    incoming: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    route_may_end = asyncio.Event()
+
+    @app.websocket("/ws")
+    async def ws() -> None:
+        await websocket.accept()
+        await route_may_end.wait()
+        seen["ended"] = True
+
+    async def receive() -> dict[str, Any]:
+        return await incoming.get()
+
+    async def send(_event: dict[str, Any]) -> None:
+        return None
+
+    await incoming.put({"type": "websocket.connect"})
+    call = asyncio.create_task(app(_scope(), receive, send))  # type: ignore[arg-type]
+    for _ in range(50):
+        await asyncio.sleep(0)
+    # Both wake in the next turn, the reader first: it sees the disconnect and ends
+    # (its done callback is scheduled), then the route returns.
+    incoming.put_nowait({"type": "websocket.disconnect", "code": 1000})
+    route_may_end.set()
+    async with asyncio.timeout(5):
+        await call  # returns: no CancelledError
+    assert seen["ended"] and not call.cancelled()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import os
 import struct
 from collections.abc import AsyncIterator, Sequence
@@ -456,12 +457,33 @@ async def test_a_failed_send_ends_the_writing_and_tells_the_session() -> None:
         async def send(self, data: str) -> None:
             raise ConnectionResetError("gone")
 
-    conn.attach(Broken(), None, on_end=ended.append)
-    conn.send('{"n":0}')
-    async with asyncio.timeout(5):
-        await conn.wait_closed()
-    assert ended == [True] and not conn.writing
-    await conn.detach()
+    unretrieved: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: unretrieved.append(context))
+    try:
+        conn.attach(Broken(), None, on_end=ended.append)
+        conn.send('{"n":0}')
+        async with asyncio.timeout(5):
+            await conn.wait_closed()
+        assert ended == [True] and not conn.writing
+        await conn.detach()
+        gc.collect()  # a task whose exception nobody read reports it when freed
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert not unretrieved, unretrieved
+
+
+async def test_a_writer_cancelled_before_it_ran_is_forgotten() -> None:
+    """A frame queued just before the session's cleanup detaches: the writer task is
+    cancelled before its first step, and the connection no longer counts it."""
+    fast, transport = fake_fast_path()
+    conn = Connection("c", "s", queue_size=100)
+    conn.attach(_Unused(), fast)
+    transport.size = 10**6  # the direct path declines: the frame is queued
+    assert conn.send('{"n":0}') and conn.writing
+    await conn.detach()  # in the same loop turn
+    assert not conn.writing
 
 
 # ---- what `quartchat serve` answers a browser's deflate offer ------------------------------

@@ -249,3 +249,13 @@ async def test_one_pinger_task_pings_every_socket_and_forgets_closed_ones() -> N
     finally:
         stop.set()
         await asyncio.wait_for(server, 5)
+
+
+def test_statsd_keeps_hypercorns_statsd_logger(empty_cwd: Path, settings: Settings) -> None:
+    """hypercorn swaps in its StatsdLogger only while logger_class is its own Logger."""
+    from hypercorn.statsd import StatsdLogger
+
+    (empty_cwd / "hypercorn.toml").write_text('statsd_host = "127.0.0.1:8125"\n')
+    config = hypercorn_config(settings)
+    config.set_statsd_logger_class(StatsdLogger)
+    assert config.logger_class is StatsdLogger
