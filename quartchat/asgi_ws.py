@@ -1,18 +1,22 @@
-"""Quart's ASGI WebSocket connection, with the handler in the ASGI task itself.
+"""Quart's ASGI WebSocket connection, with no task of its own per socket.
 
 Quart 0.22's ``ASGIWebsocketConnection`` runs every WebSocket in two new
-tasks, one reading ASGI events into the websocket's queue and one running the
-route, and the ASGI task (hypercorn's, per socket) only waits for the first of
-them to end. :class:`InlineWebsocketConnection` (Quart's documented
-``asgi_websocket_class`` extension point) runs the route in the ASGI task and
-keeps only the reader task: one task, a wait and its futures fewer per socket.
+tasks, one moving ASGI events into the websocket's queue (with a signal per
+message) and one running the route, and the ASGI task (hypercorn's, per
+socket) only waits for the first of them to end. :class:`InlineWebsocketConnection`
+(Quart's documented ``asgi_websocket_class`` extension point) runs the route
+in the ASGI task, and ``websocket.receive()`` takes the next message straight
+from the server's ASGI ``receive``: two tasks, a queue, a wait and their
+futures fewer per socket, and no hop per message received.
 
-What Quart does is kept: when the client goes away (the reader sees
-``websocket.disconnect``) the route is cancelled and the ASGI call returns; an
-exception of the reader is raised; the route's own end cancels the reader.
-The route sees the cancellation as it would in Quart's handler task; the
-cancellation we caused ends here, and one from outside (hypercorn's shutdown)
-goes on.
+One thing differs from Quart, and is why this is quartchat's and not a
+general replacement: a client that goes away is noticed when the route next
+reads (its ``receive()`` raises ``CancelledError``, as Quart would cancel the
+route), not at once. quartchat's only WebSocket route reads from its accept
+to its end; its cleanup, which does not read, is bounded by its close wait.
+The ``websocket_received`` signal is not sent (quartchat connects nothing to it).
+The cancellation a disconnect causes ends here; one from outside (hypercorn's
+shutdown) goes on.
 """
 
 from __future__ import annotations
@@ -25,37 +29,37 @@ from quart.asgi import ASGIWebsocketConnection
 __all__ = ["InlineWebsocketConnection"]
 
 
+class _Inbound:
+    """The websocket's ``receive``: the next message of the ASGI ``receive``."""
+
+    __slots__ = ("_receive", "gone")
+
+    def __init__(self, receive: Any) -> None:
+        self._receive = receive
+        self.gone = False
+
+    async def get(self) -> str | bytes:
+        while not self.gone:
+            event = await self._receive()
+            kind = event["type"]
+            if kind == "websocket.receive":
+                data: str | bytes = event.get("bytes") or event["text"]
+                return data
+            if kind == "websocket.disconnect":
+                self.gone = True
+        raise asyncio.CancelledError  # the client went away: Quart cancels the route
+
+
 class InlineWebsocketConnection(ASGIWebsocketConnection):
-    """One socket's ASGI call: the route in this task, Quart's reader in one task."""
+    """One socket's ASGI call: the route in this task, reading the ASGI events itself."""
 
     async def __call__(self, receive: Any, send: Any) -> None:
         handler = asyncio.current_task()
-        if handler is None:  # pragma: no cover - ASGI apps always run in a task
-            await super().__call__(receive, send)
-            return
+        inbound = _Inbound(receive)
+        self.queue = inbound  # type: ignore[assignment]  # the websocket reads queue.get
         websocket = self._create_websocket_from_scope(send)
-        reader = asyncio.ensure_future(self.handle_messages(receive))
-        ended = False  # the reader's end cancelled the route
-        route_done = False
-
-        def reader_done(_: asyncio.Future[None]) -> None:
-            # Also called after remove_done_callback when the reader ended in the
-            # same loop turn as the route (its callbacks were scheduled already).
-            nonlocal ended
-            if not route_done and not handler.done():
-                ended = True
-                handler.cancel()
-
-        reader.add_done_callback(reader_done)
         try:
             await self.handle_websocket(websocket, send)
         except asyncio.CancelledError:
-            if not ended or handler.uncancel() > 0:
+            if not inbound.gone or handler is None or handler.cancelling() > 0:
                 raise
-        finally:
-            route_done = True
-            reader.remove_done_callback(reader_done)
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
-        if not reader.cancelled() and reader.exception() is not None:
-            raise reader.exception()  # type: ignore[misc]

@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 _MARK = "_quartchat_ping_patch"
 _TASK = "_quartchat_ping_task"
+_PINGER = "_quartchat_pinger"  # (the pinger, the slot) a stream was handed to
 
 
 def installed() -> bool:
@@ -96,6 +97,9 @@ def install() -> bool:
             await handle(self, event)
         finally:
             if getattr(self, "closed", False):
+                mark = getattr(self, _PINGER, None)
+                if mark is not None:
+                    mark[0].discard(self)
                 task = getattr(self, _TASK, None)
                 if task is not None and task is not asyncio.current_task():
                     setattr(self, _TASK, None)
@@ -122,7 +126,7 @@ class Pinger:
     turn, so a process's pings (and its clients' pongs) are spread evenly over
     the interval, also for sockets accepted in the same instant; a stream's
     first ping comes within one interval of its accept. The task starts with the first
-    stream and ends after a round with none left. It runs in a context of its
+    stream and ends at the first tick that finds none left. It runs in a context of its
     own: it must not keep the first socket's request context alive.
     """
 
@@ -151,12 +155,21 @@ class Pinger:
         if transport_of(stream) is None or not hasattr(stream, "connection"):
             return False
         self._slots[self._deal].add(stream)
+        setattr(stream, _PINGER, (self, self._deal))
         self._deal = (self._deal + 1) % len(self._slots)
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(
                 self._run(), name="websocket-pings", context=contextvars.Context()
             )
         return True
+
+    def discard(self, stream: Any) -> None:
+        """Forget a stream now (it has closed); the task ends at its next tick if it was
+        the last. A closed stream is freed by its last reference or, in a cycle, by the
+        collector; this one does not wait for either."""
+        mark = getattr(stream, _PINGER, None)
+        if mark is not None and mark[0] is self:
+            self._slots[mark[1]].discard(stream)
 
     def ping_slot(self) -> None:
         """One tick: ping the streams of the next slot, forget the closed ones."""
@@ -187,11 +200,9 @@ class Pinger:
 
     async def _run(self) -> None:
         tick = self.interval / len(self._slots)
-        empty_rounds = 0
-        while empty_rounds <= len(self._slots):
+        while len(self):
             await asyncio.sleep(tick)
             self.ping_slot()
-            empty_rounds = empty_rounds + 1 if not len(self) else 0
 
 
 _PINGERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[float, Pinger]] = (
