@@ -205,11 +205,12 @@ SPEC: list[tuple[str, str, str, values.Parser, str]] = [
     (
         "gc_threshold",
         "QUARTCHAT_GC_THRESHOLD",
-        "10000,10,10",
+        "default",
         values.gc_threshold,
         (
             "Garbage collector thresholds G0,G1,G2 of server processes (`default`: Python's "
-            "700,10,10); start-up objects are frozen out of collections either way"
+            "700,10,10); start-up objects are frozen out of collections either way. Larger "
+            "ones (10000,10,10) speed up connect bursts but keep more garbage under churn"
         ),
     ),
     (

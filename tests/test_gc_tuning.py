@@ -20,8 +20,10 @@ def restore_gc() -> Iterator[None]:
     gc.set_threshold(*before)
 
 
-def test_the_default_raises_the_thresholds() -> None:
-    assert Settings.from_env({}, env_file=None).gc_threshold == (10_000, 10, 10)
+def test_the_default_is_pythons_own() -> None:
+    """Larger thresholds made 10,000 connects 25 % faster but let 3,000 connect/close
+    cycles leave 6 MB more behind (tests/test_churn.py's bound is 15 MB)."""
+    assert Settings.from_env({}, env_file=None).gc_threshold is None
 
 
 @pytest.mark.parametrize(
