@@ -571,6 +571,37 @@ async def _read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     return first & 0x0F, await reader.readexactly(size)
 
 
+def _quiet_server(tmp_path: Any, name: str) -> Any:
+    """A started `quartchat serve` on SQLite, no rate limit, warnings only."""
+    from .servers import ServerProcess
+
+    return ServerProcess(
+        tmp_path,
+        {
+            "QUARTCHAT_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/{name}.db",
+            "QUARTCHAT_RATE_PER_S": "0",
+            "QUARTCHAT_LOG_LEVEL": "warning",
+        },
+        name=name,
+    ).start()
+
+
+async def _closed_for_errors(
+    server: Any,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int]:
+    """A raw socket that earned a server close (250 bad frames: 1008); returns it at the
+    moment its close frame arrived, with the close code."""
+    reader, writer = await _raw_socket(server)
+    while (await _read_frame(reader))[0] != 0x1:  # the welcome (maybe after a ping)
+        pass
+    writer.write(b"".join(_masked_text(b"not json") for _ in range(250)))
+    await writer.drain()
+    while True:
+        opcode, body = await _read_frame(reader)
+        if opcode == 0x8:
+            return reader, writer, int.from_bytes(body[:2], "big")
+
+
 async def test_13_a_client_gone_during_the_close_wait_leaves_no_task(tmp_path: Any) -> None:
     """The server closes (1008: too many errors) and waits for the client's close frame
     (session._CLOSE_WAIT_S); the client resets the TCP connection instead of answering.
@@ -579,32 +610,15 @@ async def test_13_a_client_gone_during_the_close_wait_leaves_no_task(tmp_path: A
     import socket
     import struct
 
-    from .servers import ServerProcess
     from .test_churn import _idle, _settled
 
-    server = ServerProcess(
-        tmp_path,
-        {
-            "QUARTCHAT_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/wait.db",
-            "QUARTCHAT_RATE_PER_S": "0",
-            "QUARTCHAT_LOG_LEVEL": "warning",
-        },
-        name="closewait",
-    ).start()
+    server = _quiet_server(tmp_path, "closewait")
     try:
         idle = await _idle(server)
 
         async def one() -> None:
-            reader, writer = await _raw_socket(server)
-            while (await _read_frame(reader))[0] != 0x1:  # the welcome (maybe after a ping)
-                pass
-            writer.write(b"".join(_masked_text(b"not json") for _ in range(250)))
-            await writer.drain()
-            while True:
-                opcode, body = await _read_frame(reader)
-                if opcode == 0x8:
-                    assert int.from_bytes(body[:2], "big") == 1008
-                    break
+            _reader, writer, code = await _closed_for_errors(server)
+            assert code == 1008
             # No close frame back: reset the connection while the server waits for one.
             sock = writer.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -630,29 +644,15 @@ async def test_a_client_that_never_answers_our_close_is_cut_off_after_the_close_
 
     from quartchat.session import _CLOSE_WAIT_S
 
-    from .servers import ServerProcess
     from .test_churn import _idle, _settled
 
-    server = ServerProcess(
-        tmp_path,
-        {
-            "QUARTCHAT_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/mute.db",
-            "QUARTCHAT_RATE_PER_S": "0",
-            "QUARTCHAT_LOG_LEVEL": "warning",
-        },
-        name="mute",
-    ).start()
+    server = _quiet_server(tmp_path, "mute")
     try:
         idle = await _idle(server)
 
         async def one() -> float:
-            reader, writer = await _raw_socket(server)
-            while (await _read_frame(reader))[0] != 0x1:  # the welcome (maybe after a ping)
-                pass
-            writer.write(b"".join(_masked_text(b"not json") for _ in range(250)))
-            await writer.drain()
-            while (await _read_frame(reader))[0] != 0x8:
-                pass
+            reader, writer, code = await _closed_for_errors(server)
+            assert code == 1008
             closed_at = time.monotonic()
             assert await reader.read() == b""  # no answer from us; the server ends it
             writer.close()
