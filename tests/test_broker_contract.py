@@ -96,6 +96,19 @@ async def test_publish_reaches_subscribers_of_that_room_only(make_broker: Any) -
     await two.stays_at(2)
 
 
+async def test_publish_is_queued_in_call_order_before_it_is_awaited(make_broker: Any) -> None:
+    # The room's writer queues its publish, then wakes the actor, then waits:
+    # the payload must be on its way from the call, not from the await.
+    a, b = await make_broker(), await make_broker()
+    inbox = Inbox()
+    await b.subscribe("r", inbox)
+    first = a.publish("r", b"first")
+    second = a.publish("r", b"second")
+    await second  # awaited out of call order
+    await first
+    assert await inbox.wait(2) == [b"first", b"second"]
+
+
 async def test_two_handlers_on_one_process_share_a_subscription(make_broker: Any) -> None:
     a = await make_broker()
     first, second = Inbox(), Inbox()

@@ -14,6 +14,7 @@ from typing import Any
 
 import redis.asyncio
 
+from quartchat.broker import BrokerError
 from quartchat.broker.redis import RedisBroker
 
 from .redis_util import REDIS_URL, RedisServer, check_shared_redis, drop_prefix, unique_prefix
@@ -114,6 +115,38 @@ async def test_a_silent_redis_is_noticed_within_seconds_and_delivery_resumes(
     finally:
         server.resume()
         await other.aclose()
+        await broker.close()
+        server.kill()
+
+
+async def test_a_publish_to_a_frozen_redis_fails_in_bounded_time_and_the_next_one_works(
+    tmp_path: Path,
+) -> None:
+    """The publisher's connection has no socket timeout of its own (redis-py would run
+    each send in an extra task); its pipeline is bounded by the broker's timeout_s."""
+    server = RedisServer(tmp_path).start()
+    broker = broker_for(server.url, "t", "frozen-pub", timeout_s=1.0, ping_interval_s=0.3)
+    await broker.start()
+    try:
+        inbox = Inbox()
+        await broker.subscribe("r", inbox)
+        await broker.publish("r", b"before")
+        await inbox.wait(1)
+        server.pause()
+        started = time.monotonic()
+        try:
+            await broker.publish("r", b"lost")
+        except BrokerError as exc:
+            print(f"publish to a frozen Redis failed in {time.monotonic() - started:.2f} s: {exc}")
+        else:
+            raise AssertionError("a publish to a frozen Redis succeeded")
+        assert time.monotonic() - started < 3
+        server.resume()
+        await until(lambda: broker.connected and None in inbox.items, 10, "resubscribed")
+        await broker.publish("r", b"after")  # the publisher is not stuck on the old send
+        await until(lambda: b"after" in inbox.items, 5, "the next publish delivered")
+    finally:
+        server.resume()
         await broker.close()
         server.kill()
 

@@ -28,7 +28,7 @@ with its messages; the room builds the ``presence`` frame its members get.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
 from ..logs import redact
@@ -67,10 +67,13 @@ class PubSub(Protocol):
     async def unsubscribe(self, room_id: str, handler: Handler) -> None:
         """Stop delivering to ``handler``."""
 
-    async def publish(self, room_id: str, payload: bytes) -> None:
+    def publish(self, room_id: str, payload: bytes) -> Awaitable[None]:
         """Send ``payload`` to every subscriber of the room on every server.
 
-        Returns once sent; :class:`BrokerError` on failure or after a bounded wait."""
+        The payload is queued (or, in one process, delivered) before this returns,
+        in call order; the awaitable completes once it is sent, or raises
+        :class:`BrokerError` on failure or after a bounded wait. An ``async def``
+        is a valid implementation (it only queues once awaited)."""
 
 
 class Presence(Protocol):

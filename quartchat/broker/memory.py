@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from ..events import PresenceEvent, PresenceKind, encode_events
 from . import Handler
@@ -111,8 +111,11 @@ class MemoryBroker:
             if not handlers:
                 del self._handlers[room_id]
 
-    async def publish(self, room_id: str, payload: bytes) -> None:
+    def publish(self, room_id: str, payload: bytes) -> Awaitable[None]:
         self._deliver(room_id, payload)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
 
     def _deliver(self, room_id: str, payload: bytes) -> None:
         for handler in list(self._handlers.get(room_id, ())):

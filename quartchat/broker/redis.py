@@ -29,6 +29,7 @@ import random
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Awaitable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -40,7 +41,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from .. import metrics
 from . import BrokerError, Handler
 from .redis_presence import RedisPresence
-from .redis_publisher import _ERRORS, Outbox, _wrap, publisher_loop, send_publish
+from .redis_publisher import _ERRORS, Outbox, _wrap, publisher_loop, queue_publish
 from .redis_scripts import Keys
 
 __all__ = ["RedisBroker"]
@@ -90,6 +91,22 @@ class RedisBroker:
             retry_on_error=[RedisConnectionError],
         )
         self._r: aioredis.Redis = aioredis.Redis(connection_pool=pool)
+        # The publisher's own connection, with no socket_timeout: redis-py bounds a
+        # send by running it in a task of its own (asyncio.wait_for, on Python 3.11),
+        # which puts the PUBLISH behind everything else ready to run. The publisher
+        # bounds each pipeline with asyncio.timeout instead (publisher_loop).
+        self._pub: aioredis.Redis = aioredis.Redis(
+            connection_pool=aioredis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=1,  # one pipeline in flight at a time
+                timeout=timeout_s,
+                socket_connect_timeout=2,
+                socket_timeout=None,
+                socket_keepalive=True,
+                retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=2),
+                retry_on_error=[RedisConnectionError],
+            )
+        )
         # The pub/sub connection must NOT retry silently: a reconnect means payloads
         # were lost, and the listener has to see it to make every room catch up.
         self._sub_client: aioredis.Redis = aioredis.Redis.from_url(
@@ -155,6 +172,7 @@ class RedisBroker:
                 waiter.set_exception(BrokerError("redis: broker closed"))
         await self._drop_pubsub()
         await self._sub_client.aclose()
+        await self._pub.aclose()
         await self._r.aclose()
 
     async def ping(self) -> None:
@@ -168,11 +186,11 @@ class RedisBroker:
 
     # ---- publishing -------------------------------------------------------
 
-    async def publish(self, room_id: str, payload: bytes) -> None:
-        await send_publish(self._outbox, self.keys.channel(room_id), payload, self.timeout_s)
+    def publish(self, room_id: str, payload: bytes) -> Awaitable[None]:
+        return queue_publish(self._outbox, self.keys.channel(room_id), payload, self.timeout_s)
 
     async def _publisher(self) -> None:
-        await publisher_loop(self._r, self._outbox, "PUBLISH")
+        await publisher_loop(self._pub, self._outbox, "PUBLISH", self.timeout_s)
 
     # ---- channels ---------------------------------------------------------
 

@@ -31,7 +31,7 @@ import contextlib
 import logging
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode
@@ -44,7 +44,7 @@ from ..validate import parse_cluster_url
 from . import BrokerError, Handler
 from .cluster_pubsub import ShardedSubscriber
 from .redis_presence import RedisPresence
-from .redis_publisher import _ERRORS, Outbox, _wrap, publisher_loop, send_publish
+from .redis_publisher import _ERRORS, Outbox, _wrap, publisher_loop, queue_publish
 from .redis_scripts import Keys
 
 __all__ = ["GatedPresence", "RedisClusterBroker"]
@@ -212,9 +212,9 @@ class RedisClusterBroker:
         if not self._sub.up:
             raise BrokerError("redis cluster: some rooms are not subscribed (resubscribing)")
 
-    async def publish(self, room_id: str, payload: bytes) -> None:
+    def publish(self, room_id: str, payload: bytes) -> Awaitable[None]:
         channel = self.keys.channel(room_id)
-        await send_publish(self._outbox(channel), channel, payload, self.timeout_s)
+        return queue_publish(self._outbox(channel), channel, payload, self.timeout_s)
 
     def _outbox(self, channel: str) -> Outbox:
         try:
@@ -227,7 +227,8 @@ class RedisClusterBroker:
             outbox = self._outboxes[master] = asyncio.Queue(_PUBLISH_QUEUE)
             self._tasks.append(
                 asyncio.create_task(
-                    publisher_loop(self._r, outbox, "SPUBLISH"), name=f"redis-publisher-{master}"
+                    publisher_loop(self._r, outbox, "SPUBLISH", self.timeout_s),
+                    name=f"redis-publisher-{master}",
                 )
             )
         return outbox

@@ -1,7 +1,11 @@
 """The publisher task of the Redis brokers (redis:// and redis+cluster://), and their errors.
 
 ``publish()`` never writes to Redis itself: it queues ``(channel, payload,
-waiter)`` on a bounded :data:`Outbox` and waits (:func:`send_publish`). One
+waiter)`` on a bounded :data:`Outbox` before it returns, and hands back the wait
+(:func:`queue_publish`). So the publisher task is woken ahead of whatever its
+caller wakes next: the room's writer queues the publish, then tells the actor,
+and the payload is on its way to the other servers while the actor delivers to
+this server's members. One
 publisher task per outbox (:func:`publisher_loop`) sends whatever is queued
 in one pipeline, up to ``_PUBLISH_BATCH`` at a time, and settles each
 caller's waiter with the result of its own command. A caller that gave up
@@ -12,13 +16,14 @@ waiter still queued or in flight with BrokerError.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from typing import Any
 
 from redis.exceptions import RedisError
 
 from . import BrokerError
 
-__all__ = ["Outbox", "publisher_loop", "send_publish"]
+__all__ = ["Outbox", "publisher_loop", "queue_publish"]
 
 _PUBLISH_BATCH = 500
 
@@ -33,20 +38,46 @@ _ERRORS = (RedisError, OSError, RuntimeError, TimeoutError)
 Outbox = asyncio.Queue[tuple[str, bytes, asyncio.Future[None]]]
 
 
-async def send_publish(outbox: Outbox, channel: str, payload: bytes, timeout_s: float) -> None:
-    """Queue one publish and wait until the publisher sent it (BrokerError past ``timeout_s``)."""
+def queue_publish(
+    outbox: Outbox, channel: str, payload: bytes, timeout_s: float
+) -> Awaitable[None]:
+    """Queue one publish now (when the outbox has room) and return the wait until the
+    publisher sent it (BrokerError past ``timeout_s``). A full outbox is waited for
+    within the same bound."""
     waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     try:
+        outbox.put_nowait((channel, payload, waiter))
+    except asyncio.QueueFull:
+        return _put_and_wait(outbox, (channel, payload, waiter), timeout_s)
+    return _wait_sent(waiter, timeout_s)
+
+
+async def _put_and_wait(
+    outbox: Outbox, item: tuple[str, bytes, asyncio.Future[None]], timeout_s: float
+) -> None:
+    try:
         async with asyncio.timeout(timeout_s):
-            await outbox.put((channel, payload, waiter))
-            await waiter
+            await outbox.put(item)
+            await item[2]
     except TimeoutError as exc:
         raise BrokerError(f"redis: publish not sent within {timeout_s:g} s") from exc
 
 
-async def publisher_loop(client: Any, outbox: Outbox, command: str) -> None:
+async def _wait_sent(waiter: asyncio.Future[None], timeout_s: float) -> None:
+    try:
+        async with asyncio.timeout(timeout_s):
+            await waiter
+    except TimeoutError as exc:
+        raise BrokerError(f"redis: publish not sent within {timeout_s:g} s") from exc
+    finally:
+        if not waiter.done():
+            waiter.cancel()  # given up: the publisher skips it
+
+
+async def publisher_loop(client: Any, outbox: Outbox, command: str, timeout_s: float) -> None:
     """Send queued publishes (``command`` is PUBLISH, or SPUBLISH on a cluster), everything
-    queued at once in one pipeline (on a cluster: one per master, sent concurrently)."""
+    queued at once in one pipeline (on a cluster: one per master, sent concurrently),
+    each pipeline bounded by ``timeout_s`` (redis-py closes a connection cut off mid-command)."""
     while True:
         batch = [await outbox.get()]
         while len(batch) < _PUBLISH_BATCH and not outbox.empty():
@@ -55,7 +86,7 @@ async def publisher_loop(client: Any, outbox: Outbox, command: str) -> None:
         if not batch:
             continue
         try:
-            async with client.pipeline(transaction=False) as pipe:
+            async with asyncio.timeout(timeout_s), client.pipeline(transaction=False) as pipe:
                 for channel, payload, _ in batch:
                     pipe.execute_command(command, channel, payload)
                 results = await pipe.execute(raise_on_error=False)

@@ -1,11 +1,12 @@
 """A room's writer: takes accepted posts in batches, stores them (the store
-gives them their seqs), reports each batch to the actor, then publishes it.
+gives them their seqs), then queues each batch's publish and reports it to the actor.
 
 One task per active room, owned by the actor. Batches are written one after
 another, so the room's publishes leave this process in seq order. The actor
-hears of a batch (to deliver it locally and ack it) before it is published:
-nothing is acked or delivered that is not stored, and the publish cannot
-overtake the ack. A publish that fails loses nothing: other servers find
+hears of a batch (to deliver it locally and ack it) as soon as it is stored,
+in the same step that queues its publish (queued first, so the broker sends
+it while the actor delivers here): nothing is acked or delivered that is not
+stored. A publish that fails loses nothing: other servers find
 the rows in the store with their position check.
 """
 
@@ -16,7 +17,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from .. import metrics
 from ..broker import BrokerError, PubSub
@@ -138,12 +139,25 @@ class Writer:
             metrics.STORE_BATCH_SIZE.observe(len(created))
             metrics.MESSAGES_STORED.inc(len(created))
         entries = [Entry(r.seq, r.sent_at_ms, encode_row(r)) for r in created]
-        self._report(Written(batch, answers, entries=entries))
         if not entries:
+            self._report(Written(batch, answers, entries=entries))
             return
         payload = encode_events([MessageEvent(e.seq, e.sent_ms, e.frame) for e in entries])
+        # Queue the publish first, then tell the actor: the publisher task is
+        # woken before the actor, so the payload leaves for the other servers
+        # while the actor acks and delivers here (and a broker that delivers
+        # in-process hands the actor its copy before the report: the ordering
+        # takes whichever comes first, once).
+        sent: Awaitable[None] | Exception
         try:
-            await self._broker.publish(self.room_id, payload)
+            sent = self._broker.publish(self.room_id, payload)
+        except Exception as exc:  # noqa: BLE001 - handled below as a failed send; the batch is acked
+            sent = exc
+        self._report(Written(batch, answers, entries=entries))
+        try:
+            if isinstance(sent, Exception):
+                raise sent
+            await sent
             metrics.MESSAGES_PUBLISHED.inc(len(created))
         except BrokerError as exc:
             log.warning(
