@@ -377,6 +377,34 @@ async def test_two_writers_on_one_room_never_collide(backend_url: str) -> None:
             await within(s.close())
 
 
+async def test_an_append_does_not_wait_for_another_rooms_commit(mysql_url: str) -> None:
+    """MySQL: a post of room B is stored while room A's append is stuck in its
+    transaction (an outside session holds A's counter row); before, one writer
+    task per process made every room wait for the transaction in flight."""
+    s = DatabaseStore(mysql_url, op_timeout=OP_TIMEOUT)
+    await within(s.connect())
+    await put(s, [msg("room-a", 1)])  # both counter rows exist
+    await put(s, [msg("room-b", 1)])
+    engine = _engine(mysql_url)
+    try:
+        with engine.connect() as blocker:
+            blocker.execute(sa.text("BEGIN"))
+            blocker.execute(
+                sa.text("SELECT last_seq FROM rooms WHERE room_id = 'room-a' FOR UPDATE")
+            )
+            stuck = asyncio.create_task(s.append("room-a", [new(msg("room-a", 2))]))
+            await asyncio.sleep(0.3)
+            assert not stuck.done()
+            (b,) = await within(s.append("room-b", [new(msg("room-b", 2))]), 1.5)
+            assert b.row.seq == 2 and not stuck.done(), stuck  # A still waits for its lock
+            blocker.execute(sa.text("ROLLBACK"))
+        (a,) = await within(stuck)
+        assert a.row.seq == 2
+    finally:
+        engine.dispose()
+        await within(s.close(), T + OP_TIMEOUT)
+
+
 async def test_client_msg_ids_compare_byte_for_byte(store: DatabaseStore) -> None:
     """Case, trailing spaces and accents make different ids, on every backend.
 

@@ -61,7 +61,7 @@ class DatabaseStore:
         self.op_timeout = op_timeout
         self.dialect: Dialect = dialect_for(url, connect_timeout=connect_timeout)
         self._queue: deque[Request] = deque()
-        self._group_writer: asyncio.Task[None] | None = None
+        self._group_writers: set[asyncio.Task[None]] = set()
         self._known_rooms: set[str] = set()
         self._counters = CounterReader(self.last_seqs)
 
@@ -77,14 +77,16 @@ class DatabaseStore:
 
     async def close(self) -> None:
         await self._counters.close()
-        if self._group_writer is not None and not self._group_writer.done():
-            # Let queued writes finish (bounded), then stop the writer.
+        writers = [t for t in self._group_writers if not t.done()]
+        if writers:
+            # Let queued writes finish (bounded), then stop the writers.
             try:
                 async with asyncio.timeout(self.op_timeout):
-                    await asyncio.shield(self._group_writer)
+                    await asyncio.shield(asyncio.gather(*writers, return_exceptions=True))
             except TimeoutError:
-                self._group_writer.cancel()
-            await asyncio.gather(self._group_writer, return_exceptions=True)
+                for task in writers:
+                    task.cancel()
+            await asyncio.gather(*writers, return_exceptions=True)
         await self.dialect.close(self.op_timeout + 5)
 
     # ---- sessions -------------------------------------------------------
@@ -191,9 +193,11 @@ class DatabaseStore:
     async def append(self, room_id: str, posts: Sequence[NewMessage]) -> list[Appended]:
         """Store posts with the room's next seqs (see the module docstring).
 
-        Concurrent calls (many rooms writing at once) are grouped: one writer
+        Concurrent calls (many rooms writing at once) are grouped: a writer
         task takes everything queued and writes it in one transaction (one
-        commit, one fsync), then answers every caller. A group that fails on a
+        commit, one fsync), then answers every caller. Up to the dialect's
+        ``concurrent_appends`` writers run at once (MySQL: 2; SQLite: 1, it has
+        one writer anyway). A group that fails on a
         unique key is retried caller by caller, so only the caller at fault
         gets the error.
         """
@@ -201,8 +205,16 @@ class DatabaseStore:
             return []
         waiter: asyncio.Future[list[Appended]] = asyncio.get_running_loop().create_future()
         self._queue.append(Request(room_id, list(posts), waiter))
-        if self._group_writer is None or self._group_writer.done():
-            self._group_writer = asyncio.create_task(self._write_groups(), name="store-writer")
+        # done(), not the set's size: a writer that found the queue empty has ended,
+        # and its done callback (which forgets it) may not have run yet.
+        running = sum(not task.done() for task in self._group_writers)
+        if running < self.dialect.concurrent_appends:
+            # A writer of its own while the others are mid-transaction (MySQL): the
+            # post does not wait for their commit. Groups never share a room (each
+            # room writes one batch at a time), and rooms are locked in key order.
+            task = asyncio.create_task(self._write_groups(), name="store-writer")
+            self._group_writers.add(task)
+            task.add_done_callback(self._group_writers.discard)
         return await waiter
 
     async def _write_groups(self) -> None:

@@ -79,6 +79,7 @@ class Dialect(abc.ABC):
     row_lock: ClassVar[str]  # appended to the counters' read in an append transaction
     upsert_last_seen: ClassVar[str]  # how a clients row that exists moves last_seen
     after_connect: ClassVar[tuple[str, ...]] = ()  # statements run once on connect
+    concurrent_appends: ClassVar[int] = 1  # append transactions in flight at once
 
     def __init__(self, driver: Driver) -> None:
         self.driver = driver
