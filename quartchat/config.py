@@ -88,7 +88,7 @@ class Settings:
     fast_writes: bool = True
     ws_compression: bool = False
     event_loop: str = "auto"
-    gc_threshold: tuple[int, int, int] | None = None  # Python's own
+    gc_threshold: tuple[int, int, int] | None = (10_000, 10, 10)  # None: Python's own
     auth: str = "none"
     # Secrets never appear in repr (logs, tracebacks).
     jwt_secret: str | None = attrs.field(default=None, repr=False)

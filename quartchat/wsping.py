@@ -33,9 +33,9 @@ If hypercorn's stream does not look as expected, nothing is patched and
 :func:`cancel_ping_tasks` is the shutdown's safety net: once the hub's drain
 has closed every socket, our shutdown trigger cancels any ping task still
 sleeping, so hypercorn's wait for its server tasks (``graceful_timeout``)
-ends at once. This module and :mod:`quartchat.fastsend` are where quartchat
-reaches into hypercorn's internals; ``tests/test_hypercorn_config.py`` pins
-that they still find what they patch.
+ends at once. This module, :mod:`quartchat.fastsend` and :mod:`quartchat.tcpfree`
+are where quartchat reaches into hypercorn's internals;
+``tests/test_hypercorn_config.py`` pins that they still find what they patch.
 """
 
 from __future__ import annotations

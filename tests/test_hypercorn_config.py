@@ -264,3 +264,84 @@ def test_statsd_keeps_hypercorns_statsd_logger(empty_cwd: Path, settings: Settin
     config = hypercorn_config(settings)
     config.set_statsd_logger_class(StatsdLogger)
     assert config.logger_class is StatsdLogger
+
+
+async def test_a_closed_connection_is_freed_without_the_collector() -> None:
+    """hypercorn's TCPServer and its protocol and task group refer to each other; with
+    tcpfree installed a closed connection (a WebSocket or a plain request) is freed by
+    reference counting, so no TCPServer waits for a collection."""
+    import base64
+    import gc
+    import os
+
+    from hypercorn.asyncio import serve
+    from hypercorn.asyncio.tcp_server import TCPServer
+    from hypercorn.config import Config
+    from quart import Quart, websocket
+
+    from quartchat import tcpfree
+
+    from .servers import free_port
+
+    assert tcpfree.install() and tcpfree.installed()
+    app = Quart(__name__)
+
+    @app.websocket("/ws")
+    async def ws() -> None:
+        await websocket.accept()
+        while True:
+            await websocket.receive()
+
+    @app.route("/")
+    async def index() -> str:
+        return "ok"
+
+    port = free_port()
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.accesslog = None
+    config.graceful_timeout = 1
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve(app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
+
+    def servers() -> int:
+        return sum(isinstance(o, TCPServer) for o in gc.get_objects())
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        for _ in range(200):
+            try:
+                return await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                await asyncio.sleep(0.02)
+        raise AssertionError("the server did not start")
+
+    gc.collect()
+    gc.disable()
+    try:
+        sockets = []
+        for n in range(20):
+            reader, writer = await connect()
+            if n % 4:
+                key = base64.b64encode(os.urandom(16)).decode()
+                request = (
+                    f"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                )
+                want = b"HTTP/1.1 101"
+            else:
+                request = "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                want = b"HTTP/1.1 200"
+            writer.write(request.encode())
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(want)
+            sockets.append(writer)
+        assert servers() >= 15  # the open WebSockets (a plain request may be over already)
+        for writer in sockets:
+            writer.transport.abort()
+        del sockets, writer
+        async with asyncio.timeout(5):
+            while servers():
+                await asyncio.sleep(0.05)
+    finally:
+        gc.enable()
+        stop.set()
+        await asyncio.wait_for(server, 5)
