@@ -53,7 +53,10 @@ def install() -> bool:
     run = getattr(TCPServer, "run", None)
     names = getattr(getattr(run, "__code__", None), "co_names", ())
     if not asyncio.iscoroutinefunction(run) or not all(name in names for name in _HELD):
-        log.warning("hypercorn's TCPServer is not as expected: closed connections stay in cycles")
+        log.warning(
+            "hypercorn's TCPServer is not as expected: closed connections wait in cycles for "
+            "the collector (QUARTCHAT_GC_THRESHOLD=default collects them sooner)"
+        )
         return False
 
     async def _run(self: Any) -> None:

@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis.asyncio
 
 from quartchat.broker import BrokerError
+from quartchat.broker import redis as redis_broker
 from quartchat.broker.redis import RedisBroker
 
 from .redis_util import REDIS_URL, RedisServer, check_shared_redis, drop_prefix, unique_prefix
@@ -149,6 +151,71 @@ async def test_a_publish_to_a_frozen_redis_fails_in_bounded_time_and_the_next_on
         server.resume()
         await broker.close()
         server.kill()
+
+
+async def test_close_leaves_no_connection_open_on_redis(tmp_path: Path) -> None:
+    """The broker's clients are made on pools of its own, which redis-py leaves open
+    on aclose(): every connection stayed open after close (the publisher's included)."""
+    server = RedisServer(tmp_path).start()
+    other = redis.asyncio.Redis.from_url(server.url)
+    try:
+        before = (await other.info("clients"))["connected_clients"]
+        broker = broker_for(server.url, "t", "closing")
+        await broker.start()
+        inbox = Inbox()
+        await broker.subscribe("r", inbox)
+        await broker.publish("r", b"x")
+        await inbox.wait(1)
+        assert (await other.info("clients"))["connected_clients"] > before
+        await broker.close()
+        async with asyncio.timeout(5):
+            while (await other.info("clients"))["connected_clients"] > before:
+                await asyncio.sleep(0.05)
+    finally:
+        await other.aclose()
+        server.kill()
+
+
+async def test_a_full_publish_queue_fails_the_publish_at_once_in_call_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frozen Redis: once the outbox is full, a publish fails at the call (the room's
+    writer goes on; other servers read the store), and what was queued goes out in order."""
+    monkeypatch.setattr(redis_broker, "_PUBLISH_QUEUE", 2)
+    server = RedisServer(tmp_path).start()
+    broker = broker_for(server.url, "t", "full", timeout_s=3.0, ping_interval_s=0.3)
+    await broker.start()
+    try:
+        inbox = Inbox()
+        await broker.subscribe("r", inbox)
+        server.pause()
+        first = broker.publish("r", b"1")  # taken by the publisher, stuck in Redis
+        await asyncio.sleep(0.1)
+        queued = [broker.publish("r", b"2"), broker.publish("r", b"3")]
+        started = time.monotonic()
+        with pytest.raises(BrokerError, match="publishes waiting"):
+            await broker.publish("r", b"4")
+        assert time.monotonic() - started < 0.1
+        server.resume()
+        for sent in (first, *queued):
+            try:
+                await sent
+            except BrokerError:
+                pass  # timed out in the freeze: other servers read the store
+        got = [p for p in inbox.items if p is not None]
+        assert got == sorted(got) and b"4" not in got, got
+    finally:
+        server.resume()
+        await broker.close()
+        server.kill()
+
+
+def test_the_publishers_pool_ignores_the_urls_timeout_and_size() -> None:
+    broker = RedisBroker(
+        f"{REDIS_URL.rstrip('/')}/0?socket_timeout=5&max_connections=8", prefix="t", server_id="u"
+    )
+    pool = broker._pub.connection_pool
+    assert pool.connection_kwargs["socket_timeout"] is None and pool.max_connections == 1
 
 
 async def test_an_outage_longer_than_the_dead_window_reaps_no_live_member(

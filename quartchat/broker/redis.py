@@ -95,18 +95,18 @@ class RedisBroker:
         # send by running it in a task of its own (asyncio.wait_for, on Python 3.11),
         # which puts the PUBLISH behind everything else ready to run. The publisher
         # bounds each pipeline with asyncio.timeout instead (publisher_loop).
-        self._pub: aioredis.Redis = aioredis.Redis(
-            connection_pool=aioredis.BlockingConnectionPool.from_url(
-                url,
-                max_connections=1,  # one pipeline in flight at a time
-                timeout=timeout_s,
-                socket_connect_timeout=2,
-                socket_timeout=None,
-                socket_keepalive=True,
-                retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=2),
-                retry_on_error=[RedisConnectionError],
-            )
+        pub_pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            timeout=timeout_s,
+            socket_connect_timeout=2,
+            socket_keepalive=True,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=2),
+            retry_on_error=[RedisConnectionError],
         )
+        # Set after from_url, which lets the URL's query string override keywords.
+        pub_pool.connection_kwargs["socket_timeout"] = None
+        pub_pool.max_connections = 1  # one pipeline in flight at a time
+        self._pub: aioredis.Redis = aioredis.Redis(connection_pool=pub_pool)
         # The pub/sub connection must NOT retry silently: a reconnect means payloads
         # were lost, and the listener has to see it to make every room catch up.
         self._sub_client: aioredis.Redis = aioredis.Redis.from_url(
@@ -172,8 +172,9 @@ class RedisBroker:
                 waiter.set_exception(BrokerError("redis: broker closed"))
         await self._drop_pubsub()
         await self._sub_client.aclose()
-        await self._pub.aclose()
-        await self._r.aclose()
+        # A client made on a pool of ours leaves the pool open on aclose().
+        await self._pub.aclose(close_connection_pool=True)
+        await self._r.aclose(close_connection_pool=True)
 
     async def ping(self) -> None:
         try:

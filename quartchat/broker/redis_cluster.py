@@ -227,7 +227,7 @@ class RedisClusterBroker:
             outbox = self._outboxes[master] = asyncio.Queue(_PUBLISH_QUEUE)
             self._tasks.append(
                 asyncio.create_task(
-                    publisher_loop(self._r, outbox, "SPUBLISH", self.timeout_s),
+                    publisher_loop(self._r, outbox, "SPUBLISH", None),
                     name=f"redis-publisher-{master}",
                 )
             )

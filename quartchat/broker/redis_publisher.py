@@ -41,26 +41,18 @@ Outbox = asyncio.Queue[tuple[str, bytes, asyncio.Future[None]]]
 def queue_publish(
     outbox: Outbox, channel: str, payload: bytes, timeout_s: float
 ) -> Awaitable[None]:
-    """Queue one publish now (when the outbox has room) and return the wait until the
-    publisher sent it (BrokerError past ``timeout_s``). A full outbox is waited for
-    within the same bound."""
+    """Queue one publish now and return the wait until the publisher sent it
+    (BrokerError past ``timeout_s``). A full outbox (Redis has not taken the
+    last 10,000) fails the publish at once, so publishes stay in call order and
+    a room's writer does not wait behind them; other servers read what was not
+    published from the store."""
     waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     try:
         outbox.put_nowait((channel, payload, waiter))
     except asyncio.QueueFull:
-        return _put_and_wait(outbox, (channel, payload, waiter), timeout_s)
+        waiter.set_exception(BrokerError(f"redis: {outbox.maxsize} publishes waiting to be sent"))
+        return waiter
     return _wait_sent(waiter, timeout_s)
-
-
-async def _put_and_wait(
-    outbox: Outbox, item: tuple[str, bytes, asyncio.Future[None]], timeout_s: float
-) -> None:
-    try:
-        async with asyncio.timeout(timeout_s):
-            await outbox.put(item)
-            await item[2]
-    except TimeoutError as exc:
-        raise BrokerError(f"redis: publish not sent within {timeout_s:g} s") from exc
 
 
 async def _wait_sent(waiter: asyncio.Future[None], timeout_s: float) -> None:
@@ -74,10 +66,13 @@ async def _wait_sent(waiter: asyncio.Future[None], timeout_s: float) -> None:
             waiter.cancel()  # given up: the publisher skips it
 
 
-async def publisher_loop(client: Any, outbox: Outbox, command: str, timeout_s: float) -> None:
+async def publisher_loop(
+    client: Any, outbox: Outbox, command: str, timeout_s: float | None
+) -> None:
     """Send queued publishes (``command`` is PUBLISH, or SPUBLISH on a cluster), everything
     queued at once in one pipeline (on a cluster: one per master, sent concurrently),
-    each pipeline bounded by ``timeout_s`` (redis-py closes a connection cut off mid-command)."""
+    each pipeline bounded by ``timeout_s`` (redis-py closes a connection cut off mid-command;
+    None: by the client's own socket timeout, as on a cluster)."""
     while True:
         batch = [await outbox.get()]
         while len(batch) < _PUBLISH_BATCH and not outbox.empty():
