@@ -87,6 +87,16 @@ def sync_sql(db_url: str) -> Callable[[str], Any]:
     return run
 
 
+@pytest.fixture(params=["sqlite", "mysql"])
+def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A migrated, empty database of each backend (the store's contract and property tests)."""
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'contract.db'}"
+        upgrade(url)
+        return url
+    return str(request.getfixturevalue("mysql_url"))
+
+
 @pytest.fixture
 def make_settings(db_url: str) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:

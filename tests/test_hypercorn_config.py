@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import logging
+import os
 import tomllib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -170,54 +175,12 @@ def test_access_line_fields_are_gathered_only_when_the_line_is_logged(
 async def test_one_pinger_task_pings_every_socket_and_forgets_closed_ones() -> None:
     """hypercorn would run one ping task per WebSocket; with wsping installed one task per
     process pings them all, each about once per interval, and holds none once closed."""
-    import base64
     import gc
-    import os
-
-    from hypercorn.asyncio import serve
-    from hypercorn.config import Config
-    from quart import Quart, websocket
 
     from quartchat import wsping
 
-    from .servers import free_port
-
     assert wsping.install()
     interval = 0.4
-    app = Quart(__name__)
-
-    @app.websocket("/ws")
-    async def ws() -> None:
-        await websocket.accept()
-        while True:
-            await websocket.receive()
-
-    port = free_port()
-    config = Config()
-    config.bind = [f"127.0.0.1:{port}"]
-    config.accesslog = None
-    config.graceful_timeout = 1
-    config.websocket_ping_interval = interval
-    stop = asyncio.Event()
-    server = asyncio.create_task(serve(app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
-
-    async def opened() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        for _ in range(200):
-            try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                break
-            except OSError:
-                await asyncio.sleep(0.02)
-        key = base64.b64encode(os.urandom(16)).decode()
-        writer.write(
-            (
-                f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
-        )
-        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
-        return reader, writer
 
     async def pings(reader: asyncio.StreamReader, seconds: float) -> int:
         n = 0
@@ -230,8 +193,8 @@ async def test_one_pinger_task_pings_every_socket_and_forgets_closed_ones() -> N
         except TimeoutError:
             return n
 
-    try:
-        sockets = [await opened() for _ in range(30)]
+    async with _hypercorn(websocket_ping_interval=interval) as port:
+        sockets = [await _open(port, websocket=True) for _ in range(30)]
         pinger = wsping.pinger_for(interval)
         assert len(pinger) == 30
         code = wsping.ping_task_code()
@@ -251,9 +214,6 @@ async def test_one_pinger_task_pings_every_socket_and_forgets_closed_ones() -> N
                     await asyncio.sleep(0.05)
         finally:
             gc.enable()
-    finally:
-        stop.set()
-        await asyncio.wait_for(server, 5)
 
 
 def test_statsd_keeps_hypercorns_statsd_logger(empty_cwd: Path, settings: Settings) -> None:
@@ -270,20 +230,43 @@ async def test_a_closed_connection_is_freed_without_the_collector() -> None:
     """hypercorn's TCPServer and its protocol and task group refer to each other; with
     tcpfree installed a closed connection (a WebSocket or a plain request) is freed by
     reference counting, so no TCPServer waits for a collection."""
-    import base64
     import gc
-    import os
 
-    from hypercorn.asyncio import serve
     from hypercorn.asyncio.tcp_server import TCPServer
-    from hypercorn.config import Config
-    from quart import Quart, websocket
 
     from quartchat import tcpfree
 
+    assert tcpfree.install() and tcpfree.installed()
+
+    def servers() -> int:
+        return sum(isinstance(o, TCPServer) for o in gc.get_objects())
+
+    async with _hypercorn() as port:
+        gc.collect()
+        gc.disable()
+        try:
+            sockets = [(await _open(port, websocket=bool(n % 4)))[1] for n in range(20)]
+            assert servers() >= 15  # the open WebSockets (a plain request may be over already)
+            for writer in sockets:
+                writer.transport.abort()
+            del sockets, writer
+            async with asyncio.timeout(5):
+                while servers():
+                    await asyncio.sleep(0.05)
+        finally:
+            gc.enable()
+
+
+@contextlib.asynccontextmanager
+async def _hypercorn(**options: Any) -> AsyncIterator[int]:
+    """A Quart app on hypercorn in this loop, ``options`` set on its Config; yields the
+    port. ``/ws`` accepts and reads until the client goes; ``/`` answers "ok"."""
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+    from quart import Quart, websocket
+
     from .servers import free_port
 
-    assert tcpfree.install() and tcpfree.installed()
     app = Quart(__name__)
 
     @app.websocket("/ws")
@@ -301,47 +284,38 @@ async def test_a_closed_connection_is_freed_without_the_collector() -> None:
     config.bind = [f"127.0.0.1:{port}"]
     config.accesslog = None
     config.graceful_timeout = 1
+    for name, value in options.items():
+        setattr(config, name, value)
     stop = asyncio.Event()
     server = asyncio.create_task(serve(app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
-
-    def servers() -> int:
-        return sum(isinstance(o, TCPServer) for o in gc.get_objects())
-
-    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        for _ in range(200):
-            try:
-                return await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                await asyncio.sleep(0.02)
-        raise AssertionError("the server did not start")
-
-    gc.collect()
-    gc.disable()
     try:
-        sockets = []
-        for n in range(20):
-            reader, writer = await connect()
-            if n % 4:
-                key = base64.b64encode(os.urandom(16)).decode()
-                request = (
-                    f"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                    f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-                )
-                want = b"HTTP/1.1 101"
-            else:
-                request = "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-                want = b"HTTP/1.1 200"
-            writer.write(request.encode())
-            assert (await reader.readuntil(b"\r\n\r\n")).startswith(want)
-            sockets.append(writer)
-        assert servers() >= 15  # the open WebSockets (a plain request may be over already)
-        for writer in sockets:
-            writer.transport.abort()
-        del sockets, writer
-        async with asyncio.timeout(5):
-            while servers():
-                await asyncio.sleep(0.05)
+        yield port
     finally:
-        gc.enable()
         stop.set()
         await asyncio.wait_for(server, 5)
+
+
+async def _open(port: int, *, websocket: bool) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to :func:`_hypercorn`'s server, upgraded to a WebSocket (101) or with
+    one plain request answered (200, ``Connection: close``)."""
+    for _ in range(200):
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            break
+        except OSError:
+            await asyncio.sleep(0.02)
+    else:
+        raise AssertionError("the server did not start")
+    if websocket:
+        key = base64.b64encode(os.urandom(16)).decode()
+        request = (
+            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+    else:
+        request = "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    writer.write(request.encode())
+    status = b"HTTP/1.1 101" if websocket else b"HTTP/1.1 200"
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(status)
+    return reader, writer

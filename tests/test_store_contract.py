@@ -20,7 +20,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any, TypeVar
 
 import aiomysql
@@ -30,7 +29,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from quartchat.migrate import sync_url, upgrade
+from quartchat.migrate import sync_url
 from quartchat.store import DuplicateError, NewMessage, StoredMessage, StoreError, multi
 from quartchat.store.database import DatabaseStore
 from quartchat.store.schema import metadata
@@ -91,16 +90,6 @@ async def put(store: DatabaseStore, rows: list[StoredMessage]) -> None:
 
 
 # -- backends -----------------------------------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", "mysql"])
-def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A migrated, empty database of each backend."""
-    if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'contract.db'}"
-        upgrade(url)
-        return url
-    return str(request.getfixturevalue("mysql_url"))
 
 
 async def _opened(url: str) -> AsyncIterator[DatabaseStore]:

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from pathlib import Path
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quartchat.migrate import upgrade
 from quartchat.store import Appended, NewMessage
 from quartchat.store.database import DatabaseStore
 
@@ -33,15 +30,6 @@ call = st.tuples(
     st.one_of(small, small, small, big),
     st.integers(0, 3),  # loop turns to wait before calling: the interleaving
 )
-
-
-@pytest.fixture(params=["sqlite", "mysql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        path = f"sqlite+aiosqlite:///{tmp_path / 'props.db'}"
-        upgrade(path)
-        return path
-    return str(request.getfixturevalue("mysql_url"))
 
 
 async def _run(url: str, calls: list[tuple[int, str, list[tuple[str, str | None]], int]]) -> None:
@@ -104,6 +92,6 @@ async def _run(url: str, calls: list[tuple[int, str, list[tuple[str, str | None]
 )
 @given(calls=st.lists(call, min_size=1, max_size=10))
 def test_any_interleaving_of_appends_keeps_seqs_and_retries_exact(
-    url: str, calls: list[tuple[int, str, list[tuple[str, str | None]], int]]
+    backend_url: str, calls: list[tuple[int, str, list[tuple[str, str | None]], int]]
 ) -> None:
-    asyncio.run(_run(url, calls))
+    asyncio.run(_run(backend_url, calls))
