@@ -15,7 +15,7 @@ from typing import Any
 
 from quart import Quart, Response
 
-from . import tcpfree, wsping
+from . import leansocket, tcpfree, wsping
 from .api import api_blueprint
 from .asgi_ws import InlineWebsocketConnection
 from .auth import TokenVerifier
@@ -42,6 +42,7 @@ def create_app(
     settings = settings if settings is not None else Settings.from_env()
     wsping.install()  # also when hypercorn serves this app directly (idempotent)
     tcpfree.install()
+    leansocket.install()
     hub = hub if hub is not None else Hub(settings)
     app = Quart(__name__, static_folder=None)  # our own /static: from memory, not disk
     app.asgi_websocket_class = InlineWebsocketConnection  # the route in the ASGI task

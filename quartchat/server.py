@@ -217,7 +217,7 @@ async def _sample_loop(hub: Hub) -> None:
 
 async def serve_worker(settings: Settings, sockets: Any = None) -> None:
     """Serve one process until SIGTERM/SIGINT, then drain and exit."""
-    from . import tcpfree, wsping
+    from . import leansocket, tcpfree, wsping
     from .app import create_app
     from .hub import Hub
 
@@ -225,6 +225,7 @@ async def serve_worker(settings: Settings, sockets: Any = None) -> None:
     # nor a full collection.
     wsping.install()
     tcpfree.install()
+    leansocket.install()
     config = hypercorn_config(settings)
     hub = Hub(settings)
     app = create_app(settings, hub=hub, migrate_on_start=False)

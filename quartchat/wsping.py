@@ -33,8 +33,8 @@ If hypercorn's stream does not look as expected, nothing is patched and
 :func:`cancel_ping_tasks` is the shutdown's safety net: once the hub's drain
 has closed every socket, our shutdown trigger cancels any ping task still
 sleeping, so hypercorn's wait for its server tasks (``graceful_timeout``)
-ends at once. This module, :mod:`quartchat.fastsend` and :mod:`quartchat.tcpfree`
-are where quartchat reaches into hypercorn's internals;
+ends at once. This module, :mod:`quartchat.fastsend`, :mod:`quartchat.tcpfree`
+and :mod:`quartchat.leansocket` are where quartchat reaches into hypercorn's internals;
 ``tests/test_hypercorn_config.py`` pins that they still find what they patch.
 """
 

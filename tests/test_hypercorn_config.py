@@ -257,10 +257,67 @@ async def test_a_closed_connection_is_freed_without_the_collector() -> None:
             gc.enable()
 
 
+async def test_leansocket_finds_what_it_slims_and_the_socket_still_works() -> None:
+    """With leansocket installed an open WebSocket keeps no asyncio.Queue, no Event deque,
+    no h11 state machine after its 101 and no empty deques in wsproto or the stream; and
+    it still echoes, in order, also a burst larger than hypercorn's app queue (10 events),
+    and a plain request is still answered."""
+    import collections
+    import gc
+
+    from hypercorn.asyncio.tcp_server import TCPServer
+
+    from quartchat import leansocket
+
+    assert leansocket.install() and leansocket.installed()
+    async with _hypercorn() as port:
+        reader, writer = await _open(port, websocket=True)
+        await _open(port, websocket=False)  # answered: h11 is untouched for plain requests
+        servers = [o for o in gc.get_objects() if isinstance(o, TCPServer)]
+        upgraded = [s for s in servers if getattr(s.protocol.protocol, "stream", None)]
+        upgraded = [s for s in upgraded if s.protocol.protocol.stream.scope["type"] == "websocket"]
+        assert len(upgraded) == 1
+        server = upgraded[0]
+        h11_protocol = server.protocol.protocol
+        stream = h11_protocol.stream
+        assert isinstance(h11_protocol.can_read, leansocket.LeanEvent)
+        assert isinstance(stream.app_put.__self__, leansocket.AppQueue)
+        assert h11_protocol.connection.h11_connection is leansocket._UPGRADED
+        assert isinstance(stream.connection._events, leansocket.SmallFifo)
+        assert type(server.writer._protocol._drain_waiters) is list
+        assert not any(
+            type(r) is collections.deque
+            for o in (h11_protocol, stream, stream.connection, server.writer._protocol)
+            for r in gc.get_referents(o.__dict__ if hasattr(o, "__dict__") else o)
+        )
+        burst = [f"m{n}" for n in range(40)]
+        writer.write(b"".join(_client_text_frame(text) for text in burst))
+        echoed = [await _read_text_frame(reader) for _ in burst]
+        assert echoed == burst
+        writer.transport.abort()
+
+
+def _client_text_frame(text: str) -> bytes:
+    """A masked (client-to-server) text frame of under 126 bytes."""
+    payload = text.encode()
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([0x81, 0x80 | len(payload)]) + mask + masked
+
+
+async def _read_text_frame(reader: asyncio.StreamReader) -> str:
+    """The next (unmasked, server-to-client) frame's text, skipping pings."""
+    while True:
+        first, second = await reader.readexactly(2)
+        payload = await reader.readexactly(second & 0x7F)
+        if first & 0x0F == 0x1:
+            return payload.decode()
+
+
 @contextlib.asynccontextmanager
 async def _hypercorn(**options: Any) -> AsyncIterator[int]:
     """A Quart app on hypercorn in this loop, ``options`` set on its Config; yields the
-    port. ``/ws`` accepts and reads until the client goes; ``/`` answers "ok"."""
+    port. ``/ws`` accepts and echoes until the client goes; ``/`` answers "ok"."""
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
     from quart import Quart, websocket
@@ -273,7 +330,7 @@ async def _hypercorn(**options: Any) -> AsyncIterator[int]:
     async def ws() -> None:
         await websocket.accept()
         while True:
-            await websocket.receive()
+            await websocket.send(await websocket.receive())  # an echo
 
     @app.route("/")
     async def index() -> str:
