@@ -415,8 +415,12 @@ def test_no_frame_overtakes_a_queued_one(steps: list[Any]) -> None:
 
 
 async def test_a_writer_task_runs_only_while_frames_are_queued_or_the_close_is_sent() -> None:
+    """... and only then does the connection hold a deque of its own (760 bytes even
+    empty): an idle one shares the one empty queue."""
     fast, transport = fake_fast_path()
     conn = Connection("c", "s", queue_size=100)
+    shared = Connection("other", "s", queue_size=1)._frames
+    assert conn._frames is shared and not shared
     ended: list[bool] = []
 
     class Closing(_Unused):
@@ -431,7 +435,7 @@ async def test_a_writer_task_runs_only_while_frames_are_queued_or_the_close_is_s
     transport.size = 10**6  # the reader is behind: over the high-water mark
     transport.resumed.clear()
     assert conn.send('{"n":1}') and conn.send('{"n":2}')
-    assert conn.writing and conn.queued == 2
+    assert conn.writing and conn.queued == 2 and conn._frames is not shared
     await asyncio.sleep(0)
     transport.size = 0
     transport.resumed.set()
@@ -439,6 +443,7 @@ async def test_a_writer_task_runs_only_while_frames_are_queued_or_the_close_is_s
         while conn.writing:
             await asyncio.sleep(0)
     assert bytes(transport.data) == b"".join(prepare(f'{{"n":{i}}}') for i in range(3))
+    assert conn._frames is shared and not shared  # its deque went with the writer
     assert conn.send('{"n":3}') and not conn.writing  # direct again
     assert not ended
     conn.close(CloseCode.GOING_AWAY, "bye")
