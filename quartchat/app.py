@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 from quart import Quart, Response
+from quart.sessions import NullSession, SecureCookieSessionInterface
 
 from . import leansocket, tcpfree, wsping
 from .api import api_blueprint
@@ -32,6 +33,17 @@ __all__ = ["create_app"]
 log = logging.getLogger(__name__)
 
 
+class _NoSessions(SecureCookieSessionInterface):
+    """quartchat keeps no Quart sessions (it sets no secret key): every request and
+    socket shares one ``NullSession``, which refuses writes, instead of making its own
+    (about 560 bytes per open socket, for as long as it is open)."""
+
+    _null = NullSession()
+
+    async def make_null_session(self, app: Quart) -> NullSession:
+        return self._null
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -46,6 +58,7 @@ def create_app(
     hub = hub if hub is not None else Hub(settings)
     app = Quart(__name__, static_folder=None)  # our own /static: from memory, not disk
     app.asgi_websocket_class = InlineWebsocketConnection  # the route in the ASGI task
+    app.session_interface = _NoSessions()
     app.config["QUARTCHAT_SETTINGS"] = settings
     app.extensions["quartchat"] = hub
     verifier = TokenVerifier.from_settings(settings) if settings.auth == "jwt" else None

@@ -112,3 +112,22 @@ def test_small_fifo_pops_from_the_left() -> None:
     assert fifo and fifo.popleft() == 2
     assert not fifo
 
+
+async def test_the_app_shares_one_null_session(tmp_path: Any) -> None:
+    """quartchat sets no secret key: every socket gets the one NullSession (not one
+    each), and it still refuses writes."""
+    import pytest
+    from quart.sessions import NullSession
+
+    from quartchat.app import create_app
+    from quartchat.config import Settings
+
+    settings = Settings.from_env(
+        {"QUARTCHAT_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/s.db"}, env_file=None
+    )
+    app = create_app(settings, migrate_on_start=False)
+    first = await app.session_interface.make_null_session(app)
+    assert isinstance(first, NullSession)
+    assert await app.session_interface.make_null_session(app) is first
+    with pytest.raises(RuntimeError):
+        first["k"] = "v"
