@@ -53,6 +53,15 @@ class _Inbound:
 class InlineWebsocketConnection(ASGIWebsocketConnection):
     """One socket's ASGI call: the route in this task, reading the ASGI events itself."""
 
+    def __init__(self, app: Any, scope: Any) -> None:
+        # Quart's own __init__, less the asyncio.Queue it makes for its reader task (three
+        # deques and an Event, built and dropped per handshake here). The attributes
+        # are pinned against Quart's in tests/test_asgi_ws.py.
+        self.app = app
+        self.scope = scope
+        self._accepted = False
+        self._closed = False
+
     async def __call__(self, receive: Any, send: Any) -> None:
         handler = asyncio.current_task()
         inbound = _Inbound(receive)

@@ -152,3 +152,14 @@ async def test_a_disconnect_in_the_turn_the_route_ends_is_not_a_cancellation() -
     async with asyncio.timeout(5):
         await call  # returns: no CancelledError
     assert seen["ended"] and not call.cancelled()
+
+
+def test_it_sets_what_quarts_init_sets_but_the_queue() -> None:
+    """Its __init__ is Quart's without the asyncio.Queue (made per handshake and dropped):
+    if Quart's sets anything else, ours must too."""
+    app = Quart(__name__)
+    scope: Any = {"type": "websocket"}
+    theirs = vars(ASGIWebsocketConnection(app, scope))
+    ours = vars(InlineWebsocketConnection(app, scope))
+    assert set(theirs) - {"queue"} == set(ours)
+    assert {k: v for k, v in theirs.items() if k != "queue"} == ours
