@@ -22,11 +22,12 @@ shutdown) goes on.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from quart.asgi import ASGIWebsocketConnection
 
-__all__ = ["InlineWebsocketConnection"]
+__all__ = ["InlineWebsocketConnection", "receiver"]
 
 
 class _Inbound:
@@ -72,3 +73,15 @@ class InlineWebsocketConnection(ASGIWebsocketConnection):
         except asyncio.CancelledError:
             if not inbound.gone or handler is None or handler.cancelling() > 0:
                 raise
+
+
+def receiver(ws: Any) -> Callable[[], Awaitable[str | bytes]]:
+    """An accepted websocket's call for its next message: the inline connection's own
+    ``get`` when ``ws`` is one of ours, else ``ws.receive``. Quart's ``receive`` first
+    calls ``accept`` again for every message (a no-op once accepted, but a new
+    ``Headers`` and two coroutines each time, and a coroutine frame more kept per idle
+    socket)."""
+    own: Any = getattr(ws, "_receive", None)
+    if isinstance(getattr(own, "__self__", None), _Inbound):
+        return own  # type: ignore[no-any-return]
+    return ws.receive  # type: ignore[no-any-return]

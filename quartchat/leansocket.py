@@ -100,33 +100,45 @@ class AppQueue(Generic[T]):
         while self.full():
             if self._putters is None:
                 self._putters = []
-            await self._wait(self._putters, getting=False)
+            await self._wait_for_room(self._putters)
         self._items.append(item)
         _wake_next(self._getters)
 
     async def get(self) -> T:
+        # The wait is inline, not in _wait: an idle socket's app sits here, and a
+        # coroutine more would be a frame more kept per socket.
         while not self._items:
             if self._getters is None:
                 self._getters = []
-            await self._wait(self._getters, getting=True)
+            getters = self._getters
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            getters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                waiter.cancel()
+                if waiter in getters:
+                    getters.remove(waiter)
+                if self._items and not waiter.cancelled():
+                    _wake_next(getters)
+                raise
         item = self._items.pop(0)
         _wake_next(self._putters)
         return item
 
-    async def _wait(self, waiters: list[asyncio.Future[None]], *, getting: bool) -> None:
-        """Wait in line in ``waiters``; on cancellation leave it, and if this waiter had
-        been woken and what it waited for is there, wake the next (as asyncio.Queue does)."""
+    async def _wait_for_room(self, putters: list[asyncio.Future[None]]) -> None:
+        """Wait in line in ``putters``; on cancellation leave it, and if this waiter had
+        been woken and there is room, wake the next (as asyncio.Queue does)."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        waiters.append(waiter)
+        putters.append(waiter)
         try:
             await waiter
         except BaseException:
             waiter.cancel()
-            if waiter in waiters:
-                waiters.remove(waiter)
-            ready = bool(self._items) if getting else not self.full()
-            if ready and not waiter.cancelled():
-                _wake_next(waiters)
+            if waiter in putters:
+                putters.remove(waiter)
+            if not self.full() and not waiter.cancelled():
+                _wake_next(putters)
             raise
 
 

@@ -22,6 +22,7 @@ from typing import Any, cast
 from quart import Blueprint, Response, websocket
 
 from . import metrics
+from .asgi_ws import receiver
 from .auth import AuthError, Grant, Session, TokenVerifier, bearer
 from .config import Settings
 from .connection import Connection, TokenBucket
@@ -256,7 +257,7 @@ class ChatSession:
         self.hub.connected(conn)
         conn.send_frame(self._welcome())  # the first frame: nothing else knows conn yet
         try:
-            await self.read_loop(self.ws.receive)
+            await self.read_loop(receiver(self.ws))
         except asyncio.CancelledError:
             # Cancelled by the watch (our close had its time): the session ends here.
             # Cancelled by anyone else (the client went away: Quart cancels the

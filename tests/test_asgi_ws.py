@@ -163,3 +163,31 @@ def test_it_sets_what_quarts_init_sets_but_the_queue() -> None:
     ours = vars(InlineWebsocketConnection(app, scope))
     assert set(theirs) - {"queue"} == set(ours)
     assert {k: v for k, v in theirs.items() if k != "queue"} == ours
+
+
+@pytest.mark.parametrize("cls", [ASGIWebsocketConnection, InlineWebsocketConnection])
+async def test_receiver_reads_the_inline_connection_directly_and_any_other_through_quart(
+    cls: Any,
+) -> None:
+    """receiver() is the inline connection's own get (no accept call per message), or
+    Quart's receive for any other websocket; both read the same messages in order."""
+    from quartchat.asgi_ws import receiver
+
+    app = Quart(__name__)
+    app.asgi_websocket_class = cls
+    kinds: list[str] = []
+
+    @app.websocket("/ws")
+    async def ws() -> None:
+        await websocket.accept()
+        raw: Any = websocket._get_current_object()  # type: ignore[attr-defined]
+        receive = receiver(raw)
+        kinds.append(type(getattr(receive, "__self__", None)).__name__)
+        while True:
+            await websocket.send(f"echo {await receive()}")
+
+    async with app.test_client().websocket("/ws") as client:
+        for text in ("a", "b", "c"):
+            await client.send(text)
+        assert [await client.receive() for _ in range(3)] == ["echo a", "echo b", "echo c"]
+    assert kinds == (["_Inbound"] if cls is InlineWebsocketConnection else ["Websocket"])
