@@ -25,8 +25,9 @@ guarded (nothing is patched where hypercorn does not look as expected, and
   (it only appends, removes and iterates them).
 
 ``tests/test_hypercorn_config.py`` pins that each part still finds what it
-patches, and the behaviour of :class:`AppQueue` is a property test
-(``tests/test_leansocket.py``).
+patches; ``tests/test_leansocket.py`` runs :class:`AppQueue` and
+:class:`LeanEvent` against ``asyncio.Queue`` and ``asyncio.Event`` over random
+interleavings (a property test: the same schedule must give the same trace).
 """
 
 from __future__ import annotations
@@ -105,8 +106,8 @@ class AppQueue(Generic[T]):
         _wake_next(self._getters)
 
     async def get(self) -> T:
-        # The wait is inline, not in _wait: an idle socket's app sits here, and a
-        # coroutine more would be a frame more kept per socket.
+        # The wait is inline, not in a helper coroutine as put's: an idle socket's app
+        # sits here, and a coroutine more would be a frame more kept per socket.
         while not self._items:
             if self._getters is None:
                 self._getters = []
@@ -196,7 +197,7 @@ def _names(function: Any) -> tuple[str, ...]:
 
 
 def _patch_spawn_app(module: Any) -> bool:
-    tg = module.TaskGroup
+    tg: Any = getattr(module, "TaskGroup", None)
     handle = getattr(module, "_handle", None)
     spawn_app = getattr(tg, "spawn_app", None)
     expected = {"Queue", "spawn", "run_in_executor"}
