@@ -55,19 +55,22 @@ async def append_in(
         for post in request.posts:
             if post.client_msg_id is not None:
                 wanted.setdefault((request.room_id, post.sender_id), set()).add(post.client_msg_id)
-    lookup: Query | None = None
-    if wanted:
-        groups = [(room, sender, len(ids)) for (room, sender), ids in wanted.items()]
-        params: list[Any] = []
-        for (room, sender), ids in wanted.items():
-            params += [room, sender, *sorted(ids)]
-        lookup = (d.find_retries(groups), params)
-    counter_rows, retry_rows = await d.begin_append(raw, rooms, lookup)
+    # The lookup sent with the locks is a probe (seqs only: most retries-to-be are
+    # new posts, and a full row's column descriptions cost more to parse than the
+    # rows); only when it finds a copy are the full rows read, in the same
+    # transaction, still under the locks.
+    groups = [(room, sender, len(ids)) for (room, sender), ids in wanted.items()]
+    params: list[Any] = []
+    for (room, sender), ids in wanted.items():
+        params += [room, sender, *sorted(ids)]
+    probe: Query | None = (d.find_retries(groups, probe=True), params) if wanted else None
+    counter_rows, probed = await d.begin_append(raw, rooms, probe)
     counters = {room: int(last) for room, last in counter_rows}
     missing = [room for room in rooms if room not in counters]
     if missing:
         await d.commit_append(raw, [], [])  # ends the transaction, which wrote nothing
         return [], missing
+    retry_rows = await d.fetch(raw, d.find_retries(groups), params) if probed else []
     found: dict[tuple[str, str, str], StoredMessage] = {}
     for record in retry_rows:
         row = row_of(record)

@@ -110,14 +110,17 @@ class Dialect(abc.ABC):
     def select_counters(self, n: int) -> str:
         return f"SELECT room_id, last_seq FROM rooms WHERE room_id IN ({self.marks(n)})"
 
-    def find_retries(self, groups: Sequence[tuple[str, str, int]]) -> str:
-        """Stored rows for (room, sender, k client_msg_ids) groups, each an index range scan."""
+    def find_retries(self, groups: Sequence[tuple[str, str, int]], *, probe: bool = False) -> str:
+        """Stored rows for (room, sender, k client_msg_ids) groups, each an index range scan;
+        with ``probe`` only their seqs: the drivers parse every column's description of a
+        result, also when it has no row (most lookups find none)."""
         p = self.mark
         terms = [
             f"(room_id = {p} AND sender_id = {p} AND client_msg_id IN ({self.marks(k)}))"
             for _, _, k in groups
         ]
-        return f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE " + " OR ".join(terms)
+        columns = "seq" if probe else _MESSAGE_COLUMNS
+        return f"SELECT {columns} FROM messages WHERE " + " OR ".join(terms)
 
     def select_after(self, bounded: bool) -> str:
         p = self.mark

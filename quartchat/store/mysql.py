@@ -27,8 +27,9 @@ class MysqlDialect(Dialect):
     """MySQL/MariaDB through aiomysql's pool: row locks, writes run side by side.
 
     An append is two round trips of multi-statement queries (:mod:`.multi`):
-    ``BEGIN``, the counters' ``FOR UPDATE``, the retry lookup; then the
-    multi-row ``INSERT``, one counter ``UPDATE`` per room, ``COMMIT``.
+    ``BEGIN``, the counters' ``FOR UPDATE``, the retry probe; then the
+    multi-row ``INSERT``, one counter ``UPDATE`` per room, ``COMMIT``. A probe
+    that finds a stored copy costs one round trip more, for the full rows.
 
     The connections allow multi-statement queries (``CLIENT.MULTI_STATEMENTS``,
     which aiomysql 0.3.2 sets anyway), so an SQL injection could run any
