@@ -55,10 +55,10 @@ async def append_in(
         for post in request.posts:
             if post.client_msg_id is not None:
                 wanted.setdefault((request.room_id, post.sender_id), set()).add(post.client_msg_id)
-    # The lookup sent with the locks is a probe (seqs only: most retries-to-be are
-    # new posts, and a full row's column descriptions cost more to parse than the
-    # rows); only when it finds a copy are the full rows read, in the same
-    # transaction, still under the locks.
+    # The lookup sent with the locks is a probe for seqs only: nearly every post
+    # with a client_msg_id is new, and the driver parses each column's description
+    # of a result even when it has no row. Only when the probe finds a copy are
+    # the full rows read, in the same transaction, still under the locks.
     groups = [(room, sender, len(ids)) for (room, sender), ids in wanted.items()]
     params: list[Any] = []
     for (room, sender), ids in wanted.items():
