@@ -37,6 +37,7 @@ from quartchat.errors import CloseCode
 from quartchat.fastsend import decline_compression, fast_sender_for, prepare
 
 from .servers import ServerProcess, free_port
+from .wsframes import masked
 
 # ---- the prepared bytes -----------------------------------------------------------------
 
@@ -137,16 +138,6 @@ async def handshake(
     return reader, writer
 
 
-def close_frame() -> bytes:
-    mask = os.urandom(4)
-    payload = struct.pack("!H", 1000)
-    return (
-        bytes((0x88, 0x80 | len(payload)))
-        + mask
-        + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    )
-
-
 def counts() -> tuple[float, float]:
     return metrics.FRAMES_DIRECT._value.get(), metrics.FRAMES_QUEUED._value.get()
 
@@ -237,7 +228,7 @@ async def run_steps(server: Server, steps: Sequence[tuple[Any, ...]]) -> tuple[i
         while len(got) < expected_len():
             await asyncio.sleep(0.005)
     assert bytes(got) == b"".join(prepare(f) for f in sent)  # every frame once, in order
-    writer.write(close_frame())
+    writer.write(masked(0x8, struct.pack("!H", 1000)))
     writer.close()
     task.cancel()
     await asyncio.wait([task])

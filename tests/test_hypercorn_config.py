@@ -21,6 +21,8 @@ from quartchat.errors import ConfigError
 from quartchat.server import CONFIG_ENV, HYPERCORN_DEFAULTS, hypercorn_config
 from quartchat.wsping import cancel_ping_tasks, ping_task_code
 
+from .wsframes import masked, read_frame
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -187,9 +189,8 @@ async def test_one_pinger_task_pings_every_socket_and_forgets_closed_ones() -> N
         try:
             async with asyncio.timeout(seconds):
                 while True:
-                    first, second = await reader.readexactly(2)
-                    await reader.readexactly(second & 0x7F)
-                    n += (first & 0x0F) == 0x9
+                    opcode, _ = await read_frame(reader)
+                    n += opcode == 0x9
         except TimeoutError:
             return n
 
@@ -291,26 +292,17 @@ async def test_leansocket_finds_what_it_slims_and_the_socket_still_works() -> No
             for r in gc.get_referents(o.__dict__ if hasattr(o, "__dict__") else o)
         )
         burst = [f"m{n}" for n in range(40)]
-        writer.write(b"".join(_client_text_frame(text) for text in burst))
-        echoed = [await _read_text_frame(reader) for _ in burst]
+        writer.write(b"".join(masked(0x1, text.encode()) for text in burst))
+        echoed = [await _next_text(reader) for _ in burst]
         assert echoed == burst
         writer.transport.abort()
 
 
-def _client_text_frame(text: str) -> bytes:
-    """A masked (client-to-server) text frame of under 126 bytes."""
-    payload = text.encode()
-    mask = os.urandom(4)
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return bytes([0x81, 0x80 | len(payload)]) + mask + masked
-
-
-async def _read_text_frame(reader: asyncio.StreamReader) -> str:
-    """The next (unmasked, server-to-client) frame's text, skipping pings."""
+async def _next_text(reader: asyncio.StreamReader) -> str:
+    """The next text frame's text, skipping pings."""
     while True:
-        first, second = await reader.readexactly(2)
-        payload = await reader.readexactly(second & 0x7F)
-        if first & 0x0F == 0x1:
+        opcode, payload = await read_frame(reader)
+        if opcode == 0x1:
             return payload.decode()
 
 

@@ -31,6 +31,7 @@ from .fakes import Client
 from .rooms import join as join_room
 from .rooms import payload_of
 from .rooms import stored_elsewhere as _stored_elsewhere
+from .wsframes import masked, read_frame
 
 ROOM = "finding"
 
@@ -552,25 +553,6 @@ async def _raw_socket(server: Any) -> tuple[asyncio.StreamReader, asyncio.Stream
     return reader, writer
 
 
-def _masked_text(data: bytes) -> bytes:
-    import os
-
-    mask = os.urandom(4)
-    assert len(data) < 126
-    body = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
-    return bytes([0x81, 0x80 | len(data)]) + mask + body
-
-
-async def _read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    first, second = await reader.readexactly(2)
-    size = second & 0x7F
-    if size == 126:
-        size = int.from_bytes(await reader.readexactly(2), "big")
-    elif size == 127:
-        size = int.from_bytes(await reader.readexactly(8), "big")
-    return first & 0x0F, await reader.readexactly(size)
-
-
 def _quiet_server(tmp_path: Any, name: str) -> Any:
     """A started `quartchat serve` on SQLite, no rate limit, warnings only."""
     from .servers import ServerProcess
@@ -592,12 +574,12 @@ async def _closed_for_errors(
     """A raw socket that earned a server close (250 bad frames: 1008); returns it at the
     moment its close frame arrived, with the close code."""
     reader, writer = await _raw_socket(server)
-    while (await _read_frame(reader))[0] != 0x1:  # the welcome (maybe after a ping)
+    while (await read_frame(reader))[0] != 0x1:  # the welcome (maybe after a ping)
         pass
-    writer.write(b"".join(_masked_text(b"not json") for _ in range(250)))
+    writer.write(b"".join(masked(0x1, b"not json") for _ in range(250)))
     await writer.drain()
     while True:
-        opcode, body = await _read_frame(reader)
+        opcode, body = await read_frame(reader)
         if opcode == 0x8:
             return reader, writer, int.from_bytes(body[:2], "big")
 
