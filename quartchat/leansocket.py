@@ -101,13 +101,20 @@ class AppQueue(Generic[T]):
         while self.full():
             if self._putters is None:
                 self._putters = []
-            await self._wait_for_room(self._putters)
+            putters = self._putters
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            putters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                _leave(putters, waiter, ready=not self.full())
+                raise
         self._items.append(item)
         _wake_next(self._getters)
 
     async def get(self) -> T:
-        # The wait is inline, not in a helper coroutine as put's: an idle socket's app
-        # sits here, and a coroutine more would be a frame more kept per socket.
+        # The waits are inline, not in a helper coroutine: an idle socket's app sits
+        # here, and a coroutine more would be a frame more kept per socket.
         while not self._items:
             if self._getters is None:
                 self._getters = []
@@ -117,30 +124,23 @@ class AppQueue(Generic[T]):
             try:
                 await waiter
             except BaseException:
-                waiter.cancel()
-                if waiter in getters:
-                    getters.remove(waiter)
-                if self._items and not waiter.cancelled():
-                    _wake_next(getters)
+                _leave(getters, waiter, ready=bool(self._items))
                 raise
         item = self._items.pop(0)
         _wake_next(self._putters)
         return item
 
-    async def _wait_for_room(self, putters: list[asyncio.Future[None]]) -> None:
-        """Wait in line in ``putters``; on cancellation leave it, and if this waiter had
-        been woken and there is room, wake the next (as asyncio.Queue does)."""
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        putters.append(waiter)
-        try:
-            await waiter
-        except BaseException:
-            waiter.cancel()
-            if waiter in putters:
-                putters.remove(waiter)
-            if not self.full() and not waiter.cancelled():
-                _wake_next(putters)
-            raise
+
+def _leave(
+    waiters: list[asyncio.Future[None]], waiter: asyncio.Future[None], *, ready: bool
+) -> None:
+    """A waiter cancelled: out of the line, and if it had been woken and what it waited
+    for is there (``ready``), the wake-up passes to the next, as asyncio.Queue does."""
+    waiter.cancel()
+    if waiter in waiters:
+        waiters.remove(waiter)
+    if ready and not waiter.cancelled():
+        _wake_next(waiters)
 
 
 class SmallFifo(list[T]):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from quartchat.leansocket import AppQueue, LeanEvent, SmallFifo
@@ -57,6 +57,9 @@ async def _run_queue(queue: Any, steps: list[tuple[Any, ...]]) -> list[Any]:
 
 @settings(max_examples=500, deadline=None)
 @given(maxsize=st.integers(0, 3), steps=st.lists(_STEP, max_size=40))
+# a getter, then a putter, cancelled after its wake-up: the wake-up passes to the next
+@example(maxsize=0, steps=[("get",), ("get",), ("put",), ("cancel", 2)])
+@example(maxsize=1, steps=[("put",), ("put",), ("put",), ("get",), ("cancel", 2)])
 def test_app_queue_traces_like_asyncio_queue(maxsize: int, steps: list[tuple[Any, ...]]) -> None:
     """FIFO, no item lost or doubled, put waits while full, waiters served in order,
     and a waiter cancelled after its wake-up passes it on: all as asyncio.Queue."""
