@@ -161,13 +161,17 @@ class Connection:
             return True
         return self._enqueue(frame)
 
-    def deliver(self, frames: Sequence[str], start: int, wire: Callable[[int], bytes]) -> int:
+    def deliver(
+        self, frames: Sequence[str], start: int, wire: Callable[[int], bytes]
+    ) -> tuple[int, bool]:
         """Send ``frames[start:]`` in order: one transport write of ``wire(start)``
         (their prepared bytes, which the caller builds once for every socket
         starting there) when the direct path is free, else queued one by one.
-        Returns how many were sent or queued (fewer when the queue overflowed)."""
+        Returns how many were sent or queued (fewer when the queue overflowed),
+        and whether they went the direct way: the caller counts direct frames
+        once for the whole room (``FRAMES_DIRECT``), not once per socket."""
         if self.close_code is not None:
-            return 0
+            return 0, False
         direct = self._direct
         if (
             direct is not None
@@ -175,12 +179,11 @@ class Connection:
             and not self._sending
             and direct.write(wire(start))
         ):
-            metrics.FRAMES_DIRECT.inc(len(frames) - start)
-            return len(frames) - start
+            return len(frames) - start, True
         for i in range(start, len(frames)):
             if not self._enqueue(frames[i]):
-                return i - start
-        return len(frames) - start
+                return i - start, False
+        return len(frames) - start, False
 
     def _enqueue(self, frame: str) -> bool:
         if len(self._frames) >= self.queue_size:

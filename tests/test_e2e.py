@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import sqlite3
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -203,3 +205,34 @@ async def test_the_python_client_rides_a_graceful_restart(tmp_path: Path) -> Non
         await writer.close()
     finally:
         srv.stop()
+
+
+def frames_written(srv: ServerProcess) -> dict[str, float]:
+    """``quartchat_frames_written_total`` by path, from the server's ``/metrics``."""
+    with urllib.request.urlopen(srv.http + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    found = re.findall(
+        r'^quartchat_frames_written_total\{path="(\w+)"\} (\S+)$', text, re.MULTILINE
+    )
+    return {path: float(v) for path, v in found}
+
+
+async def test_a_room_message_counts_one_direct_frame_per_member(server) -> None:  # type: ignore[no-untyped-def]
+    """The room counts its fan-out's direct frames once per message for all its
+    sockets (not each socket on its own): still one per member that got it."""
+    srv = server()
+    members = [await ChatClient(srv.url, name).connect() for name in ("a", "b", "c")]
+    for m in members:
+        await m.join("counted")
+    await members[0].wait_for(lambda: len(members[0].of("presence")) >= 2)
+    await asyncio.sleep(0.3)  # every frame of the joins written: the sockets are idle
+    before = frames_written(srv)
+    await members[0].send({"action": "message", "room_id": "counted", "content": "hi"})
+    for m in members:
+        await m.wait_for(lambda m=m: len(m.of("message")) == 1)
+    await members[0].wait_for(lambda: len(members[0].of("ack")) == 1)
+    after = frames_written(srv)
+    assert after["direct"] - before["direct"] == 4, "three members' message frames and one ack"
+    assert after.get("queued", 0) - before.get("queued", 0) == 0
+    for m in members:
+        await m.close()

@@ -312,7 +312,7 @@ class RoomHandlers:
                 run = runs[start] = b"".join(cast("list[bytes]", prepared[start:]))
             return run
 
-        delivered = 0
+        delivered = direct = 0
         earliest = len(entries)  # first entry that reached anyone
         for member in self.members:
             cursor = member.cursor
@@ -320,12 +320,16 @@ class RoomHandlers:
                 continue
             start = 0 if cursor < first else bisect.bisect_right(seqs, cursor)
             member.cursor = last
-            sent = member.conn.deliver(frames, start, wire)
+            sent, written = member.conn.deliver(frames, start, wire)
             if sent:
                 delivered += sent
+                if written:
+                    direct += sent
                 earliest = min(earliest, start)
         if delivered:
             metrics.MESSAGES_DELIVERED.inc(delivered)
+            if direct:
+                metrics.FRAMES_DIRECT.inc(direct)
             now = now_ms()
             for entry in entries[earliest:]:
                 metrics.DELIVERY_LATENCY.observe(max(0.0, (now - entry.sent_ms) / 1000))
