@@ -14,6 +14,7 @@ session turns it into the room actor's *command* (:mod:`.room.commands`:
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Final, Literal, get_args
 
@@ -272,8 +273,13 @@ def encode(frame: dict[str, Any] | str) -> str:
 
 def format_sent_at(ms: int) -> str:
     """RFC 3339 UTC with exactly three fractional digits and a ``Z``."""
-    dt = datetime.fromtimestamp(ms // 1000, UTC)
-    return f"{dt:%Y-%m-%dT%H:%M:%S}.{ms % 1000:03d}Z"
+    return f"{_utc_second(ms // 1000)}.{ms % 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=256)
+def _utc_second(second: int) -> str:
+    # Every message of the same second shares this text: strftime is most of the cost.
+    return f"{datetime.fromtimestamp(second, UTC):%Y-%m-%dT%H:%M:%S}"
 
 
 def message_frame(

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from quartchat.errors import ChatError
 from quartchat.protocol import (
@@ -120,3 +124,12 @@ def test_errors_echo_well_formed_fields_only() -> None:
 def test_sent_at_format() -> None:
     assert format_sent_at(1_700_000_000_007) == "2023-11-14T22:13:20.007Z"
     assert format_sent_at(0) == "1970-01-01T00:00:00.000Z"
+
+
+@given(st.lists(st.integers(-(10**12), 10**13), min_size=1, max_size=50))
+def test_sent_at_is_the_same_whichever_second_was_formatted_before(stamps: list[int]) -> None:
+    # format_sent_at caches each second's text: repeated, interleaved and
+    # neighbouring seconds give what strftime gives for each one.
+    for ms in stamps + [s + 1 for s in stamps] + stamps[::-1]:
+        dt = datetime.fromtimestamp(ms // 1000, UTC)
+        assert format_sent_at(ms) == f"{dt:%Y-%m-%dT%H:%M:%S}.{ms % 1000:03d}Z"

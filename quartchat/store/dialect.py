@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import functools
 import logging
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, nullcontext
@@ -46,8 +47,11 @@ Query = tuple[str, Sequence[Any]]
 """One statement and its parameters."""
 
 
+@functools.lru_cache(maxsize=256)
 def to_datetime(ms: int) -> datetime:
-    """Epoch milliseconds as a naive UTC datetime (how the columns store it)."""
+    """Epoch milliseconds as a naive UTC datetime (how the columns store it).
+
+    Cached (a datetime is immutable): every row of a batch has the same stamp."""
     return datetime.fromtimestamp(ms / 1000, UTC).replace(tzinfo=None)
 
 
