@@ -109,8 +109,11 @@ class RedisBroker:
         self._pub: aioredis.Redis = aioredis.Redis(connection_pool=pub_pool)
         # The pub/sub connection must NOT retry silently: a reconnect means payloads
         # were lost, and the listener has to see it to make every room catch up.
+        # RESP2: redis-py 8 (RESP3 by default) runs a push handler for every
+        # payload, which asks logging for its logger each time (15 % of a get_message).
         self._sub_client: aioredis.Redis = aioredis.Redis.from_url(
             url,
+            protocol=2,
             socket_connect_timeout=2,
             socket_timeout=timeout_s,
             socket_keepalive=True,
