@@ -344,3 +344,46 @@ async def test_a_change_computed_too_long_ago_is_refused_then_retried() -> None:
         await probe.aclose()
         await a.close()
         drop_prefix(prefix)
+
+
+async def test_the_publisher_rides_a_redis_restart_on_a_fresh_connection(tmp_path: Path) -> None:
+    """The publisher keeps one connection; after Redis restarted, the first batch finds
+    it dead and is sent again on a new one, instead of failing the publish."""
+    server = RedisServer(tmp_path).start()
+    broker = broker_for(server.url, "t", "restarted")
+    await broker.start()
+    try:
+        await broker.publish("r", b"before")
+        server.restart()
+        await broker.publish("r", b"after")  # raises BrokerError if not resent
+        other = redis.asyncio.Redis.from_url(server.url)
+        try:
+            kinds = [c["cmd"] for c in await other.client_list()]
+        finally:
+            await other.aclose()
+        assert kinds.count("publish") == 1, kinds  # one kept publisher connection
+    finally:
+        await broker.close()
+        server.kill()
+
+
+async def test_a_batch_with_a_refused_command_keeps_the_replies_in_step() -> None:
+    """Each item gets its own reply: an error reply is that item's, and the batch
+    after it reads its own replies on the same connection."""
+    from quartchat.broker.redis_publisher import ConnectionSend
+
+    prefix = unique_prefix()
+    pool = redis.asyncio.BlockingConnectionPool.from_url(REDIS_URL, max_connections=1)
+    client = redis.asyncio.Redis(connection_pool=pool)
+    send = ConnectionSend(pool, "RPUSH")  # RPUSH, which Redis refuses on a string key
+    try:
+        await client.set(f"{prefix}:s", "x")
+        first = await send([(f"{prefix}:a", b"1"), (f"{prefix}:s", b"2"), (f"{prefix}:a", b"3")])
+        assert first[0] == 1 and first[2] == 2
+        assert isinstance(first[1], redis.exceptions.ResponseError) and "WRONGTYPE" in str(first[1])
+        assert list(await send([(f"{prefix}:b", b"4"), (f"{prefix}:a", b"5")])) == [1, 3]
+        await send.drop()
+        assert await client.lrange(f"{prefix}:a", 0, -1) == [b"1", b"3", b"5"]
+    finally:
+        await client.delete(f"{prefix}:s", f"{prefix}:a", f"{prefix}:b")
+        await client.aclose(close_connection_pool=True)

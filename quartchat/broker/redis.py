@@ -7,8 +7,8 @@ presence keys; ``@control`` (process-wide messages) is ``{P:@control}:chan``.
 Commands share one ``BlockingConnectionPool`` of ``pool_size`` connections:
 a caller waits at most ``timeout_s`` for a connection (redis-py 8's plain
 pool refuses at once past 100 with MaxConnectionsError). Publishes go
-through one publisher task (redis_publisher.py) that sends whatever is
-queued in one pipeline; ``publish()`` returns once its payload was sent, and
+through one publisher task (redis_publisher.py) that writes whatever is
+queued at once to a connection of its own; ``publish()`` returns once its payload was sent, and
 raises BrokerError when sending failed or took longer than ``timeout_s``.
 
 Pub/sub is at-most-once: when the connection drops, everything published in
@@ -41,7 +41,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from .. import metrics
 from . import BrokerError, Handler
 from .redis_presence import RedisPresence
-from .redis_publisher import _ERRORS, Outbox, _wrap, publisher_loop, queue_publish
+from .redis_publisher import (
+    _ERRORS,
+    ConnectionSend,
+    Outbox,
+    _wrap,
+    publisher_loop,
+    queue_publish,
+)
 from .redis_scripts import Keys
 
 __all__ = ["RedisBroker"]
@@ -94,7 +101,7 @@ class RedisBroker:
         # The publisher's own connection, with no socket_timeout: redis-py bounds a
         # send by running it in a task of its own (asyncio.wait_for, on Python 3.11),
         # which puts the PUBLISH behind everything else ready to run. The publisher
-        # bounds each pipeline with asyncio.timeout instead (publisher_loop).
+        # bounds each batch with asyncio.timeout instead (publisher_loop).
         pub_pool = aioredis.BlockingConnectionPool.from_url(
             url,
             timeout=timeout_s,
@@ -105,8 +112,9 @@ class RedisBroker:
         )
         # Set after from_url, which lets the URL's query string override keywords.
         pub_pool.connection_kwargs["socket_timeout"] = None
-        pub_pool.max_connections = 1  # one pipeline in flight at a time
+        pub_pool.max_connections = 1  # one batch in flight at a time
         self._pub: aioredis.Redis = aioredis.Redis(connection_pool=pub_pool)
+        self._send = ConnectionSend(pub_pool, "PUBLISH")
         # The pub/sub connection must NOT retry silently: a reconnect means payloads
         # were lost, and the listener has to see it to make every room catch up.
         # RESP2: redis-py 8 (RESP3 by default) runs a push handler for every
@@ -194,7 +202,7 @@ class RedisBroker:
         return queue_publish(self._outbox, self.keys.channel(room_id), payload, self.timeout_s)
 
     async def _publisher(self) -> None:
-        await publisher_loop(self._pub, self._outbox, "PUBLISH", self.timeout_s)
+        await publisher_loop(self._outbox, self._send, self.timeout_s)
 
     # ---- channels ---------------------------------------------------------
 

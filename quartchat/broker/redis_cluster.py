@@ -44,7 +44,7 @@ from ..validate import parse_cluster_url
 from . import BrokerError, Handler
 from .cluster_pubsub import ShardedSubscriber
 from .redis_presence import RedisPresence
-from .redis_publisher import _ERRORS, Outbox, _wrap, publisher_loop, queue_publish
+from .redis_publisher import _ERRORS, Outbox, _wrap, pipeline_send, publisher_loop, queue_publish
 from .redis_scripts import Keys
 
 __all__ = ["GatedPresence", "RedisClusterBroker"]
@@ -227,7 +227,7 @@ class RedisClusterBroker:
             outbox = self._outboxes[master] = asyncio.Queue(_PUBLISH_QUEUE)
             self._tasks.append(
                 asyncio.create_task(
-                    publisher_loop(self._r, outbox, "SPUBLISH", None),
+                    publisher_loop(outbox, pipeline_send(self._r, "SPUBLISH"), None),
                     name=f"redis-publisher-{master}",
                 )
             )
