@@ -220,11 +220,15 @@ class RoomActor(RoomHandlers):
         try:
             item = self._inbox.get_nowait()
         except asyncio.QueueEmpty:
-            try:
-                async with asyncio.timeout(self._timer_delay()):
-                    item = await self._inbox.get()
-            except TimeoutError:
-                return None
+            delay = self._timer_delay()
+            if delay is None:  # no timer: no Timeout to build (most waits of a busy room)
+                item = await self._inbox.get()
+            else:
+                try:
+                    async with asyncio.timeout(delay):
+                        item = await self._inbox.get()
+                except TimeoutError:
+                    return None
         if isinstance(item, c.Join | c.Leave | c.Post):
             self._external -= 1
             metrics.INBOX_DEPTH.observe(self._inbox.qsize())
