@@ -387,3 +387,46 @@ async def test_a_batch_with_a_refused_command_keeps_the_replies_in_step() -> Non
     finally:
         await client.delete(f"{prefix}:s", f"{prefix}:a", f"{prefix}:b")
         await client.aclose(close_connection_pool=True)
+
+
+async def test_payloads_already_read_are_drained_in_order_with_confirmations_between() -> None:
+    """The listener handles what redis-py's parser already holds without a get_message
+    each (its cost per payload was most of the listener's): every payload once, in
+    order, and a subscribe confirmation read among them still confirms."""
+    prefix = unique_prefix()
+    broker = broker_for(REDIS_URL, prefix, "drain")
+    await broker.start()
+    other = redis.asyncio.Redis.from_url(REDIS_URL)
+    try:
+        first, second = Inbox(), Inbox()
+        await broker.subscribe("r1", first)
+        assert broker._ps is not None
+        calls = 0
+        get_message = broker._ps.get_message
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            return await get_message(*args, **kwargs)
+
+        broker._ps.get_message = counted  # type: ignore[method-assign]
+        channel = broker.keys.channel("r1")
+        payloads = [f"p{i}".encode() for i in range(2000)]
+        async with other.pipeline(transaction=False) as pipe:
+            for p in payloads[:1000]:
+                pipe.publish(channel, p)
+            await pipe.execute()
+        await broker.subscribe("r2", second)  # its confirmation comes in among payloads
+        async with other.pipeline(transaction=False) as pipe:
+            for p in payloads[1000:]:
+                pipe.publish(channel, p)
+            pipe.publish(broker.keys.channel("r2"), b"second")
+            await pipe.execute()
+        assert await first.wait(2000) == payloads
+        assert await second.wait(1) == [b"second"]
+        print(f"{calls} get_message calls for 2,001 payloads")
+        assert calls < 1000, calls  # most were drained
+    finally:
+        await other.aclose()
+        await broker.close()
+        drop_prefix(prefix)
