@@ -430,3 +430,83 @@ async def test_payloads_already_read_are_drained_in_order_with_confirmations_bet
         await other.aclose()
         await broker.close()
         drop_prefix(prefix)
+
+
+FLOODERS = 1
+
+
+async def test_a_flood_of_payloads_longer_than_the_timeout_is_not_a_lost_connection(
+    tmp_path: Path,
+) -> None:
+    """Large payloads streaming for three times the listener's timeout (a socket read
+    nearly always ends inside one): every one arrives once, in order, and the busy
+    connection is never taken for a lost one."""
+    async with _subscribed_on_own_redis(tmp_path, "flood", timeout_s=1.0) as (
+        server,
+        broker,
+        inbox,
+    ):
+        channel = broker.keys.channel("r")
+        pad = b"x" * 20_000  # a socket read nearly always ends inside one of these
+        sent = [0] * FLOODERS
+
+        async def flood(n: int) -> None:
+            client = redis.asyncio.Redis.from_url(server.url)
+            try:
+                deadline = time.monotonic() + 3.0  # three times the broker's timeout_s
+                while time.monotonic() < deadline:
+                    async with client.pipeline(transaction=False) as pipe:
+                        for _ in range(10):
+                            pipe.publish(channel, b"%d:%d:" % (n, sent[n]) + pad)
+                            sent[n] += 1
+                        await pipe.execute()
+                    await asyncio.sleep(0.02)  # about 10 MB/s: a pace the listener keeps
+            finally:
+                await client.aclose()
+
+        await asyncio.gather(*(flood(n) for n in range(FLOODERS)))
+        await inbox.wait(sum(sent), timeout=30)
+        assert None not in inbox.items, "the listener reconnected during the flood"
+        for n in range(FLOODERS):  # each publisher's payloads once, in its order
+            mine = [p for p in inbox.items if p is not None and p.startswith(b"%d:" % n)]
+            assert [int(p.split(b":")[1]) for p in mine] == list(range(sent[n]))
+        assert broker.connected
+
+
+async def test_the_drain_takes_only_complete_replies_already_read() -> None:
+    """A drain that also waited for the rest of a partial reply kept reading for as
+    long as payloads kept coming (a read nearly always ends inside one), past the
+    listener's timeout: it must hand back at the first incomplete reply."""
+    import hiredis
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA
+
+    broker = broker_for(REDIS_URL, unique_prefix(), "partial")
+    got: list[bytes | None] = []
+    channel = broker.keys.channel("r").encode()
+    broker._handlers["r"].append(got.append)
+
+    def reply(data: bytes) -> bytes:
+        parts = [b"message", channel, data]
+        return b"*3\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+
+    reader = hiredis.Reader(notEnoughData=NOT_ENOUGH_DATA)
+    whole, partial = reply(b"one"), reply(b"two")
+    reader.feed(whole + partial[:-4])
+
+    class Parser:
+        _reader = reader
+
+        async def read_response(self) -> Any:  # what waiting for the rest would do
+            await asyncio.Event().wait()
+
+    class Conn:
+        _parser = Parser()
+
+    class FakePubSub:
+        connection = Conn()
+
+    await asyncio.wait_for(broker._drain(FakePubSub()), 1)  # type: ignore[arg-type]
+    assert got == [b"one"]
+    reader.feed(partial[-4:])
+    await asyncio.wait_for(broker._drain(FakePubSub()), 1)  # type: ignore[arg-type]
+    assert got == [b"one", b"two"]

@@ -51,6 +51,11 @@ from .redis_publisher import (
 )
 from .redis_scripts import Keys
 
+try:  # what redis-py's hiredis reader returns while a reply is incomplete
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA
+except ImportError:  # another redis-py: the listener reads through get_message only
+    _NOT_ENOUGH_DATA = None
+
 __all__ = ["RedisBroker"]
 
 log = logging.getLogger(__name__)
@@ -307,28 +312,33 @@ class RedisBroker:
             backoff = _BACKOFF_MIN_S
 
     async def _drain(self, ps: PubSub) -> None:
-        """Handle the replies already read from the socket, straight from redis-py's
-        hiredis parser: ``get_message`` costs about 40 us of CPU per payload here
-        (its retry wrapper, a timeout, the dict it builds), this about a tenth. A
-        payload is what ``get_message`` would have made of it; anything else
-        (confirmations, pongs) goes through redis-py's ``handle_message``. Without
-        hiredis (or with a parser of another shape) there is nothing to drain."""
-        parser = getattr(ps.connection, "_parser", None)
-        reader = getattr(parser, "_reader", None)
-        has_data = getattr(reader, "has_data", None)
-        if has_data is None:
+        """Handle the complete replies already read from the socket, straight from
+        redis-py's hiredis reader: ``get_message`` costs about 40 us of CPU per
+        payload here (its retry wrapper, a timeout, the dict it builds), this about
+        a tenth. Only what is buffered (one socket read's worth at most), so the
+        loop's pings and its timeout go on as before. A payload is what
+        ``get_message`` would have made of it; anything else (confirmations, pongs)
+        goes through redis-py's ``handle_message``, an error reply raises as it
+        would there. Without hiredis there is nothing to drain."""
+        reader = getattr(getattr(ps.connection, "_parser", None), "_reader", None)
+        gets = getattr(reader, "gets", None)
+        if gets is None or _NOT_ENOUGH_DATA is None:
             return
-        assert parser is not None
-        while has_data():
-            # Complete replies are parsed at once; a partial one waits for the rest,
-            # within the caller's timeout.
-            response = await parser.read_response()
+        drained = False
+        while (response := gets()) is not _NOT_ENOUGH_DATA:
+            drained = True
             if type(response) is list and len(response) == 3 and response[0] == b"message":
                 self._on_message({"type": "message", "channel": response[1], "data": response[2]})
-            else:
-                message = await ps.handle_message(response)  # type: ignore[no-untyped-call]
-                if message is not None:
-                    self._on_message(message)
+                continue
+            if isinstance(response, Exception):
+                raise response
+            if type(response) is list and response and isinstance(response[0], Exception):
+                raise response[0]
+            message = await ps.handle_message(response)  # type: ignore[no-untyped-call]
+            if message is not None:
+                self._on_message(message)
+        if drained:
+            self._last_pong = time.monotonic()
 
     def _lost(self, why: str) -> None:
         if self.connected:
