@@ -432,9 +432,6 @@ async def test_payloads_already_read_are_drained_in_order_with_confirmations_bet
         drop_prefix(prefix)
 
 
-FLOODERS = 1
-
-
 async def test_a_flood_of_payloads_longer_than_the_timeout_is_not_a_lost_connection(
     tmp_path: Path,
 ) -> None:
@@ -448,28 +445,22 @@ async def test_a_flood_of_payloads_longer_than_the_timeout_is_not_a_lost_connect
     ):
         channel = broker.keys.channel("r")
         pad = b"x" * 20_000  # a socket read nearly always ends inside one of these
-        sent = [0] * FLOODERS
-
-        async def flood(n: int) -> None:
-            client = redis.asyncio.Redis.from_url(server.url)
-            try:
-                deadline = time.monotonic() + 3.0  # three times the broker's timeout_s
-                while time.monotonic() < deadline:
-                    async with client.pipeline(transaction=False) as pipe:
-                        for _ in range(10):
-                            pipe.publish(channel, b"%d:%d:" % (n, sent[n]) + pad)
-                            sent[n] += 1
-                        await pipe.execute()
-                    await asyncio.sleep(0.02)  # about 10 MB/s: a pace the listener keeps
-            finally:
-                await client.aclose()
-
-        await asyncio.gather(*(flood(n) for n in range(FLOODERS)))
-        await inbox.wait(sum(sent), timeout=30)
+        sent = 0
+        client = redis.asyncio.Redis.from_url(server.url)
+        try:
+            deadline = time.monotonic() + 3.0  # three times the broker's timeout_s
+            while time.monotonic() < deadline:
+                async with client.pipeline(transaction=False) as pipe:
+                    for _ in range(10):
+                        pipe.publish(channel, b"%d:" % sent + pad)
+                        sent += 1
+                    await pipe.execute()
+                await asyncio.sleep(0.02)  # about 10 MB/s: a pace the listener keeps
+        finally:
+            await client.aclose()
+        await inbox.wait(sent, timeout=30)
         assert None not in inbox.items, "the listener reconnected during the flood"
-        for n in range(FLOODERS):  # each publisher's payloads once, in its order
-            mine = [p for p in inbox.items if p is not None and p.startswith(b"%d:" % n)]
-            assert [int(p.split(b":")[1]) for p in mine] == list(range(sent[n]))
+        assert [int(p.split(b":")[0]) for p in inbox.items if p is not None] == list(range(sent))
         assert broker.connected
 
 
