@@ -20,6 +20,7 @@ import redis.asyncio
 from quartchat.broker import BrokerError
 from quartchat.broker import redis as redis_broker
 from quartchat.broker.redis import RedisBroker
+from quartchat.broker.redis_pubsub import drain
 
 from .redis_util import REDIS_URL, RedisServer, check_shared_redis, drop_prefix, unique_prefix
 from .test_broker_contract import Inbox, presence_events
@@ -389,17 +390,17 @@ async def test_a_batch_with_a_refused_command_keeps_the_replies_in_step() -> Non
         await client.aclose(close_connection_pool=True)
 
 
-async def test_payloads_already_read_are_drained_in_order_with_confirmations_between() -> None:
+async def test_payloads_already_read_are_drained_in_order_with_confirmations_between(
+    tmp_path: Path,
+) -> None:
     """The listener handles what redis-py's parser already holds without a get_message
     each (its cost per payload was most of the listener's): every payload once, in
     order, and a subscribe confirmation read among them still confirms."""
-    prefix = unique_prefix()
-    broker = broker_for(REDIS_URL, prefix, "drain")
-    await broker.start()
-    other = redis.asyncio.Redis.from_url(REDIS_URL)
-    try:
-        first, second = Inbox(), Inbox()
-        await broker.subscribe("r1", first)
+    async with _subscribed_on_own_redis(tmp_path, "drain", timeout_s=5.0) as (
+        server,
+        broker,
+        first,
+    ):
         assert broker._ps is not None
         calls = 0
         get_message = broker._ps.get_message
@@ -410,26 +411,27 @@ async def test_payloads_already_read_are_drained_in_order_with_confirmations_bet
             return await get_message(*args, **kwargs)
 
         broker._ps.get_message = counted  # type: ignore[method-assign]
-        channel = broker.keys.channel("r1")
+        second = Inbox()
+        channel = broker.keys.channel("r")
         payloads = [f"p{i}".encode() for i in range(2000)]
-        async with other.pipeline(transaction=False) as pipe:
-            for p in payloads[:1000]:
-                pipe.publish(channel, p)
-            await pipe.execute()
-        await broker.subscribe("r2", second)  # its confirmation comes in among payloads
-        async with other.pipeline(transaction=False) as pipe:
-            for p in payloads[1000:]:
-                pipe.publish(channel, p)
-            pipe.publish(broker.keys.channel("r2"), b"second")
-            await pipe.execute()
+        other = redis.asyncio.Redis.from_url(server.url)
+        try:
+            async with other.pipeline(transaction=False) as pipe:
+                for p in payloads[:1000]:
+                    pipe.publish(channel, p)
+                await pipe.execute()
+            await broker.subscribe("r2", second)  # its confirmation comes in among payloads
+            async with other.pipeline(transaction=False) as pipe:
+                for p in payloads[1000:]:
+                    pipe.publish(channel, p)
+                pipe.publish(broker.keys.channel("r2"), b"second")
+                await pipe.execute()
+        finally:
+            await other.aclose()
         assert await first.wait(2000) == payloads
         assert await second.wait(1) == [b"second"]
         print(f"{calls} get_message calls for 2,001 payloads")
         assert calls < 1000, calls  # most were drained
-    finally:
-        await other.aclose()
-        await broker.close()
-        drop_prefix(prefix)
 
 
 async def test_a_flood_of_payloads_longer_than_the_timeout_is_not_a_lost_connection(
@@ -496,8 +498,8 @@ async def test_the_drain_takes_only_complete_replies_already_read() -> None:
     class FakePubSub:
         connection = Conn()
 
-    await asyncio.wait_for(broker._drain(FakePubSub()), 1)  # type: ignore[arg-type]
+    await asyncio.wait_for(drain(FakePubSub(), broker._on_message), 1)  # type: ignore[arg-type]
     assert got == [b"one"]
     reader.feed(partial[-4:])
-    await asyncio.wait_for(broker._drain(FakePubSub()), 1)  # type: ignore[arg-type]
+    await asyncio.wait_for(drain(FakePubSub(), broker._on_message), 1)  # type: ignore[arg-type]
     assert got == [b"one", b"two"]

@@ -49,12 +49,8 @@ from .redis_publisher import (
     publisher_loop,
     queue_publish,
 )
+from .redis_pubsub import abort, drain
 from .redis_scripts import Keys
-
-try:  # what redis-py's hiredis reader returns while a reply is incomplete
-    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA
-except ImportError:  # another redis-py: the listener reads through get_message only
-    _NOT_ENOUGH_DATA = None
 
 __all__ = ["RedisBroker"]
 
@@ -296,7 +292,9 @@ class RedisBroker:
                         # the pong waits behind thousands of payloads.
                         self._last_pong = time.monotonic()
                         self._on_message(message)
-                        await self._drain(self._ps)
+                        # The replies read along with it, straight from the parser.
+                        if await drain(self._ps, self._on_message):
+                            self._last_pong = time.monotonic()
                     now = time.monotonic()
                     if now - self._last_ping >= self.ping_interval_s:
                         self._last_ping = now
@@ -311,35 +309,6 @@ class RedisBroker:
                 continue
             backoff = _BACKOFF_MIN_S
 
-    async def _drain(self, ps: PubSub) -> None:
-        """Handle the complete replies already read from the socket, straight from
-        redis-py's hiredis reader: ``get_message`` costs about 40 us of CPU per
-        payload here (its retry wrapper, a timeout, the dict it builds), this about
-        a tenth. Only what is buffered (one socket read's worth at most), so the
-        loop's pings and its timeout go on as before. A payload is what
-        ``get_message`` would have made of it; anything else (confirmations, pongs)
-        goes through redis-py's ``handle_message``, an error reply raises as it
-        would there. Without hiredis there is nothing to drain."""
-        reader = getattr(getattr(ps.connection, "_parser", None), "_reader", None)
-        gets = getattr(reader, "gets", None)
-        if gets is None or _NOT_ENOUGH_DATA is None:
-            return
-        drained = False
-        while (response := gets()) is not _NOT_ENOUGH_DATA:
-            drained = True
-            if type(response) is list and len(response) == 3 and response[0] == b"message":
-                self._on_message({"type": "message", "channel": response[1], "data": response[2]})
-                continue
-            if isinstance(response, Exception):
-                raise response
-            if type(response) is list and response and isinstance(response[0], Exception):
-                raise response[0]
-            message = await ps.handle_message(response)  # type: ignore[no-untyped-call]
-            if message is not None:
-                self._on_message(message)
-        if drained:
-            self._last_pong = time.monotonic()
-
     def _lost(self, why: str) -> None:
         if self.connected:
             log.warning("redis pub/sub connection lost: %s", why)
@@ -350,7 +319,7 @@ class RedisBroker:
     def _drop_ps(self) -> None:
         ps, self._ps = self._ps, None
         if ps is not None:
-            conn = _abort(ps)
+            conn = abort(ps)
             if conn is not None:
                 self._dead.append(conn)  # back to its pool at the next connect
 
@@ -402,18 +371,3 @@ class RedisBroker:
         dead, self._dead = self._dead, []
         for conn in dead:
             await self._sub_client.connection_pool.release(conn)
-
-
-def _abort(ps: PubSub) -> Any:
-    """Close a pub/sub connection at once: a black-holed socket never finishes a
-    graceful close (its unsent bytes would keep it open)."""
-    conn = ps.connection
-    ps.connection = None
-    if conn is None:
-        return None
-    writer = conn._writer  # redis-py offers no abort
-    if writer is not None:
-        writer.transport.abort()
-    conn._close()
-    conn.deregister_connect_callback(ps.on_connect)
-    return conn
